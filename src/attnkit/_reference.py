@@ -1,0 +1,84 @@
+"""Building blocks shared by the PyTorch references of the softmax variants.
+
+Kept deliberately plain: a reference is the specification the kernels are tested
+against, so it must be easy to trust at a glance. These helpers hold the pieces
+every softmax reference needs exactly once: the GQA head mapping, a masked softmax
+with optional softcap and sink logit that never produces NaN, and query chunking
+so memory stays proportional to ``chunk * keys`` rather than ``N * N``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.utils.checkpoint
+
+
+def expand_kv_heads(x: torch.Tensor, heads_q: int) -> torch.Tensor:
+    """GQA/MQA mapping: (B, Hkv, ...) -> (B, Hq, ...); query head h reads kv head h // (Hq // Hkv)."""
+    groups = heads_q // x.shape[1]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def softmax_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+                   mask: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
+                   sink_logits: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact softmax attention on one block of queries.
+
+    q: (B, H, M, D), k: (B, H, L, D), v: (B, H, L, Dv); ``mask`` is boolean,
+    broadcastable to (B, H, M, L), True where a query may see a key. ``sink_logits``
+    (H,) adds one logit per head to every row's denominator, with no value.
+    Returns out (B, H, M, Dv) and lse (B, H, M); a row that sees nothing has out 0
+    and lse -inf (with a sink: lse = the sink logit), and finite gradients.
+    """
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    if mask is not None:
+        s = s.masked_fill(~mask, -math.inf)
+    if sink_logits is not None:
+        sink = sink_logits.to(s.dtype).view(1, -1, 1, 1).expand(s.shape[0], -1, s.shape[2], 1)
+        s = torch.cat([s, sink], dim=-1)
+    # The row max is a constant shift: detaching it is exact and keeps empty rows NaN-free.
+    row_max = s.amax(dim=-1, keepdim=True).detach()
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    e = torch.exp(s - row_max)
+    denom = e.sum(dim=-1, keepdim=True)
+    p = e / torch.where(denom == 0, torch.ones_like(denom), denom)
+    lse = (torch.log(denom) + row_max).squeeze(-1)
+    if sink_logits is not None:
+        p = p[..., :-1]
+    out = torch.matmul(p.to(v.dtype), v)
+    return out, lse
+
+
+def query_chunk_rows(batch_heads: int, keys: int, budget: int = 1 << 23) -> int:
+    """Rows per query chunk so that one chunk's score matrix holds about ``budget`` elements."""
+    return max(16, budget // max(1, batch_heads * keys))
+
+
+def map_query_chunks(fn: Callable[[torch.Tensor, int], Tuple[torch.Tensor, torch.Tensor]], q: torch.Tensor,
+                     rows: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Apply ``fn(q_chunk, first_row) -> (out, lse)`` to query chunks of ``rows`` along dim 2.
+
+    Under autograd each chunk is checkpointed, so the backward pass also keeps only
+    one chunk's scores alive instead of all of them.
+    """
+    outs, lses = [], []
+    checkpoint = torch.is_grad_enabled()
+    for start in range(0, q.shape[2], rows):
+        chunk = q[:, :, start:start + rows]
+        if checkpoint:
+            out, lse = torch.utils.checkpoint.checkpoint(fn, chunk, start, use_reentrant=False)
+        else:
+            out, lse = fn(chunk, start)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def lse_dtype(x: torch.Tensor) -> torch.dtype:
+    """LSE is float32 for half inputs, float64 for the float64 oracle."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -1,0 +1,167 @@
+"""Input checks shared by every variant (DESIGN.md §3).
+
+Every public op validates its tensors here, so that each variant reports a bad
+argument with the same words: a ``ValueError`` or ``TypeError`` that names the
+argument and says what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class Shapes(NamedTuple):
+    """Sizes of a (B, H, N, D) attention problem.
+
+    q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D), v: (B, Hkv, Nk, Dv).
+    """
+
+    batch: int
+    heads_q: int
+    heads_kv: int
+    seqlen_q: int
+    seqlen_k: int
+    head_dim: int
+    head_dim_v: int
+
+    @property
+    def groups(self) -> int:
+        """Query heads per key/value head (1 for MHA, Hq for MQA)."""
+        return self.heads_q // self.heads_kv
+
+
+def check_tensor(name: str, x: object, *, rank: Optional[int] = None) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {x.dtype}")
+    if rank is not None and x.dim() != rank:
+        raise ValueError(f"{name} must have rank {rank}, got shape {tuple(x.shape)}")
+    return x
+
+
+def check_same(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
+    """All tensors share the device and dtype of the first one."""
+    first_name, first = names[0], tensors[0]
+    for name, t in zip(names[1:], tensors[1:]):
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                             "all inputs must be on one device")
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; "
+                            "all inputs must share one dtype")
+
+
+def check_qkv(q: object, k: object, v: object, *, spatial_dims: int = 1) -> Shapes:
+    """Check the common (B, H, *spatial, D) interface and return the sizes.
+
+    ``spatial_dims`` is 1 for sequence variants; neighborhood attention passes its
+    number of spatial axes (1 to 3), and the returned ``seqlen_*`` are then the
+    product of the spatial sizes.
+    """
+    rank = 3 + spatial_dims
+    layout = "(B, H, N, D)" if spatial_dims == 1 else "(B, H, " + ", ".join(f"X{i}" for i in range(spatial_dims)) + ", D)"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t)
+        if t.dim() != rank:  # type: ignore[union-attr]
+            raise ValueError(f"{name} must have rank {rank} with layout {layout}, got shape {tuple(t.shape)}")  # type: ignore[union-attr]
+    assert isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
+    check_same(("q", "k", "v"), (q, k, v))
+    B, Hq = q.shape[0], q.shape[1]
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q has {B}, k has {k.shape[0]}, v has {v.shape[0]}")
+    Hkv = k.shape[1]
+    if v.shape[1] != Hkv:
+        raise ValueError(f"k and v must have the same number of heads, got {Hkv} and {v.shape[1]}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"the number of query heads ({Hq}) must be a multiple of the number of "
+                         f"key/value heads ({Hkv}) for GQA/MQA")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"q and k must have the same head dim, got {q.shape[-1]} and {k.shape[-1]}")
+    if k.shape[2:-1] != v.shape[2:-1]:
+        raise ValueError(f"k and v must have the same sequence/spatial sizes, got {tuple(k.shape[2:-1])} "
+                         f"and {tuple(v.shape[2:-1])}")
+    if q.shape[-1] == 0 or v.shape[-1] == 0:
+        raise ValueError("head dims must be at least 1")
+    if 0 in q.shape or 0 in k.shape:
+        raise ValueError(f"empty inputs: q has shape {tuple(q.shape)}, k has shape {tuple(k.shape)}; "
+                         "batch, heads and sequence lengths must be at least 1")
+    return Shapes(B, Hq, Hkv, math.prod(q.shape[2:-1]), math.prod(k.shape[2:-1]), q.shape[-1], v.shape[-1])
+
+
+def check_scale(scale: object, head_dim: int) -> float:
+    """Return the softmax scale; ``None`` means 1/sqrt(head_dim)."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            raise TypeError("scale must be a Python number (or a one-element tensor)")
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)
+
+
+def check_softcap(softcap: object) -> Optional[float]:
+    """``None`` (or 0) disables the cap; otherwise a finite value > 0."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
+    if not math.isfinite(softcap) or softcap <= 0:
+        raise ValueError(f"softcap must be a finite number > 0 (or None), got {softcap}")
+    return float(softcap)
+
+
+def check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_int(name: str, value: object, *, minimum: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_head_vector(name: str, x: object, heads: int, like: torch.Tensor) -> torch.Tensor:
+    """A per-head floating parameter of shape (heads,) on the inputs' device."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of shape ({heads},), got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+    if tuple(x.shape) != (heads,):
+        raise ValueError(f"{name} must have shape ({heads},) (one value per query head), got {tuple(x.shape)}")
+    if x.device != like.device:
+        raise ValueError(f"{name} is on {x.device} but q is on {like.device}")
+    return x
+
+
+def check_cu_seqlens(name: str, cu: object, total: int, device: torch.device) -> torch.Tensor:
+    """Offsets of a packed batch: int32, 1-D, starts at 0, non-decreasing, ends at ``total``."""
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be an int32 tensor of offsets, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must have dtype torch.int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must be 1-D with at least 2 entries (num_seqs + 1), got shape {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device} but q is on {device}")
+    host = cu.tolist()
+    if host[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {host[0]}")
+    if any(b < a for a, b in zip(host, host[1:])):
+        raise ValueError(f"{name} must be non-decreasing, got {host}")
+    if host[-1] != total:
+        raise ValueError(f"{name} must end at the packed length {total}, got {host[-1]}")
+    return cu

@@ -1,0 +1,135 @@
+"""The flash variant: exact softmax attention (FlashAttention-2 algorithm on the fused engine).
+
+Options: bottom-right ``causal``, ``scale``, ``softcap``, learnable ``sink_logits``
+(gpt-oss), packed variable-length batches (``cu_seqlens_q/k``), ``return_lse``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from ..checks import (Shapes, check_cu_seqlens, check_flag, check_head_vector, check_qkv, check_scale,
+                      check_softcap)
+from ..dispatch import attention
+from ..engine import fused_attention
+from ..registry import Case, Variant, register_variant
+from .reference import flash_reference
+
+OPTIONS: Dict[str, Any] = dict(causal=False, scale=None, softcap=None, sink_logits=None, cu_seqlens_q=None,
+                               cu_seqlens_k=None, return_lse=False)
+MAX_HEAD_DIM = 256
+
+
+def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[str, Any]) -> Shapes:
+    shapes = check_qkv(q, k, v)
+    check_flag("causal", options["causal"])
+    check_flag("return_lse", options["return_lse"])
+    check_scale(options["scale"], shapes.head_dim)
+    check_softcap(options["softcap"])
+    if options["sink_logits"] is not None:
+        check_head_vector("sink_logits", options["sink_logits"], shapes.heads_q, q)
+    cu_q, cu_k = options["cu_seqlens_q"], options["cu_seqlens_k"]
+    if (cu_q is None) != (cu_k is None):
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together (packed variable-length batch)")
+    if cu_q is not None:
+        if shapes.batch != 1:
+            raise ValueError(f"with cu_seqlens_q/k the sequences are packed along N and the batch size must be 1, "
+                             f"got {shapes.batch}")
+        check_cu_seqlens("cu_seqlens_q", cu_q, shapes.seqlen_q, q.device)
+        check_cu_seqlens("cu_seqlens_k", cu_k, shapes.seqlen_k, q.device)
+        if cu_q.numel() != cu_k.numel():
+            raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
+                             f"got {cu_q.numel() - 1} and {cu_k.numel() - 1}")
+    return shapes
+
+
+def kernel_support(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[str, Any]) -> List[str]:
+    reasons = []
+    if q.shape[-1] > MAX_HEAD_DIM:
+        reasons.append(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM} is not supported by the kernel")
+    if v.shape[-1] > MAX_HEAD_DIM:
+        reasons.append(f"value head dim {v.shape[-1]} > {MAX_HEAD_DIM} is not supported by the kernel")
+    return reasons
+
+
+def flash_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                 scale: Optional[float] = None, softcap: Optional[float] = None,
+                 sink_logits: Optional[torch.Tensor] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
+                 cu_seqlens_k: Optional[torch.Tensor] = None, return_lse: bool = False):
+    """The Triton path of :func:`flash_attention` (same arguments, no dispatch)."""
+    from ..kernels import engine, flash as flash_kernels
+
+    schedule = engine.Schedule(mask=flash_kernels.flash_mask, kv_range=flash_kernels.flash_kv_range,
+                               q_range=flash_kernels.flash_q_range, mask_cfg=int(causal))
+    out, lse = fused_attention(q, k, v, schedule, sm_scale=check_scale(scale, q.shape[-1]), softcap=softcap,
+                               sink_logits=sink_logits, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    return (out, lse) if return_lse else out
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                    scale: Optional[float] = None, softcap: Optional[float] = None,
+                    sink_logits: Optional[torch.Tensor] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
+                    cu_seqlens_k: Optional[torch.Tensor] = None, return_lse: bool = False,
+                    backend: str = "auto"):
+    """Exact softmax attention.
+
+    Args:
+        q: (B, Hq, Nq, D). k: (B, Hkv, Nk, D). v: (B, Hkv, Nk, Dv); Hkv divides Hq (GQA/MQA).
+        causal: mask aligned bottom-right: query i sees keys j <= i + Nk - Nq.
+        scale: score scale, default 1/sqrt(D).
+        softcap: if set, scores s become softcap * tanh(s / softcap) (after scaling).
+        sink_logits: (Hq,) learnable logit per head added to each row's softmax
+            denominator, with no value (gpt-oss); differentiable.
+        cu_seqlens_q, cu_seqlens_k: (S + 1,) int32 offsets of S sequences packed along N
+            (B must be 1); each sequence attends only within itself.
+        return_lse: also return the log-sum-exp (B, Hq, Nq), float32, natural log
+            (including the sink); -inf for a row that sees no key.
+        backend: "auto", "triton" or "reference" (see ``attnkit.explain``).
+
+    Returns:
+        out (B, Hq, Nq, Dv) in q's dtype, or (out, lse) with ``return_lse``.
+    """
+    return attention(q, k, v, "flash", backend, causal=causal, scale=scale, softcap=softcap,
+                     sink_logits=sink_logits, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                     return_lse=return_lse)
+
+
+def _offsets(*lengths: int):
+    import itertools
+
+    return lambda g: torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+
+
+def _sinks(heads: int):
+    return lambda g: torch.randn(heads, generator=g, dtype=torch.float64)
+
+
+def examples() -> List[Case]:
+    return [
+        Case((1, 2, 37, 32), (1, 2, 37, 32), (1, 2, 37, 32), name="dense"),
+        Case((1, 2, 37, 32), (1, 2, 37, 32), (1, 2, 37, 32), {"causal": True}, name="causal"),
+        Case((2, 4, 17, 40), (2, 2, 45, 40), (2, 2, 45, 24), {"causal": True}, name="gqa_nq<nk_d40_dv24"),
+        Case((1, 2, 45, 16), (1, 1, 17, 16), (1, 1, 17, 16), {"causal": True}, name="nq>nk_empty_rows"),
+        Case((1, 4, 1, 64), (1, 1, 70, 64), (1, 1, 70, 64), {"causal": True}, name="decode_mqa"),
+        Case((1, 2, 33, 80), (1, 2, 33, 80), (1, 2, 33, 80), {"causal": True, "softcap": 3.0},
+             {"sink_logits": _sinks(2)}, name="softcap_sink_d80"),
+        Case((1, 2, 41, 32), (1, 2, 55, 32), (1, 2, 55, 32),
+             {"causal": True, "scale": 0.3},
+             {"cu_seqlens_q": _offsets(17, 23, 1), "cu_seqlens_k": _offsets(20, 34, 1)}, name="varlen_causal"),
+    ]
+
+
+VARIANT = register_variant(Variant(
+    name="flash",
+    reference=flash_reference,
+    kernel=flash_kernel,
+    options=OPTIONS,
+    validate=validate,
+    kernel_support=kernel_support,
+    extra_outputs={"return_lse": "lse"},
+    examples=examples,
+    status={"reference": True, "forward": True, "backward": True},
+    doc="exact softmax attention: causal, GQA, softcap, sink logits, varlen",
+))

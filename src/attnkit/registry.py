@@ -1,0 +1,123 @@
+"""The variant registry: every attention variant is one :class:`Variant` entry.
+
+A variant states its options (with defaults), a reference, a kernel, how to
+validate its options, what the kernel supports, and a few example problems that
+the shared contract test and ``python -m attnkit`` run. Third-party code adds a
+variant with :func:`register_variant` and gets dispatch, ``explain`` and the
+verification harness for free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from .checks import Shapes
+
+#: reference(q, k, v, **options) and kernel(q, k, v, **options) both return the
+#: output, or a tuple (output, *extras) when an option in ``extra_outputs`` is on.
+AttentionFn = Callable[..., Any]
+#: validate(q, k, v, options) -> Shapes; raises ValueError/TypeError on bad input.
+Validator = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Dict[str, Any]], Shapes]
+#: kernel_support(q, k, v, options) -> reasons the kernel cannot run (empty: it can).
+SupportCheck = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Dict[str, Any]], List[str]]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One example problem for the contract test and the demo.
+
+    ``tensors`` builds tensor-valued options (e.g. ``sink_logits``) from
+    ``(dtype, device, generator)``; they are made in float64 and cast like q, k, v.
+    Floating ones are differentiated when ``grad`` is set.
+    """
+
+    q: Tuple[int, ...]
+    k: Tuple[int, ...]
+    v: Tuple[int, ...]
+    options: Mapping[str, Any] = field(default_factory=dict)
+    tensors: Mapping[str, Callable[[torch.Generator], torch.Tensor]] = field(default_factory=dict)
+    grad: bool = True
+    name: str = ""
+
+    @property
+    def id(self) -> str:
+        return self.name or "q{}_k{}_v{}".format("x".join(map(str, self.q)), "x".join(map(str, self.k)),
+                                                    "x".join(map(str, self.v)))
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A registered attention variant.
+
+    Attributes:
+        name: registry key, e.g. ``"flash"``.
+        reference: plain PyTorch specification. It computes in the dtype it is given
+            (the harness runs it in float64 as the oracle and in the input dtype as
+            the error baseline); ``backend="reference"`` upcasts half inputs to fp32.
+        kernel: the Triton implementation with the same signature, or None.
+        options: every keyword option with its default.
+        validate: checks q, k, v and the options; returns the problem sizes.
+        kernel_support: reasons why the kernel cannot take these inputs (empty if it can).
+        extra_outputs: flag option -> name of the extra output it adds, e.g.
+            ``{"return_lse": "lse"}``; the harness turns them all on and compares them.
+        examples: small problems for the contract test and the demo.
+        status: what exists, for the README table: keys ``reference``, ``forward``, ``backward``.
+        doc: one-line description.
+    """
+
+    name: str
+    reference: AttentionFn
+    kernel: Optional[AttentionFn]
+    options: Mapping[str, Any]
+    validate: Validator
+    kernel_support: SupportCheck = lambda q, k, v, o: []
+    extra_outputs: Mapping[str, str] = field(default_factory=dict)
+    examples: Callable[[], Sequence[Case]] = lambda: ()
+    status: Mapping[str, bool] = field(default_factory=lambda: {"reference": True, "forward": False, "backward": False})
+    doc: str = ""
+
+    def resolve_options(self, options: Mapping[str, Any]) -> Dict[str, Any]:
+        """Defaults filled in; an unknown option name is a TypeError listing the known ones."""
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise TypeError(f"variant {self.name!r} got unknown option(s) {unknown}; "
+                            f"it takes {sorted(self.options)}")
+        resolved = dict(self.options)
+        resolved.update(options)
+        return resolved
+
+
+_REGISTRY: Dict[str, Variant] = {}
+
+
+def register_variant(variant: Variant, *, replace: bool = False) -> Variant:
+    """Add a variant to the registry (``replace=True`` to overwrite one of the same name)."""
+    if not isinstance(variant, Variant):
+        raise TypeError(f"register_variant takes an attnkit.Variant, got {type(variant).__name__}")
+    if variant.name in _REGISTRY and not replace:
+        raise ValueError(f"a variant named {variant.name!r} is already registered (pass replace=True)")
+    _REGISTRY[variant.name] = variant
+    return variant
+
+
+def unregister_variant(name: str) -> None:
+    """Remove a variant (mostly for tests of third-party registration)."""
+    _REGISTRY.pop(name, None)
+
+
+def get_variant(name: str) -> Variant:
+    """The registered variant called ``name``; ValueError listing the known names otherwise."""
+    if isinstance(name, Variant):
+        return name
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown attention variant {name!r}; registered: {list_variants()}") from None
+
+
+def list_variants() -> List[str]:
+    """Names of the registered variants, in registration order."""
+    return list(_REGISTRY)

@@ -1,0 +1,206 @@
+"""Verification harness: check a kernel against its reference (DESIGN.md §5).
+
+The oracle is the variant's reference run in float64 on the same (rounded) inputs.
+A kernel passes when, for every output and gradient, its relative error against
+the oracle is at most ``multiplier x`` the error of the reference itself run in
+the input dtype, plus a small floor (FlashAttention's rule: 2x forward, 3x
+gradients). NaN never passes, and kernel outputs are allocated full of NaN while
+the check runs, so an element the kernel forgets to write fails.
+
+One call checks a registered variant, a third party's included::
+
+    attnkit.testing.check_variant("flash", dtype=torch.float16, device="cuda")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+#: True while kernel outputs must be allocated full of NaN (see poison_outputs).
+POISON = False
+
+#: Relative error allowed on top of the multiplier rule, per dtype.
+ERROR_FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+@contextlib.contextmanager
+def poison_outputs() -> Iterator[None]:
+    """Kernels allocate their outputs full of NaN inside this context."""
+    global POISON
+    previous, POISON = POISON, True
+    try:
+        yield
+    finally:
+        POISON = previous
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max|actual - expected| / max|expected| over finite entries.
+
+    Infinite entries must match exactly (e.g. an LSE of -inf for an empty row);
+    NaN anywhere in ``actual`` gives ``nan``; a mismatch of infinities gives ``inf``.
+    """
+    a, e = actual.detach().to(torch.float64), expected.detach().to(torch.float64)
+    if a.shape != e.shape:
+        raise ValueError(f"shape mismatch: {tuple(a.shape)} vs {tuple(e.shape)}")
+    if torch.isnan(a).any():
+        return math.nan
+    inf_a, inf_e = torch.isinf(a), torch.isinf(e)
+    if not torch.equal(inf_a, inf_e) or not torch.equal(a[inf_a], e[inf_e]):
+        return math.inf
+    finite = ~inf_e
+    if not finite.any():
+        return 0.0
+    diff = (a[finite] - e[finite]).abs().max().item()
+    scale = e[finite].abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+@dataclass
+class Comparison:
+    name: str
+    kernel_error: float
+    reference_error: float
+    allowed: float
+
+    @property
+    def ok(self) -> bool:
+        return self.kernel_error <= self.allowed  # False for nan
+
+    def __str__(self) -> str:
+        mark = "ok " if self.ok else "BAD"
+        return (f"{mark} {self.name:<14} kernel {self.kernel_error:.3e}  reference({self.reference_error:.3e}) "
+                f"allowed {self.allowed:.3e}")
+
+
+@dataclass
+class Report:
+    variant: str
+    case: str
+    dtype: torch.dtype
+    comparisons: List[Comparison] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.comparisons)
+
+    @property
+    def max_error(self) -> float:
+        return max((c.kernel_error for c in self.comparisons), default=0.0)
+
+    def __str__(self) -> str:
+        head = f"{self.variant}[{self.case}] {str(self.dtype).replace('torch.', '')}: {'ok' if self.ok else 'FAILED'}"
+        return "\n".join([head] + [f"  {c}" for c in self.comparisons])
+
+
+def _compare(report: Report, name: str, kernel: torch.Tensor, baseline: torch.Tensor, oracle: torch.Tensor,
+             multiplier: float) -> None:
+    k_err = relative_error(kernel, oracle)
+    b_err = relative_error(baseline, oracle)
+    if not math.isfinite(b_err):  # the low-precision reference itself overflowed: judge by the floor alone
+        b_err = 0.0
+    allowed = multiplier * b_err + ERROR_FLOOR[report.dtype]
+    report.comparisons.append(Comparison(name, k_err, b_err, allowed))
+
+
+def make_inputs(case: Any, device: Union[str, torch.device] = "cpu", seed: int = 0
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
+    """Float64 master inputs of a registry Case: q, k, v ~ N(0, 1) and its tensor options."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(shape, generator=g, dtype=torch.float64) for shape in (case.q, case.k, case.v))
+    tensors = {name: make(g) for name, make in case.tensors.items()}
+    return q.to(device), k.to(device), v.to(device), {n: t.to(device) for n, t in tensors.items()}
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x.to(dtype) if x.is_floating_point() else x
+
+
+def _run(fn, q, k, v, tensors, options, make_grad, need_grad):
+    """Call fn, return (outputs dict, grads dict)."""
+    leaves = {"q": q, "k": k, "v": v, **{n: t for n, t in tensors.items() if t.is_floating_point()}}
+    if need_grad:
+        for t in leaves.values():
+            t.requires_grad_(True)
+    result = fn(q, k, v, **options, **tensors)
+    outputs = list(result) if isinstance(result, tuple) else [result]
+    grads: Dict[str, torch.Tensor] = {}
+    if need_grad:
+        torch.autograd.backward(outputs[0], make_grad(outputs[0]))
+        grads = {f"d{n}": (t.grad if t.grad is not None else torch.zeros_like(t)) for n, t in leaves.items()}
+    return [o.detach() for o in outputs], grads
+
+
+def check_case(variant: Any, case: Any, *, dtype: torch.dtype = torch.float16,
+               device: Union[str, torch.device] = "cpu", backend: str = "triton", seed: int = 0,
+               forward_multiplier: float = 2.0, backward_multiplier: float = 3.0) -> Report:
+    """Compare ``backend`` against the float64 reference on one Case; returns a Report (no raise)."""
+    from .dispatch import attention
+    from .registry import get_variant
+
+    spec = get_variant(variant)
+    options = dict(case.options)
+    extra_names = []
+    for flag, out_name in spec.extra_outputs.items():
+        options[flag] = True
+        extra_names.append(out_name)
+    q64, k64, v64, t64 = make_inputs(case, device, seed)
+    low = [_cast(x, dtype) for x in (q64, k64, v64)]
+    t_low = {n: _cast(t, dtype) for n, t in t64.items()}
+    g = torch.Generator().manual_seed(seed + 1)
+    grad64: List[torch.Tensor] = []
+
+    def make_grad(out: torch.Tensor) -> torch.Tensor:
+        if not grad64:
+            grad64.append(torch.randn(out.shape, generator=g, dtype=torch.float64).to(device))
+        return grad64[0].to(out.dtype)
+
+    need_grad = case.grad
+    report = Report(spec.name, case.id, dtype)
+
+    def fresh(xs, ts, dt=None):
+        xs = [(_cast(x, dt) if dt is not None else x).detach().clone() for x in xs]
+        ts = {n: (_cast(t, dt) if dt is not None else t).detach().clone() for n, t in ts.items()}
+        return xs, ts
+
+    # the oracle sees exactly the rounded inputs the kernel sees
+    (oq, ok_, ov), ot = fresh(low, t_low, torch.float64)
+    oracle, oracle_grads = _run(spec.reference, oq, ok_, ov, ot, options, make_grad, need_grad)
+    (bq, bk, bv), bt = fresh(low, t_low)
+    baseline, baseline_grads = _run(spec.reference, bq, bk, bv, bt, options, make_grad, need_grad)
+
+    def kernel_fn(q, k, v, **kw):
+        return attention(q, k, v, spec.name, backend, **kw)
+
+    (kq, kk, kv), kt = fresh(low, t_low)
+    with poison_outputs():
+        kernel, kernel_grads = _run(kernel_fn, kq, kk, kv, kt, options, make_grad, need_grad)
+
+    for i, name in enumerate(["out"] + extra_names):
+        _compare(report, name, kernel[i], baseline[i], oracle[i], forward_multiplier)
+    for name in oracle_grads:
+        _compare(report, name, kernel_grads[name], baseline_grads[name], oracle_grads[name], backward_multiplier)
+    return report
+
+
+def check_variant(variant: Any, cases: Optional[Sequence[Any]] = None, *, dtype: torch.dtype = torch.float16,
+                  device: Union[str, torch.device] = "cpu", backend: str = "triton", seed: int = 0,
+                  raise_on_failure: bool = True) -> List[Report]:
+    """Check a variant's kernel on its registered examples (or ``cases``).
+
+    Raises AssertionError listing every failing comparison unless ``raise_on_failure=False``.
+    """
+    from .registry import get_variant
+
+    spec = get_variant(variant)
+    reports = [check_case(spec, case, dtype=dtype, device=device, backend=backend, seed=seed)
+               for case in (cases if cases is not None else spec.examples())]
+    bad = [r for r in reports if not r.ok]
+    if bad and raise_on_failure:
+        raise AssertionError("\n".join(str(r) for r in bad))
+    return reports
