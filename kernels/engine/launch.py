@@ -65,6 +65,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _broadcast_strides(x: torch.Tensor) -> Tuple[int, ...]:
+    """Strides with 0 on size-1 dims, so lists of shape (1, 1, ...) serve every batch and head."""
+    return tuple(st if n > 1 else 0 for n, st in zip(x.shape, x.stride()))
+
+
 def _schedule_args(schedule: Schedule, transposed: bool) -> Tuple[list, dict]:
     lists = schedule.lists
     mask_tensor = schedule.mask_tensor
@@ -79,7 +84,7 @@ def _schedule_args(schedule: Schedule, transposed: bool) -> Tuple[list, dict]:
             cf, xf, cp, xp = lists.q_full_count, lists.q_full_index, lists.q_part_count, lists.q_part_index
         else:
             cf, xf, cp, xp = lists.kv_full_count, lists.kv_full_index, lists.kv_part_count, lists.kv_part_index
-        args += [cf, xf, cp, xp, *cf.stride(), *xf.stride()[:3]]
+        args += [cf, xf, cp, xp, *_broadcast_strides(cf)[:3], *_broadcast_strides(xf)[:3]]
         meta = dict(RANGE_FN=None, LIST=True, LIST_BQ=lists.block_q, LIST_BK=lists.block_k)
     meta.update(MASK_FN=schedule.mask, MASK_CFG=schedule.mask_cfg)
     return args, meta
