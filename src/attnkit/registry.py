@@ -66,6 +66,8 @@ class Variant:
         examples: small problems for the contract test and the demo.
         status: what exists, for the README table: keys ``reference``, ``forward``, ``backward``.
         doc: one-line description.
+        demo: ``demo(batch, heads, seqlen, head_dim) -> Case``: a typical problem of that size
+            for ``python -m attnkit`` (default: the first example).
     """
 
     name: str
@@ -78,6 +80,13 @@ class Variant:
     examples: Callable[[], Sequence[Case]] = lambda: ()
     status: Mapping[str, bool] = field(default_factory=lambda: {"reference": True, "forward": False, "backward": False})
     doc: str = ""
+    demo: Optional[Callable[[int, int, int, int], Case]] = None
+
+    def demo_case(self, batch: int, heads: int, seqlen: int, head_dim: int) -> Case:
+        """The problem ``python -m attnkit`` runs for this variant at the given size."""
+        if self.demo is not None:
+            return self.demo(batch, heads, seqlen, head_dim)
+        return self.examples()[0]
 
     def resolve_options(self, options: Mapping[str, Any]) -> Dict[str, Any]:
         """Defaults filled in; an unknown option name is a TypeError listing the known ones."""

@@ -122,7 +122,7 @@ def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _run(fn, q, k, v, tensors, options, make_grad, need_grad):
-    """Call fn, return (outputs dict, grads dict)."""
+    """Call fn; return its outputs (list) and the gradients of every floating input (dict)."""
     leaves = {"q": q, "k": k, "v": v, **{n: t for n, t in tensors.items() if t.is_floating_point()}}
     if need_grad:
         for t in leaves.values():
@@ -130,7 +130,7 @@ def _run(fn, q, k, v, tensors, options, make_grad, need_grad):
     result = fn(q, k, v, **options, **tensors)
     outputs = list(result) if isinstance(result, tuple) else [result]
     grads: Dict[str, torch.Tensor] = {}
-    if need_grad:
+    if need_grad and outputs[0].requires_grad:  # a non-differentiable kernel output fails every grad check
         torch.autograd.backward(outputs[0], make_grad(outputs[0]))
         grads = {f"d{n}": (t.grad if t.grad is not None else torch.zeros_like(t)) for n, t in leaves.items()}
     return [o.detach() for o in outputs], grads
@@ -184,6 +184,9 @@ def check_case(variant: Any, case: Any, *, dtype: torch.dtype = torch.float16,
     for i, name in enumerate(["out"] + extra_names):
         _compare(report, name, kernel[i], baseline[i], oracle[i], forward_multiplier)
     for name in oracle_grads:
+        if name not in kernel_grads:
+            report.comparisons.append(Comparison(name + " (missing)", math.nan, 0.0, 0.0))
+            continue
         _compare(report, name, kernel_grads[name], baseline_grads[name], oracle_grads[name], backward_multiplier)
     return report
 

@@ -121,6 +121,11 @@ def examples() -> List[Case]:
     ]
 
 
+def demo(batch: int, heads: int, seqlen: int, head_dim: int) -> Case:
+    shape = (batch, heads, seqlen, head_dim)
+    return Case(shape, shape, shape, {"causal": True}, name=f"causal_n{seqlen}")
+
+
 VARIANT = register_variant(Variant(
     name="flash",
     reference=flash_reference,
@@ -132,4 +137,5 @@ VARIANT = register_variant(Variant(
     examples=examples,
     status={"reference": True, "forward": True, "backward": True},
     doc="exact softmax attention: causal, GQA, softcap, sink logits, varlen",
+    demo=demo,
 ))

@@ -1,0 +1,77 @@
+"""Flash attention: attnkit's Triton kernel against torch SDPA (flash backend),
+FlexAttention (compiled) and flash-attn when installed.
+
+GPU: N in {1k, 4k, 16k} with 16k tokens per batch, d in {64, 128}, H = 2048 / d,
+causal on/off, bf16, forward and forward+backward. CPU: attnkit's reference against
+SDPA at small sizes. Run: ``python -m pytest benchmarks/test_flash.py --benchmark-only``.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnkit
+
+from conftest import CUDA, DEVICE, attention_flops, causal_pairs, has_module, run, with_backward
+
+if CUDA:
+    SEQLENS, HEAD_DIMS, DTYPE = [1024, 4096, 16384], [64, 128], torch.bfloat16
+    PROVIDERS = ["attnkit", "sdpa", "flex"] + (["flash_attn"] if has_module("flash_attn") else [])
+else:
+    SEQLENS, HEAD_DIMS, DTYPE = [256, 512], [64], torch.float32
+    PROVIDERS = ["attnkit_reference", "sdpa"]
+
+
+def make_call(provider, q, k, v, causal):
+    if provider == "attnkit":
+        return lambda: attnkit.flash_attention(q, k, v, causal=causal, backend="triton")
+    if provider == "attnkit_reference":
+        return lambda: attnkit.flash_attention(q, k, v, causal=causal, backend="reference")
+    if provider == "sdpa":
+        if CUDA:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            def call():
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+            return call
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if provider == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+        mask = None
+        if causal:
+            mask = create_block_mask(lambda b, h, i, j: j <= i, None, None, q.shape[2], k.shape[2], device=DEVICE)
+        return lambda: flex(q, k, v, block_mask=mask)
+    if provider == "flash_attn":
+        from flash_attn import flash_attn_func
+
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+        return lambda: flash_attn_func(qt, kt, vt, causal=causal)
+    raise ValueError(provider)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("seqlen", SEQLENS)
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_flash(benchmark, provider, seqlen, head_dim, causal, mode):
+    batch = max(1, 16384 // seqlen) if CUDA else 1
+    heads = 2048 // head_dim if CUDA else 4
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, seqlen, head_dim, device=DEVICE, dtype=DTYPE, generator=g,
+                           requires_grad=mode != "fwd") for _ in range(3))
+    call = make_call(provider, q, k, v, causal)
+    pairs = causal_pairs(seqlen, seqlen) if causal else seqlen * seqlen
+    flops = batch * heads * attention_flops(pairs, head_dim, head_dim, mode)
+    if mode == "fwd":
+        with torch.no_grad():
+            fn = call
+            run(benchmark, fn, flops, provider=provider, seqlen=seqlen, head_dim=head_dim, causal=causal, mode=mode)
+    else:
+        grad = torch.randn_like(q)
+        run(benchmark, with_backward(call, grad), flops, provider=provider, seqlen=seqlen, head_dim=head_dim,
+            causal=causal, mode=mode)

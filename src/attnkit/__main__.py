@@ -1,0 +1,195 @@
+"""``python -m attnkit``: run every registered variant and print a table.
+
+On a GPU the Triton kernels run natively; on CPU the reference runs, and the Triton
+kernels run through Triton's interpreter at a small default size. For each variant
+and backend the table gives the relative error against the float64 reference
+(forward output; the kernel row also checks gradients), the forward and
+forward+backward time, and the peak memory of a forward+backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+if not torch.cuda.is_available():  # must happen before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import attnkit  # noqa: E402
+from attnkit.dispatch import attention, interpreter_enabled, triton_import_error  # noqa: E402
+from attnkit.testing import check_case, make_inputs  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class Progress:
+    """A one-line progress bar on stderr, shown once the run has taken more than 2 s."""
+
+    def __init__(self, total: int, stream=sys.stderr):
+        self.total, self.done, self.stream = total, 0, stream
+        self.start = time.perf_counter()
+        self.shown = False
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if time.perf_counter() - self.start < 2.0 and self.done < self.total:
+            return
+        width = 24
+        filled = width * self.done // self.total
+        self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {label:<40}")
+        self.stream.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        if self.shown:
+            self.stream.write("\n")
+
+
+def _peak_rss_reset() -> Optional[int]:
+    """Reset the process's peak RSS (Linux) and return the current RSS in bytes."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back so the next peak is visible
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_kb("VmRSS") * 1024
+    except OSError:
+        return None
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(field)
+
+
+def measure(fn: Callable[[], None], device: torch.device, repeats: int) -> tuple:
+    """(median seconds, peak bytes above the start, or None where it cannot be measured)."""
+    fn()  # warm-up (compiles / autotunes on a GPU)
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        gc.collect()
+        base = _peak_rss_reset()
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        peak = None if base is None else max(0, _status_kb("VmHWM") * 1024 - base)
+    times.sort()
+    return times[len(times) // 2], peak
+
+
+def _fmt_bytes(n: Optional[int]) -> str:
+    if n is None:
+        return "n/a"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+def run(variants: Sequence[str], batch: int, heads: int, seqlen: int, head_dim: int, dtype: torch.dtype,
+        device: torch.device, repeats: int, backends: Sequence[str]) -> List[List[str]]:
+    rows = []
+    progress = Progress(len(variants) * len(backends))
+    for name in variants:
+        spec = attnkit.get_variant(name)
+        case = spec.demo_case(batch, heads, seqlen, head_dim)
+        for backend in backends:
+            progress.step(f"{name} / {backend}")
+            label = backend
+            if backend == "triton":
+                if spec.kernel is None:
+                    rows.append([name, backend, "-", "-", "-", "-", "no kernel"])
+                    continue
+                if device.type == "cpu":
+                    label = "triton (interpreter)"
+            try:
+                report = check_case(spec, case, dtype=dtype, device=device, backend=backend)
+                q, k, v, tensors = make_inputs(case, device)
+                q, k, v = (x.to(dtype).requires_grad_(True) for x in (q, k, v))
+                tensors = {n: (t.to(dtype) if t.is_floating_point() else t) for n, t in tensors.items()}
+                opts = dict(case.options, **tensors)
+
+                def forward():
+                    with torch.no_grad():
+                        attention(q, k, v, name, backend, **opts)
+
+                def forward_backward():
+                    out = attention(q, k, v, name, backend, **opts)
+                    out = out[0] if isinstance(out, tuple) else out
+                    out.sum().backward()
+
+                t_fwd, _ = measure(forward, device, repeats)
+                t_all, peak = measure(forward_backward, device, repeats) if case.grad else (None, None)
+                status = "ok" if report.ok else "FAILED: " + ", ".join(c.name for c in report.comparisons if not c.ok)
+                rows.append([name, label, f"{report.max_error:.2e}", f"{t_fwd * 1e3:.2f}",
+                             "-" if t_all is None else f"{t_all * 1e3:.2f}", _fmt_bytes(peak), status])
+            except Exception as exc:  # report and go on with the other variants
+                rows.append([name, label, "-", "-", "-", "-", f"error: {type(exc).__name__}: {exc}"[:80]])
+    progress.close()
+    return rows
+
+
+def format_table(rows: List[List[str]]) -> str:
+    head = ["variant", "backend", "max rel err", "fwd ms", "fwd+bwd ms", "peak mem", "check"]
+    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(prog="python -m attnkit", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default="all", help="comma-separated names (default: all registered)")
+    parser.add_argument("--batch", type=int, default=2 if cuda else 1)
+    parser.add_argument("--heads", type=int, default=16 if cuda else 2)
+    parser.add_argument("--seqlen", type=int, default=4096 if cuda else 128)
+    parser.add_argument("--head-dim", type=int, default=128 if cuda else 32)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16" if cuda else "float32")
+    parser.add_argument("--repeats", type=int, default=10 if cuda else 1)
+    parser.add_argument("--backends", default="reference,triton", help="comma-separated: reference, triton")
+    args = parser.parse_args(argv)
+
+    names = attnkit.list_variants() if args.variants == "all" else [n.strip() for n in args.variants.split(",")]
+    for n in names:
+        attnkit.get_variant(n)  # unknown names fail early with the list of known ones
+    device = torch.device("cuda" if cuda else "cpu")
+    backends = [b.strip() for b in args.backends.split(",")]
+    if "triton" in backends and triton_import_error():
+        print(f"note: {triton_import_error()}; running the reference only")
+        backends = [b for b in backends if b != "triton"]
+    where = f"{torch.cuda.get_device_name()}" if cuda else (
+        "cpu (Triton interpreter)" if interpreter_enabled() else "cpu")
+    print(f"attnkit {attnkit.__version__} | torch {torch.__version__} | device: {where}")
+    print(f"size: batch={args.batch} heads={args.heads} seqlen={args.seqlen} head_dim={args.head_dim} "
+          f"dtype={args.dtype}; error = max relative error vs the float64 reference (outputs and gradients)")
+    rows = run(names, args.batch, args.heads, args.seqlen, args.head_dim, DTYPES[args.dtype], device,
+               args.repeats, backends)
+    print(format_table(rows))
+    return 0 if all(r[-1] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
