@@ -239,3 +239,13 @@ def test_cu_seqlens_need_batch_one():
 def test_bad_backend_name():
     with pytest.raises(ValueError, match="backend must be one of"):
         attnkit.flash_attention(*_qkv(), backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_autotuned_kernel_at_realistic_size_bf16(head_dim, causal):
+    """Natively on a GPU: the autotuned configs compile and are right in bfloat16."""
+    case = Case((2, 8, 2048, head_dim), (2, 2, 2048, head_dim), (2, 2, 2048, head_dim), {"causal": causal})
+    report = check_case("flash", case, dtype=torch.bfloat16, device="cuda")
+    assert report.ok, str(report)
