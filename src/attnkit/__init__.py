@@ -9,6 +9,7 @@ and as an ``nn.Module``.
 from . import checks, testing
 from .dispatch import Explanation, attention, explain
 from .merge import merge_attention
+from .sdpa import scaled_dot_product_attention, sdpa_route
 from .registry import Case, Variant, get_variant, list_variants, register_variant, unregister_variant
 
 # Variants register themselves on import.
@@ -20,5 +21,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Case", "Explanation", "Variant", "attention", "checks", "explain", "flash_attention", "get_variant",
-    "list_variants", "merge_attention", "nn", "register_variant", "testing", "unregister_variant",
+    "list_variants", "merge_attention", "nn", "scaled_dot_product_attention", "sdpa_route", "register_variant", "testing", "unregister_variant",
 ]

@@ -11,10 +11,9 @@ to float32 for accuracy. :func:`explain` tells which backend a call would take a
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -23,14 +22,21 @@ from .registry import Variant, get_variant
 BACKENDS = ("auto", "triton", "reference")
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_ERROR: Optional[str] = None
+
+
+@torch._dynamo.assume_constant_result  # evaluated eagerly under torch.compile
 def triton_import_error() -> str:
     """Empty when triton imports, else the reason it does not."""
-    try:
-        import triton  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install
-        return f"triton is not importable ({type(exc).__name__}: {exc})"
-    return ""
+    global _TRITON_ERROR
+    if _TRITON_ERROR is None:
+        try:
+            import triton  # noqa: F401
+
+            _TRITON_ERROR = ""
+        except Exception as exc:  # ImportError, or a broken install
+            _TRITON_ERROR = f"triton is not importable ({type(exc).__name__}: {exc})"
+    return _TRITON_ERROR
 
 
 def interpreter_enabled() -> bool:

@@ -1,0 +1,52 @@
+"""torch.compile(fullgraph=True): no graph breaks through dispatch, the reference, and the
+kernels' custom ops (attnkit::fused_attention_fwd/bwd, with fake and autograd formulas)."""
+
+import pytest
+import torch
+
+import attnkit
+
+from conftest import DEVICE, NATIVE
+
+
+def block(backend):
+    torch.manual_seed(0)
+    return attnkit.nn.Attention(32, num_heads=4, num_kv_heads=2, causal=True, backend=backend).to(DEVICE)
+
+
+def check_compiled_equals_eager(module, compiler):
+    x = torch.randn(2, 24, 32, device=DEVICE, requires_grad=True)
+    eager = module(x)
+    eager.sum().backward()
+    eager_grad, x.grad = x.grad.clone(), None
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend=compiler)
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x.grad, eager_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_reference_backend_compiles_fullgraph():
+    check_compiled_equals_eager(block("reference"), "aot_eager")
+
+
+def test_kernel_custom_ops_compile_fullgraph():
+    check_compiled_equals_eager(block("triton"), "aot_eager")
+
+
+def test_custom_ops_pass_torch_library_checks():
+    q, k, v = (torch.randn(1, 2, 20, 16, device=DEVICE) for _ in range(3))
+    from attnkit.engine import _encode, _fwd_op
+    from attnkit.kernels import engine, flash
+
+    schedule = engine.Schedule(mask=flash.flash_mask, kv_range=flash.flash_kv_range, q_range=flash.flash_q_range,
+                               mask_cfg=1)
+    hooks, ints, lists, mask_tensor = _encode(schedule)
+    torch.library.opcheck(_fwd_op, (q, k, v, None, mask_tensor, lists, hooks, ints, 0.25, None, None, None, 0, 0),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.gpu
+def test_kernels_compile_with_inductor_on_gpu():
+    check_compiled_equals_eager(block("triton").to(torch.bfloat16).float(), "inductor")
