@@ -14,6 +14,7 @@ from .registry import Case, Variant, get_variant, list_variants, register_varian
 
 # Variants register themselves on import.
 from .flash import flash_attention  # noqa: E402
+from .linear import feature_maps, lightning_attention, lightning_slopes, linear_attention  # noqa: E402
 
 from . import nn  # noqa: E402
 
@@ -21,5 +22,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Case", "Explanation", "Variant", "attention", "checks", "explain", "flash_attention", "get_variant",
+    "feature_maps", "lightning_attention", "lightning_slopes", "linear_attention",
     "list_variants", "merge_attention", "nn", "scaled_dot_product_attention", "sdpa_route", "register_variant", "testing", "unregister_variant",
 ]
