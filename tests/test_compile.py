@@ -50,3 +50,23 @@ def test_custom_ops_pass_torch_library_checks():
 @pytest.mark.gpu
 def test_kernels_compile_with_inductor_on_gpu():
     check_compiled_equals_eager(block("triton").to(torch.bfloat16).float(), "inductor")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_lightning_compiles_fullgraph(backend):
+    slopes = attnkit.lightning_slopes(4).to(DEVICE)
+
+    def fn(q, k, v):
+        out, state = attnkit.lightning_attention(q, k, v, slopes, return_state=True, backend=backend)
+        return out.sum() + state.sum()
+
+    q, k, v = (torch.randn(1, 4, 40, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    eager = fn(q, k, v)
+    eager_grads = torch.autograd.grad(eager, (q, k, v))
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out = compiled(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v))
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

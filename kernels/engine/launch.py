@@ -8,6 +8,7 @@ from typing import Any, Optional, Tuple
 import torch
 import triton
 
+from ..common import new_output
 from . import configs
 from .backward import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
 from .forward import attn_fwd_kernel
@@ -119,16 +120,6 @@ def _common_meta(q: torch.Tensor, v: torch.Tensor, varlen: bool, softcap: Option
         EVEN_N=(not varlen) and seqlen_k % 128 == 0 and (lists is None or seqlen_k % lists.block_k == 0),
         DOT_PRECISION=_dot_precision(q.dtype),
     )
-
-
-def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Allocate a kernel output; filled with NaN while attnkit.testing.poison_outputs() is active,
-    so that an element the kernel forgets to write fails the comparison."""
-    from attnkit import testing  # late import: attnkit.testing imports torch only
-
-    if testing.POISON:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule: Schedule, *, sm_scale: float,

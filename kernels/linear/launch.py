@@ -10,6 +10,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 import triton
 
+from ..common import new_output
 from .chunked import linear_chunk_kernel, linear_recurrent_kernel
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -50,15 +51,6 @@ def _precisions(dtype: torch.dtype) -> Tuple[str, str]:
     if dtype == torch.float32:
         return "ieee", "ieee"
     return "tf32", "tf32"
-
-
-def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Kernel outputs are NaN-filled while attnkit.testing.poison_outputs() is active."""
-    from attnkit import testing
-
-    if testing.POISON:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _state_strides(p: Optional[torch.Tensor], transpose: bool) -> Tuple[int, int, int, int]:

@@ -1,9 +1,11 @@
-"""Autograd wrapper of the chunked linear-attention engine (``attnkit.kernels.linear``)
-and the Triton entry points of the ``linear`` and ``lightning`` variants."""
+"""The chunked linear-attention engine (``attnkit.kernels.linear``) as differentiable
+custom ops (``attnkit::linear_chunked_fwd/bwd``, with fake implementations, so that
+``torch.compile(fullgraph=True)`` sees no graph break), and the Triton entry points
+of the ``linear`` and ``lightning`` variants."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -19,43 +21,70 @@ def _kernels():
     return linear
 
 
-class _ChunkedLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, slopes, initial_state, scale):
-        s32 = None if slopes is None else slopes.detach().float().contiguous()
-        s0 = None if initial_state is None else initial_state.detach().float().contiguous()
-        out, state = _kernels().linear_forward(q, k, v, s32, scale, s0, recurrent=q.shape[2] <= RECURRENT_MAX_N)
-        ctx.save_for_backward(q, k, v, s32, s0, state)
-        ctx.scale = scale
-        ctx.has_slopes, ctx.has_s0 = slopes is not None, initial_state is not None
-        ctx.dtypes = (None if slopes is None else slopes.dtype, None if initial_state is None else initial_state.dtype)
-        return out, state
+@torch.library.custom_op("attnkit::linear_chunked_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: Optional[torch.Tensor],
+            initial_state: Optional[torch.Tensor], scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    s32 = None if slopes is None else slopes.float().contiguous()
+    s0 = None if initial_state is None else initial_state.float().contiguous()
+    return _kernels().linear_forward(q, k, v, s32, scale, s0, recurrent=q.shape[2] <= RECURRENT_MAX_N)
 
-    @staticmethod
-    def backward(ctx, d_out, d_state):
-        q, k, v, s32, s0, state = ctx.saved_tensors
-        B, Hq, N, _ = q.shape
-        Hkv = k.shape[1]
-        if d_out is None:
-            d_out = torch.zeros(B, Hq, N, v.shape[-1], dtype=q.dtype, device=q.device)
-        d_state = None if d_state is None else d_state.float().contiguous()
-        dq, dk_h, dv_h, d_s0 = _kernels().linear_backward(d_out.to(q.dtype), d_state, q, k, v, s32, ctx.scale, s0)
-        d_slopes = None
-        if ctx.has_slopes and ctx.needs_input_grad[3]:
-            # With G_t = -s (t + 1): dL/dG_t = q_t . dq_t - k_t . dk_t (per query head; dk before the
-            # GQA sum), and the returned state adds dL/dG_N = <dS_N, S_N>. ds = -sum_t (t + 1) dL/dG_t.
-            k_h = k.float().repeat_interleave(Hq // Hkv, dim=1)
-            per_t = (q.float() * dq).sum(-1) - (k_h * dk_h).sum(-1)            # (B, Hq, N)
-            weights = torch.arange(1, N + 1, device=q.device, dtype=torch.float32)
-            d_g = (per_t * weights).sum(dim=(0, 2))
-            if d_state is not None:
-                d_g = d_g + N * (d_state * state).sum(dim=(0, 2, 3))
-            d_slopes = (-d_g).to(ctx.dtypes[0])
-        g = Hq // Hkv
-        dk = dk_h if g == 1 else dk_h.view(B, Hkv, g, N, -1).sum(2)
-        dv = dv_h if g == 1 else dv_h.view(B, Hkv, g, N, -1).sum(2)
-        d_init = d_s0.to(ctx.dtypes[1]) if ctx.has_s0 else None
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_slopes, d_init, None
+
+@_fwd_op.register_fake
+def _(q, k, v, slopes, initial_state, scale):
+    B, Hq, N, D = q.shape
+    return q.new_empty(B, Hq, N, v.shape[-1]), q.new_empty(B, Hq, D, v.shape[-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("attnkit::linear_chunked_bwd", mutates_args=())
+def _bwd_op(d_out: torch.Tensor, d_state: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+            v: torch.Tensor, slopes: Optional[torch.Tensor], initial_state: Optional[torch.Tensor], scale: float
+            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    s32 = None if slopes is None else slopes.float().contiguous()
+    s0 = None if initial_state is None else initial_state.float().contiguous()
+    ds = None if d_state is None else d_state.float().contiguous()
+    return _kernels().linear_backward(d_out.to(q.dtype), ds, q, k, v, s32, scale, s0)
+
+
+@_bwd_op.register_fake
+def _(d_out, d_state, q, k, v, slopes, initial_state, scale):
+    B, Hq, N, D = q.shape
+    f32 = dict(dtype=torch.float32)
+    return (q.new_empty(B, Hq, N, D, **f32), q.new_empty(B, Hq, N, D, **f32),
+            q.new_empty(B, Hq, N, v.shape[-1], **f32), q.new_empty(B, Hq, D, v.shape[-1], **f32))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, slopes, initial_state, scale = inputs
+    ctx.save_for_backward(q, k, v, slopes, initial_state, output[1])
+    ctx.scale = scale
+
+
+def _backward(ctx, d_out, d_state):
+    q, k, v, slopes, initial_state, state = ctx.saved_tensors
+    B, Hq, N, _ = q.shape
+    Hkv = k.shape[1]
+    if d_out is None:
+        d_out = torch.zeros(B, Hq, N, v.shape[-1], dtype=q.dtype, device=q.device)
+    dq, dk_h, dv_h, d_s0 = _bwd_op(d_out, d_state, q, k, v, slopes, initial_state, ctx.scale)
+    d_slopes = None
+    if slopes is not None and ctx.needs_input_grad[3]:
+        # With G_t = -s (t + 1): dL/dG_t = q_t . dq_t - k_t . dk_t (per query head; dk before the
+        # GQA sum), and the returned state adds dL/dG_N = <dS_N, S_N>. ds = -sum_t (t + 1) dL/dG_t.
+        k_h = k.float().repeat_interleave(Hq // Hkv, dim=1)
+        per_t = (q.float() * dq).sum(-1) - (k_h * dk_h).sum(-1)            # (B, Hq, N)
+        weights = torch.arange(1, N + 1, device=q.device, dtype=torch.float32)
+        d_g = (per_t * weights).sum(dim=(0, 2))
+        if d_state is not None:
+            d_g = d_g + N * (d_state.float() * state).sum(dim=(0, 2, 3))
+        d_slopes = (-d_g).to(slopes.dtype)
+    g = Hq // Hkv
+    dk = dk_h if g == 1 else dk_h.view(B, Hkv, g, N, -1).sum(2)
+    dv = dv_h if g == 1 else dv_h.view(B, Hkv, g, N, -1).sum(2)
+    d_init = d_s0.to(initial_state.dtype) if initial_state is not None else None
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_slopes, d_init, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def chunked_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: Optional[torch.Tensor], scale: float,
@@ -68,7 +97,7 @@ def chunked_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: Op
     gradients reach q, k, v, slopes and initial_state.
     """
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    return _ChunkedLinear.apply(q, k, v, slopes, initial_state, float(scale))
+    return _fwd_op(q, k, v, slopes, initial_state, float(scale))
 
 
 def linear_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
