@@ -11,7 +11,7 @@ the forward kernel (see forward.py); ``Q_RANGE`` is the transposed range functio
 import triton
 import triton.language as tl
 
-from .common import LOG2E, block_index, load_tile, scores_log2
+from .common import LOG2E, block_index, list_entries, load_tile, scores_log2
 
 
 @triton.jit
@@ -71,7 +71,8 @@ def attn_bwd_dkdv_kernel(
     num_heads_kv, groups, seqlen_q_arg, seqlen_k_arg, CU_Q, CU_K,
     sm_scale, softcap,
     MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1,
-    CNT_FULL, IDX_FULL, CNT_PART, IDX_PART, list_sb, list_sh, list_sr, idx_sb, idx_sh, idx_sr,
+    CNT_FULL, IDX_FULL, CNT_PART, IDX_PART,
+    cf_sb, cf_sh, cf_sr, xf_sb, xf_sh, xf_sr, cp_sb, cp_sh, cp_sr, xp_sb, xp_sh, xp_sr,
     MASK_FN: tl.constexpr, MASK_CFG: tl.constexpr, RANGE_FN: tl.constexpr,
     LIST: tl.constexpr, LIST_BQ: tl.constexpr, LIST_BK: tl.constexpr,
     VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -121,19 +122,18 @@ def attn_bwd_dkdv_kernel(
             if LIST:
                 SUB: tl.constexpr = LIST_BQ // BLOCK_M
                 col = start_n // LIST_BK
-                cnt_off = off_b.to(tl.int64) * list_sb + off_h * list_sh + col * list_sr
-                idx_off = off_b.to(tl.int64) * idx_sb + off_h * idx_sh + col * idx_sr
-                n_full = tl.load(CNT_FULL + cnt_off)
-                n_part = tl.load(CNT_PART + cnt_off)
+                n_full, full_idx, n_part, part_idx = list_entries(
+                    col, off_b, off_h, CNT_FULL, IDX_FULL, CNT_PART, IDX_PART,
+                    cf_sb, cf_sh, cf_sr, xf_sb, xf_sh, xf_sr, cp_sb, cp_sh, cp_sr, xp_sb, xp_sh, xp_sr)
                 dk, dv = _dkdv_inner(
                     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-                    offs_n, offs_d, offs_dv, 0, n_full * SUB, IDX_FULL + idx_off, sm_scale, softcap,
+                    offs_n, offs_d, offs_dv, 0, n_full * SUB, full_idx, sm_scale, softcap,
                     off_b, off_h, seqlen_q, seqlen_k, MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1,
                     MASK_FN, MASK_CFG, False, True, SUB, BLOCK_M, HEAD_DIM, HEAD_DIM_V,
                     CHECK_M, CHECK_N, PAD_D, PAD_DV, HAS_SOFTCAP, DOT_PRECISION)
                 dk, dv = _dkdv_inner(
                     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-                    offs_n, offs_d, offs_dv, 0, n_part * SUB, IDX_PART + idx_off, sm_scale, softcap,
+                    offs_n, offs_d, offs_dv, 0, n_part * SUB, part_idx, sm_scale, softcap,
                     off_b, off_h, seqlen_q, seqlen_k, MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1,
                     MASK_FN, MASK_CFG, True, True, SUB, BLOCK_M, HEAD_DIM, HEAD_DIM_V,
                     CHECK_M, CHECK_N, PAD_D, PAD_DV, HAS_SOFTCAP, DOT_PRECISION)
@@ -219,7 +219,8 @@ def attn_bwd_dq_kernel(
     num_heads_q, groups, seqlen_q_arg, seqlen_k_arg, CU_Q, CU_K,
     sm_scale, softcap,
     MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1,
-    CNT_FULL, IDX_FULL, CNT_PART, IDX_PART, list_sb, list_sh, list_sr, idx_sb, idx_sh, idx_sr,
+    CNT_FULL, IDX_FULL, CNT_PART, IDX_PART,
+    cf_sb, cf_sh, cf_sr, xf_sb, xf_sh, xf_sr, cp_sb, cp_sh, cp_sr, xp_sb, xp_sh, xp_sr,
     MASK_FN: tl.constexpr, MASK_CFG: tl.constexpr, RANGE_FN: tl.constexpr,
     LIST: tl.constexpr, LIST_BQ: tl.constexpr, LIST_BK: tl.constexpr,
     VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -269,17 +270,16 @@ def attn_bwd_dq_kernel(
         if LIST:
             SUB: tl.constexpr = LIST_BK // BLOCK_N
             row = start_m // LIST_BQ
-            cnt_off = off_b.to(tl.int64) * list_sb + off_h * list_sh + row * list_sr
-            idx_off = off_b.to(tl.int64) * idx_sb + off_h * idx_sh + row * idx_sr
-            n_full = tl.load(CNT_FULL + cnt_off)
-            n_part = tl.load(CNT_PART + cnt_off)
+            n_full, full_idx, n_part, part_idx = list_entries(
+                row, off_b, off_h, CNT_FULL, IDX_FULL, CNT_PART, IDX_PART,
+                cf_sb, cf_sh, cf_sr, xf_sb, xf_sh, xf_sr, cp_sb, cp_sh, cp_sr, xp_sb, xp_sh, xp_sr)
             dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, offs_dv,
-                           0, n_full * SUB, IDX_FULL + idx_off, sm_scale, softcap,
+                           0, n_full * SUB, full_idx, sm_scale, softcap,
                            off_b, off_h, seqlen_q, seqlen_k, MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1,
                            MASK_FN, MASK_CFG, False, True, SUB, BLOCK_N, HEAD_DIM, HEAD_DIM_V, CHECK_N, PAD_D,
                            PAD_DV, HAS_SOFTCAP, DOT_PRECISION)
             dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, offs_dv,
-                           0, n_part * SUB, IDX_PART + idx_off, sm_scale, softcap,
+                           0, n_part * SUB, part_idx, sm_scale, softcap,
                            off_b, off_h, seqlen_q, seqlen_k, MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1,
                            MASK_FN, MASK_CFG, True, True, SUB, BLOCK_N, HEAD_DIM, HEAD_DIM_V, CHECK_N, PAD_D,
                            PAD_DV, HAS_SOFTCAP, DOT_PRECISION)

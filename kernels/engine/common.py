@@ -44,3 +44,16 @@ def scores_log2(qk, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr):
         return t * (softcap * LOG2E), t
     else:
         return qk * (sm_scale * LOG2E), qk
+
+
+@triton.jit
+def list_entries(row, off_b, off_h, CNT_FULL, IDX_FULL, CNT_PART, IDX_PART,
+                 cf_sb, cf_sh, cf_sr, xf_sb, xf_sh, xf_sr, cp_sb, cp_sh, cp_sr, xp_sb, xp_sh, xp_sr):
+    """Block-list row ``row`` of (batch, head): (full count, full indices, partial count, partial indices).
+    Every tensor has its own strides (0 on broadcast dims), so the lists may differ in width."""
+    b = off_b.to(tl.int64)
+    n_full = tl.load(CNT_FULL + b * cf_sb + off_h * cf_sh + row * cf_sr)
+    n_part = tl.load(CNT_PART + b * cp_sb + off_h * cp_sh + row * cp_sr)
+    full = IDX_FULL + b * xf_sb + off_h * xf_sh + row * xf_sr
+    part = IDX_PART + b * xp_sb + off_h * xp_sh + row * xp_sr
+    return n_full, full, n_part, part

@@ -77,7 +77,7 @@ def _schedule_args(schedule: Schedule, transposed: bool) -> Tuple[list, dict]:
     args = [mask_tensor, schedule.mask_strides[0], schedule.mask_strides[1],
             schedule.mask_args[0], schedule.mask_args[1]]
     if lists is None:
-        args += [None, None, None, None, 0, 0, 0, 0, 0, 0]
+        args += [None, None, None, None] + [0] * 12
         meta = dict(RANGE_FN=schedule.q_range if transposed else schedule.kv_range, LIST=False, LIST_BQ=1,
                     LIST_BK=1)
     else:
@@ -85,7 +85,8 @@ def _schedule_args(schedule: Schedule, transposed: bool) -> Tuple[list, dict]:
             cf, xf, cp, xp = lists.q_full_count, lists.q_full_index, lists.q_part_count, lists.q_part_index
         else:
             cf, xf, cp, xp = lists.kv_full_count, lists.kv_full_index, lists.kv_part_count, lists.kv_part_index
-        args += [cf, xf, cp, xp, *_broadcast_strides(cf)[:3], *_broadcast_strides(xf)[:3]]
+        args += [cf, xf, cp, xp, *_broadcast_strides(cf), *_broadcast_strides(xf)[:3],
+                 *_broadcast_strides(cp), *_broadcast_strides(xp)[:3]]
         meta = dict(RANGE_FN=None, LIST=True, LIST_BQ=lists.block_q, LIST_BK=lists.block_k)
     meta.update(MASK_FN=schedule.mask, MASK_CFG=schedule.mask_cfg)
     return args, meta

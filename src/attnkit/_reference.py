@@ -64,19 +64,25 @@ def map_query_chunks(fn: Callable[[torch.Tensor, int], Tuple[torch.Tensor, torch
     """Apply ``fn(q_chunk, first_row) -> (out, lse)`` to query chunks of ``rows`` along dim 2.
 
     Under autograd each chunk is checkpointed, so the backward pass also keeps only
-    one chunk's scores alive instead of all of them.
+    one chunk's scores alive instead of all of them. Chunk results are written into
+    preallocated outputs rather than kept in a list and concatenated: small retained
+    chunks between large freed score buffers fragment the CPU allocator's heap (seen:
+    ~1.9 GiB instead of ~0.2 GiB peak for a 32k-token sliding-window reference).
     """
-    outs, lses = [], []
-    checkpoint = torch.is_grad_enabled()
+    grad = torch.is_grad_enabled()
+    out = lse = None
     for start in range(0, q.shape[2], rows):
         chunk = q[:, :, start:start + rows]
-        if checkpoint:
-            out, lse = torch.utils.checkpoint.checkpoint(fn, chunk, start, use_reentrant=False)
+        if grad:
+            o, l = torch.utils.checkpoint.checkpoint(fn, chunk, start, use_reentrant=False)
         else:
-            out, lse = fn(chunk, start)
-        outs.append(out)
-        lses.append(lse)
-    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+            o, l = fn(chunk, start)
+        if out is None:
+            out = o.new_empty(q.shape[:3] + o.shape[3:])
+            lse = l.new_empty(q.shape[:3])
+        out[:, :, start:start + rows] = o
+        lse[:, :, start:start + rows] = l
+    return out, lse
 
 
 def lse_dtype(x: torch.Tensor) -> torch.dtype:

@@ -1,0 +1,90 @@
+"""The fused engine's list mode (FlexAttention-style block lists) against the flash reference:
+causal tiles listed as full or partial, lists of different widths, broadcast and per-head lists,
+and list block sizes that are multiples of the kernel tile."""
+
+import pytest
+import torch
+
+import attnkit
+from attnkit.engine import fused_attention
+from attnkit.kernels import engine, flash as flash_kernels
+
+from conftest import DEVICE
+
+
+def causal_tiles(Nq, Nk, BQ, BK):
+    """(full, partial) boolean tile maps of a bottom-right causal mask."""
+    offset = Nk - Nq
+    nq, nk = -(-Nq // BQ), -(-Nk // BK)
+    full = torch.zeros(nq, nk, dtype=torch.bool)
+    part = torch.zeros_like(full)
+    for i in range(nq):
+        first_row, last_row = i * BQ, min(Nq, (i + 1) * BQ) - 1
+        for j in range(nk):
+            first_key, last_key = j * BK, min(Nk, (j + 1) * BK) - 1
+            if last_key <= first_row + offset:
+                full[i, j] = True
+            elif first_key <= last_row + offset:
+                part[i, j] = True
+    return full, part
+
+
+def to_lists(tiles, width=None):
+    """Counts (1, 1, R) and indices (1, 1, R, width) of a boolean tile map, each row's entries first."""
+    counts = tiles.sum(1).to(torch.int32)
+    width = width or max(1, int(counts.max()))
+    index = torch.zeros(tiles.shape[0], width, dtype=torch.int32)
+    for r in range(tiles.shape[0]):
+        cols = tiles[r].nonzero().flatten()
+        index[r, :len(cols)] = cols.to(torch.int32)
+    return counts[None, None].to(DEVICE), index[None, None].to(DEVICE)
+
+
+def causal_lists(Nq, Nk, BQ, BK, per_head=1):
+    full, part = causal_tiles(Nq, Nk, BQ, BK)
+    lists = []
+    for m, extra in ((full, 0), (part, 3), (full.T.contiguous(), 0), (part.T.contiguous(), 3)):
+        c, x = to_lists(m, width=max(1, int(m.sum(1).max())) + extra)  # partial lists wider on purpose
+        lists += [c.expand(1, per_head, -1).contiguous(), x.expand(1, per_head, -1, -1).contiguous()]
+    return engine.BlockLists(BQ, BK, *lists)
+
+
+@pytest.mark.parametrize("tile,blocks", [((32, 16), (32, 32)), ((16, 32), (32, 64)), ((32, 32), (64, 32))])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_list_mode_equals_the_causal_reference(tile, blocks, per_head):
+    torch.manual_seed(0)
+    B, Hq, Hkv, Nq, Nk, D = 2, 4, 2, 70, 90, 32
+    q = torch.randn(B, Hq, Nq, D, device=DEVICE, requires_grad=True)
+    k = torch.randn(B, Hkv, Nk, D, device=DEVICE, requires_grad=True)
+    v = torch.randn(B, Hkv, Nk, D, device=DEVICE, requires_grad=True)
+    lists = causal_lists(Nq, Nk, *blocks, per_head=Hq if per_head else 1)
+    assert lists.kv_full_index.shape[-1] != lists.kv_part_index.shape[-1]  # different widths on purpose
+    schedule = engine.Schedule(mask=flash_kernels.flash_mask, lists=lists, mask_cfg=1)
+    with engine.force_config(*tile):
+        out, lse = fused_attention(q, k, v, schedule, sm_scale=0.2)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    ref, ref_lse = attnkit.flash_attention(q, k, v, causal=True, scale=0.2, return_lse=True, backend="reference")
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_unlisted_rows_give_zero_and_neg_inf():
+    q, k, v = (torch.randn(1, 2, 40, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    tiles = torch.zeros(2, 2, dtype=torch.bool)
+    tiles[1, 0] = True  # only the second query block sees anything
+    empty = torch.zeros_like(tiles)
+    lists = engine.BlockLists(32, 32, *to_lists(tiles), *to_lists(empty), *to_lists(tiles.T.contiguous()),
+                              *to_lists(empty))
+    schedule = engine.Schedule(mask=flash_kernels.flash_mask, lists=lists)
+    with engine.force_config(32, 16):
+        out, lse = fused_attention(q, k, v, schedule, sm_scale=0.25)
+    assert torch.all(out[:, :, :32] == 0) and torch.isneginf(lse[:, :, :32]).all()
+    ref = attnkit.flash_attention(q[:, :, 32:], k[:, :, :32], v[:, :, :32], scale=0.25, backend="reference")
+    torch.testing.assert_close(out[:, :, 32:], ref, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.all(q.grad[:, :, :32] == 0)
+    assert torch.all(k.grad[:, :, 32:] == 0)
