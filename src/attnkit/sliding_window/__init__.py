@@ -1,0 +1,154 @@
+"""The sliding_window variant: local softmax attention with attention sinks and per-head windows.
+
+FlashAttention window semantics (DESIGN.md §4): ``window=(left, right)`` inclusive and
+bottom-right aligned, -1 unbounded; ``window=W`` means (W - 1, 0); ``sinks=S`` keeps the
+first S keys visible (StreamingLLM) subject only to the right edge; ``window`` as an int
+tensor (Hq, 2) gives every query head its own window in one launch (DuoAttention, MoA).
+The kernel is the shared fused engine in range mode (kernels/sliding_window.py): it visits
+only key blocks that intersect a window or the sinks, so its cost is O(N * (W + S)).
+:class:`SlidingWindowCache` is the constant-memory decode cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from ..checks import Shapes, check_flag, check_head_vector, check_qkv, check_scale, check_softcap
+from ..dispatch import attention
+from ..engine import fused_attention
+from ..registry import Case, Variant, register_variant
+from .reference import sliding_window_reference
+from .window import bounded, check_sinks, head_windows
+
+OPTIONS: Dict[str, Any] = dict(window=None, sinks=0, scale=None, softcap=None, sink_logits=None, return_lse=False)
+MAX_HEAD_DIM = 256
+
+
+def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[str, Any]) -> Shapes:
+    shapes = check_qkv(q, k, v)
+    if options["window"] is None:
+        raise TypeError("sliding_window needs window=: an int W, a pair (left, right) or an int tensor (Hq, 2)")
+    head_windows(options["window"], shapes.heads_q, q.device)
+    check_sinks(options["sinks"])
+    check_flag("return_lse", options["return_lse"])
+    check_scale(options["scale"], shapes.head_dim)
+    check_softcap(options["softcap"])
+    if options["sink_logits"] is not None:
+        check_head_vector("sink_logits", options["sink_logits"], shapes.heads_q, q)
+    return shapes
+
+
+def kernel_support(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[str, Any]) -> List[str]:
+    reasons = []
+    if q.shape[-1] > MAX_HEAD_DIM:
+        reasons.append(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM} is not supported by the kernel")
+    if v.shape[-1] > MAX_HEAD_DIM:
+        reasons.append(f"value head dim {v.shape[-1]} > {MAX_HEAD_DIM} is not supported by the kernel")
+    if q.shape[2] + k.shape[2] >= 2 ** 30:
+        reasons.append("Nq + Nk >= 2**30 overflows the kernel's int32 position arithmetic")
+    return reasons
+
+
+def make_schedule(window: Any, sinks: int, heads_q: int, seqlen_q: int, seqlen_k: int, device: torch.device):
+    """The engine Schedule of a window: uniform windows go in the scalar slots, per-head
+    windows in an int32 (Hq, 2) tensor (see kernels/sliding_window.py for the layout)."""
+    from ..kernels import engine, sliding_window as sw
+
+    windows = [(bounded(l, seqlen_q, seqlen_k), bounded(r, seqlen_q, seqlen_k))
+               for l, r in head_windows(window, heads_q)]
+    sinks = min(sinks, seqlen_k)
+    common = dict(mask=sw.sliding_window_mask, kv_range=sw.sliding_window_kv_range, q_range=sw.sliding_window_q_range)
+    if len(set(windows)) == 1:
+        left, right = windows[0]
+        return engine.Schedule(**common, mask_cfg=0, mask_strides=(sinks, 0), mask_args=(left, right))
+    table = torch.tensor(windows, dtype=torch.int32, device=device).contiguous()
+    return engine.Schedule(**common, mask_cfg=1, mask_tensor=table, mask_strides=(sinks, table.stride(0)),
+                           mask_args=(0, 0))
+
+
+def sliding_window_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window, sinks: int = 0,
+                          scale: Optional[float] = None, softcap: Optional[float] = None,
+                          sink_logits: Optional[torch.Tensor] = None, return_lse: bool = False):
+    """The Triton path of :func:`sliding_window_attention` (same arguments, no dispatch)."""
+    schedule = make_schedule(window, sinks, q.shape[1], q.shape[2], k.shape[2], q.device)
+    out, lse = fused_attention(q, k, v, schedule, sm_scale=check_scale(scale, q.shape[-1]), softcap=softcap,
+                               sink_logits=sink_logits)
+    return (out, lse) if return_lse else out
+
+
+def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window, sinks: int = 0,
+                             scale: Optional[float] = None, softcap: Optional[float] = None,
+                             sink_logits: Optional[torch.Tensor] = None, return_lse: bool = False,
+                             backend: str = "auto"):
+    """Sliding-window softmax attention with attention sinks and per-head windows.
+
+    Query i sits at key position p = i + Nk - Nq (bottom-right aligned, as FlashAttention)
+    and sees key j iff ``j <= p + right`` and (``j >= p - left`` or ``j < sinks``).
+
+    Args:
+        q: (B, Hq, Nq, D). k: (B, Hkv, Nk, D). v: (B, Hkv, Nk, Dv); Hkv divides Hq (GQA/MQA).
+        window: one of
+            - int W >= 1: the last W keys up to the query's own position, i.e. (W - 1, 0)
+              (Mistral / Hugging Face ``sliding_window``);
+            - pair (left, right) of ints >= -1, inclusive, -1 = unbounded on that side
+              (flash-attn's ``window_size``); (-1, 0) is causal, (-1, -1) dense;
+            - int tensor of shape (Hq, 2), one (left, right) row per query head, on q's
+              device (DuoAttention / MoA: e.g. (-1, 0) rows for full causal heads).
+        sinks: S >= 0; the first S keys stay visible to every query, subject only to the
+            window's right edge (StreamingLLM's attention sinks).
+        scale: score scale, default 1/sqrt(D).
+        softcap: if set, scores s become softcap * tanh(s / softcap) (after scaling).
+        sink_logits: (Hq,) learnable logit per head added to each row's softmax
+            denominator with no value (gpt-oss); differentiable. Unrelated to ``sinks``.
+        return_lse: also return the log-sum-exp (B, Hq, Nq), float32, natural log;
+            -inf for a row that sees no key (its output is 0).
+        backend: "auto", "triton" or "reference" (see ``attnkit.explain``).
+
+    Returns:
+        out (B, Hq, Nq, Dv) in q's dtype, or (out, lse) with ``return_lse``.
+    """
+    return attention(q, k, v, "sliding_window", backend, window=window, sinks=sinks, scale=scale, softcap=softcap,
+                     sink_logits=sink_logits, return_lse=return_lse)
+
+
+def _per_head(rows):
+    return lambda g: torch.tensor(rows, dtype=torch.int64)
+
+
+def _logits(heads: int):
+    return lambda g: torch.randn(heads, generator=g, dtype=torch.float64)
+
+
+def examples() -> List[Case]:
+    return [
+        Case((1, 2, 70, 32), (1, 2, 70, 32), (1, 2, 70, 32), {"window": 16}, name="mistral_w16"),
+        Case((1, 2, 70, 32), (1, 2, 70, 32), (1, 2, 70, 32), {"window": 9, "sinks": 4}, name="w9_sinks4"),
+        Case((2, 4, 37, 40), (2, 2, 53, 40), (2, 2, 53, 24), {"window": (20, 5), "sinks": 3},
+             name="gqa_nq<nk_d40_left20_right5_sinks"),
+        Case((1, 4, 49, 32), (1, 2, 49, 32), (1, 2, 49, 32), {"sinks": 2},
+             {"window": _per_head([[-1, 0], [7, 0], [0, 0], [12, 3]])}, name="per_head_gqa"),
+        Case((1, 4, 1, 64), (1, 1, 90, 64), (1, 1, 90, 64), {"window": 32, "sinks": 4}, name="decode_mqa"),
+        Case((1, 2, 45, 16), (1, 2, 17, 16), (1, 2, 17, 16), {"window": (3, 0)}, name="nq>nk_empty_rows"),
+        Case((1, 2, 33, 80), (1, 2, 33, 80), (1, 2, 33, 80), {"window": 10, "sinks": 2, "softcap": 3.0},
+             {"sink_logits": _logits(2)}, name="softcap_sink_logits_d80"),
+    ]
+
+
+VARIANT = register_variant(Variant(
+    name="sliding_window",
+    reference=sliding_window_reference,
+    kernel=sliding_window_kernel,
+    options=OPTIONS,
+    validate=validate,
+    kernel_support=kernel_support,
+    extra_outputs={"return_lse": "lse"},
+    examples=examples,
+    status={"reference": True, "forward": True, "backward": True},
+    doc="local attention: (left, right) windows, attention sinks, per-head windows, decode cache",
+))
+
+from .cache import SlidingWindowCache  # noqa: E402
+
+__all__ = ["SlidingWindowCache", "sliding_window_attention", "sliding_window_reference"]

@@ -1,0 +1,99 @@
+"""PyTorch reference of the sliding_window variant.
+
+Memory is O(N * (W + S)), never N x N: queries are processed in chunks of rows, and a
+chunk gathers only the keys it can see, the sinks [0, S) and the span of its rows'
+windows. Heads are grouped by window, so a full causal head (window (-1, 0)) costs
+O(N^2) work for itself but does not widen the key span of the windowed heads.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+
+from .._reference import expand_kv_heads, lse_dtype, map_query_chunks, query_chunk_rows, softmax_attend
+from ..checks import check_scale
+from .window import head_windows
+
+
+def visible_keys(first_row: int, rows: int, seqlen_q: int, seqlen_k: int, left: int, right: int, sinks: int,
+                 device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The keys query rows [first_row, first_row + rows) may see, and their mask.
+
+    Returns ``key_index`` (L,) int64, sorted, the union of the sinks and the rows'
+    windows clipped to [0, seqlen_k), and ``mask`` (rows, L) bool, True where row i
+    sees key ``key_index[l]``: j <= p + right and (j >= p - left or j < sinks),
+    with p = i + seqlen_k - seqlen_q (bottom-right aligned) and -1 = unbounded.
+    """
+    offset = seqlen_k - seqlen_q
+    p_first, p_last = first_row + offset, first_row + rows - 1 + offset
+    hi = seqlen_k if right < 0 else max(0, min(seqlen_k, p_last + right + 1))   # exclusive
+    lo = 0 if left < 0 else min(max(0, p_first - left), hi)
+    sink_hi = min(sinks, hi)
+    if hi == 0:  # no row sees anything: keep key 0, masked out, so shapes stay non-empty
+        hi = 1
+    if sink_hi >= lo:  # sinks and window touch: one span
+        key_index = torch.arange(0, hi, device=device)
+    else:
+        key_index = torch.cat([torch.arange(0, sink_hi, device=device), torch.arange(lo, hi, device=device)])
+    pos = torch.arange(p_first, p_last + 1, device=device)[:, None]
+    j = key_index[None, :]
+    in_window = torch.ones_like(j, dtype=torch.bool) if left < 0 else j >= pos - left
+    before_right = torch.ones_like(j, dtype=torch.bool) if right < 0 else j <= pos + right
+    mask = before_right & (in_window | (j < sinks))
+    return key_index, mask
+
+
+def _one_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int, right: int, sinks: int,
+                sm_scale: float, softcap: Optional[float], sink_logits: Optional[torch.Tensor]):
+    """Heads that share one window. q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv)."""
+    Nq, Nk = q.shape[2], k.shape[2]
+    span = min(Nk, (Nk if left < 0 else left) + (Nk if right < 0 else right) + 1) + min(sinks, Nk)
+    rows = min(query_chunk_rows(q.shape[0] * q.shape[1], 2 * span), max(16, span))
+
+    def attend(q_chunk: torch.Tensor, first_row: int):
+        key_index, mask = visible_keys(first_row, q_chunk.shape[2], Nq, Nk, left, right, sinks, q.device)
+        return softmax_attend(q_chunk, k.index_select(2, key_index), v.index_select(2, key_index),
+                              scale=sm_scale, mask=mask, softcap=softcap, sink_logits=sink_logits)
+
+    return map_query_chunks(attend, q, rows)
+
+
+def sliding_window_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window, sinks: int = 0,
+                             scale: Optional[float] = None, softcap: Optional[float] = None,
+                             sink_logits: Optional[torch.Tensor] = None, return_lse: bool = False):
+    """Sliding-window softmax attention computed in the dtype of the inputs.
+
+    q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv); ``window`` an int, a pair
+    (left, right) or an int tensor (Hq, 2); ``sink_logits`` (Hq,). Returns out
+    (B, Hq, Nq, Dv) [, lse (B, Hq, Nq)]. A row that sees no key has out 0, lse -inf.
+    """
+    sm_scale = check_scale(scale, q.shape[-1])
+    Hq = q.shape[1]
+    windows = head_windows(window, Hq)
+    k, v = expand_kv_heads(k, Hq), expand_kv_heads(v, Hq)
+
+    groups: Dict[Tuple[int, int], List[int]] = {}
+    for h, w in enumerate(windows):
+        groups.setdefault(w, []).append(h)
+    if len(groups) == 1:
+        (left, right), = groups
+        out, lse = _one_window(q, k, v, left, right, sinks, sm_scale, softcap, sink_logits)
+    else:
+        outs, lses, order = [], [], []
+        for (left, right), heads in groups.items():
+            idx = torch.tensor(heads, device=q.device)
+            o, l = _one_window(q.index_select(1, idx), k.index_select(1, idx), v.index_select(1, idx), left, right,
+                               sinks, sm_scale, softcap, None if sink_logits is None else sink_logits[idx])
+            outs.append(o)
+            lses.append(l)
+            order += heads
+        inverse = torch.empty(Hq, dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(Hq)
+        inverse = inverse.to(q.device)
+        out = torch.cat(outs, dim=1).index_select(1, inverse)
+        lse = torch.cat(lses, dim=1).index_select(1, inverse)
+    lse = lse.to(lse_dtype(q))
+    return (out, lse) if return_lse else out

@@ -1,0 +1,70 @@
+"""Parsing and checking of the ``window`` and ``sinks`` options (shared by spec, reference, cache).
+
+A window is normalized to a list of Hq ``(left, right)`` pairs of Python ints, each
+>= -1, where -1 means unbounded on that side (FlashAttention's convention).
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+
+from ..checks import check_int
+
+Window = Tuple[int, int]
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def _check_entry(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int (>= -1, -1 = unbounded), got {type(value).__name__}")
+    if value < -1:
+        raise ValueError(f"{name} must be >= -1 (-1 = unbounded), got {value}")
+    return value
+
+
+def head_windows(window: object, heads_q: int, device: torch.device = None) -> List[Window]:
+    """Normalize ``window`` to one inclusive (left, right) pair per query head.
+
+    Accepts an int W >= 1 (the last W keys: (W - 1, 0)), a pair (left, right) of ints
+    >= -1, or an integer tensor of shape (Hq, 2) on ``device`` (per-head windows).
+    Raises TypeError/ValueError naming ``window`` otherwise.
+    """
+    if isinstance(window, torch.Tensor):
+        if window.dtype not in INT_DTYPES:
+            raise TypeError(f"window as a tensor must have an integer dtype (int32 or int64), got {window.dtype}")
+        if tuple(window.shape) != (heads_q, 2):
+            raise ValueError(f"window as a tensor must have shape (Hq, 2) = ({heads_q}, 2): one (left, right) "
+                             f"row per query head; got {tuple(window.shape)}")
+        if device is not None and window.device != torch.device(device):
+            raise ValueError(f"window is on {window.device} but q is on {device}")
+        rows = [tuple(int(x) for x in row) for row in window.tolist()]
+        for h, (left, right) in enumerate(rows):
+            _check_entry(f"window[{h}, 0] (left)", left)
+            _check_entry(f"window[{h}, 1] (right)", right)
+        return rows  # type: ignore[return-value]
+    if isinstance(window, (tuple, list)):
+        if len(window) != 2:
+            raise ValueError(f"window as a pair must be (left, right), got {len(window)} entries: {window!r}")
+        left = _check_entry("window[0] (left)", window[0])
+        right = _check_entry("window[1] (right)", window[1])
+        return [(left, right)] * heads_q
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise TypeError("window must be an int W (the last W keys), a pair (left, right) or an int tensor of "
+                        f"shape (Hq, 2); got {type(window).__name__}")
+    if window < 1:
+        raise ValueError(f"window as an int W means the last W keys (left = W - 1, right = 0) and must be >= 1, "
+                         f"got {window}; use window=(-1, 0) for full causal attention")
+    return [(window - 1, 0)] * heads_q
+
+
+def check_sinks(sinks: object) -> int:
+    return check_int("sinks", sinks, minimum=0)
+
+
+def bounded(extent: int, seqlen_q: int, seqlen_k: int) -> int:
+    """-1 (unbounded) or any extent beyond the sequences -> seqlen_q + seqlen_k, which is
+    unbounded in effect; keeps kernel index arithmetic inside int32."""
+    cap = seqlen_q + seqlen_k
+    return cap if extent < 0 or extent > cap else extent
