@@ -121,6 +121,23 @@ def _backward(ctx, do, _dlse):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def dense_to_lists(dense: torch.Tensor, capacity: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Block lists from a tile map: boolean (..., R, C) -> counts int32 (..., R) and indices int32 (..., R, L), ascending.
+
+    L is ``capacity`` or the largest count (at least 1, so no list is zero-sized);
+    entries past a row's count are 0 and never read.
+    """
+    counts = dense.sum(dim=-1, dtype=torch.int32)
+    if capacity is None:
+        capacity = int(counts.max().item()) if counts.numel() else 0
+    capacity = max(1, min(capacity, dense.shape[-1]))
+    # a stable sort of "not listed" puts the listed columns first, in ascending order
+    order = torch.argsort((~dense).to(torch.int8), dim=-1, stable=True)[..., :capacity]
+    index = torch.where(torch.arange(capacity, device=dense.device) < counts[..., None], order,
+                        torch.zeros_like(order))
+    return counts.contiguous(), index.to(torch.int32).contiguous()
+
+
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 

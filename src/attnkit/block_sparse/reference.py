@@ -1,0 +1,114 @@
+"""PyTorch references of block-sparse attention and MoBA.
+
+Both run one query block (or chunk) at a time. block_sparse gathers only the key
+blocks its mask lists for that query block, so memory follows the listed tiles,
+never Nq x Nk; MoBA keeps a (chunk x Nk) token mask per step, like the flash
+reference, plus the (chunk x blocks) gate scores.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._reference import expand_kv_heads, lse_dtype, map_query_chunks, softmax_attend
+from ..checks import check_scale
+from .block_mask import BlockMask
+
+
+def block_sparse_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_mask: BlockMask,
+                           causal: bool = False, scale: Optional[float] = None, softcap: Optional[float] = None,
+                           return_lse: bool = False):
+    """Block-sparse softmax attention, in the dtype of the inputs.
+
+    q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> out (B, Hq, Nq, Dv)
+    [, lse (B, Hq, Nq)]. Query block r (rows r*BQ ... r*BQ + BQ - 1) attends every key
+    of the key blocks ``block_mask`` lists for it (per batch entry and head, or shared
+    when the mask's dim is 1), intersected with the bottom-right causal mask when
+    ``causal``. A row that sees nothing has out 0 and lse -inf.
+    """
+    sm_scale = check_scale(scale, q.shape[-1])
+    block_mask = block_mask.to(q.device)
+    Hq, Nq, Nk = q.shape[1], q.shape[2], k.shape[2]
+    bq, bk = block_mask.block_size
+    tiles = block_mask.to_dense()  # (Bm, Hm, R, C) bool: R x C blocks, not tokens
+    k, v = expand_kv_heads(k, Hq), expand_kv_heads(v, Hq)
+
+    def attend(q_block: torch.Tensor, first_row: int):
+        listed = tiles[:, :, first_row // bq]                           # (Bm, Hm, C)
+        blocks = listed.flatten(0, 1).any(dim=0).nonzero().flatten()    # union over batch and heads
+        if blocks.numel() == 0:  # nothing listed: attend one block fully masked (out 0, lse -inf, zero grads)
+            blocks, listed = blocks.new_zeros(1), torch.zeros_like(listed)
+        key_idx = (blocks[:, None] * bk + torch.arange(bk, device=q.device)).flatten()
+        key_idx = key_idx[key_idx < Nk]
+        mask = listed[:, :, key_idx // bk][:, :, None, :]                # (Bm, Hm, 1, L)
+        if causal:  # bottom-right: query i sits at key position i + Nk - Nq
+            query_pos = torch.arange(first_row, first_row + q_block.shape[2], device=q.device) + (Nk - Nq)
+            mask = mask & (key_idx[None, :] <= query_pos[:, None])
+        return softmax_attend(q_block, k[:, :, key_idx], v[:, :, key_idx], scale=sm_scale, mask=mask,
+                              softcap=softcap)
+
+    out, lse = map_query_chunks(attend, q, bq)
+    lse = lse.to(lse_dtype(q))
+    return (out, lse) if return_lse else out
+
+
+def moba_gate(q: torch.Tensor, k: torch.Tensor, *, block_size: int, top_k: int, first_row: int = 0,
+              seqlen_q: Optional[int] = None) -> torch.Tensor:
+    """MoBA's selection for the query rows ``q`` (B, Hq, M, D) that start at row ``first_row``.
+
+    k is (B, Hq, Nk, D) (already expanded to the query heads). The gate is computed in
+    float32: score(c) = q . mean(K of block c) for the complete blocks c wholly before
+    the row's own block (key position p = row + Nk - Nq, own block p // block_size).
+    Returns bool (B, Hq, M, NB) with NB = Nk // block_size: True for the top
+    (top_k - 1) blocks of each row (ties: lower block index first); fewer when fewer
+    blocks are eligible. Not differentiable (as in MoBA).
+    """
+    Nq = q.shape[2] if seqlen_q is None else seqlen_q
+    Nk = k.shape[2]
+    n_blocks = Nk // block_size
+    B, Hq, M, D = q.shape
+    pooled = k[:, :, :n_blocks * block_size].detach().float().reshape(B, Hq, n_blocks, block_size, D).mean(dim=3)
+    gate = torch.matmul(q.detach().float(), pooled.transpose(-1, -2))             # (B, Hq, M, NB) fp32
+    pos = torch.arange(first_row, first_row + M, device=q.device) + (Nk - Nq)
+    own = torch.div(pos, block_size, rounding_mode="floor")
+    eligible = torch.arange(n_blocks, device=q.device)[None, :] < own[:, None]    # wholly before own block
+    gate = gate.masked_fill(~eligible, float("-inf"))
+    n_pick = min(top_k - 1, n_blocks)
+    order = torch.sort(gate, dim=-1, descending=True, stable=True).indices[..., :n_pick]
+    picked = torch.gather(gate, -1, order) > float("-inf")
+    chosen = torch.zeros(B, Hq, M, n_blocks + 1, dtype=torch.bool, device=q.device)
+    chosen.scatter_(-1, torch.where(picked, order, torch.full_like(order, n_blocks)), True)
+    return chosen[..., :n_blocks]
+
+
+def moba_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int, top_k: int,
+                   scale: Optional[float] = None, return_lse: bool = False):
+    """MoBA attention (causal, bottom-right), in the dtype of the inputs.
+
+    q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> out (B, Hq, Nq, Dv)
+    [, lse (B, Hq, Nq)]. Query i (key position p = i + Nk - Nq) attends the keys
+    j <= p of its own block p // block_size plus every key of the top-(top_k - 1)
+    blocks chosen by :func:`moba_gate`. Memory: one (chunk x Nk) mask per step.
+    """
+    sm_scale = check_scale(scale, q.shape[-1])
+    Hq, Nq, Nk = q.shape[1], q.shape[2], k.shape[2]
+    k, v = expand_kv_heads(k, Hq), expand_kv_heads(v, Hq)
+    key_pos = torch.arange(Nk, device=q.device)
+    n_blocks = Nk // block_size
+    key_block = torch.div(key_pos, block_size, rounding_mode="floor")
+
+    def attend(q_chunk: torch.Tensor, first_row: int):
+        chosen = moba_gate(q_chunk, k, block_size=block_size, top_k=top_k, first_row=first_row, seqlen_q=Nq)
+        chosen = torch.cat([chosen, torch.zeros_like(chosen[..., :1])], dim=-1)   # column NB: "not a past block"
+        query_pos = torch.arange(first_row, first_row + q_chunk.shape[2], device=q.device) + (Nk - Nq)
+        own = torch.div(query_pos, block_size, rounding_mode="floor")
+        in_chosen = chosen[..., key_block.clamp(max=n_blocks)]                      # (B, Hq, M, Nk)
+        mask = (in_chosen | (key_block[None, :] == own[:, None])) & (key_pos[None, :] <= query_pos[:, None])
+        return softmax_attend(q_chunk, k, v, scale=sm_scale, mask=mask)
+
+    rows = max(1, min(Nq, (1 << 22) // max(1, q.shape[0] * Hq * Nk)))
+    out, lse = map_query_chunks(attend, q, rows)
+    lse = lse.to(lse_dtype(q))
+    return (out, lse) if return_lse else out
