@@ -1,0 +1,56 @@
+"""PyTorch reference of neighborhood attention: gather the neighbours, then softmax.
+
+Every query gathers the ``K = prod(kernel_size)`` key/value slots of its
+neighborhood (index tables from :mod:`.geometry`), so memory is O(N * K * D) per
+query chunk and never N x N.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from .._reference import expand_kv_heads, lse_dtype, map_query_chunks, query_chunk_rows, softmax_attend
+from ..checks import check_scale
+from .geometry import AxisParams, neighbor_table, normalize
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_table(axes: Tuple[AxisParams, ...], device: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    return neighbor_table(axes, device)
+
+
+def neighborhood_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                           kernel_size: Union[int, Sequence[int]], dilation: Union[int, Sequence[int]] = 1,
+                           causal: Union[bool, Sequence[bool]] = False, stride: Union[int, Sequence[int]] = 1,
+                           scale: Optional[float] = None, return_lse: bool = False):
+    """Neighborhood attention computed in the dtype of the inputs.
+
+    q (B, Hq, *spatial, D), k (B, Hkv, *spatial, D), v (B, Hkv, *spatial, Dv) ->
+    out (B, Hq, *spatial, Dv) [, lse (B, Hq, *spatial)].
+    """
+    spatial = tuple(q.shape[2:-1])
+    axes = normalize(spatial, kernel_size, dilation, causal, stride)
+    sm_scale = check_scale(scale, q.shape[-1])
+    B, Hq, D, Dv = q.shape[0], q.shape[1], q.shape[-1], v.shape[-1]
+    N = q[0, 0, ..., 0].numel()
+    idx, valid = _cached_table(axes, str(q.device))  # (N, K): the key slots of every query
+    K = idx.shape[1]
+    qf = q.reshape(B, Hq, N, D)
+    kf = expand_kv_heads(k.reshape(B, k.shape[1], N, D), Hq)
+    vf = expand_kv_heads(v.reshape(B, v.shape[1], N, Dv), Hq)
+
+    def attend(q_chunk: torch.Tensor, first_row: int):
+        rows = slice(first_row, first_row + q_chunk.shape[2])
+        nb = idx[rows]                                   # (M, K)
+        k_nb, v_nb = kf[:, :, nb], vf[:, :, nb]          # (B, H, M, K, D)
+        out, lse = softmax_attend(q_chunk.unsqueeze(3), k_nb, v_nb, scale=sm_scale,
+                                  mask=valid[rows].unsqueeze(1))  # q (B, H, M, 1, D), mask (M, 1, K)
+        return out.squeeze(3), lse.squeeze(3)
+
+    out, lse = map_query_chunks(attend, qf, query_chunk_rows(B * Hq, K * max(D, Dv)))
+    out = out.reshape(B, Hq, *spatial, Dv)
+    lse = lse.to(lse_dtype(q)).reshape(B, Hq, *spatial)
+    return (out, lse) if return_lse else out
