@@ -1,0 +1,174 @@
+"""Sequence layouts: which tokens of a length-N sequence each of W ranks holds.
+
+* ``contiguous`` - rank r holds chunk r of W: tokens [r N/W, (r + 1) N/W).
+* ``zigzag``     - the sequence is cut into 2W chunks; rank r holds chunks r and
+  2W - 1 - r (in that order). Under a causal mask every rank then does the same work.
+* ``striped``    - token i is on rank i mod W (Striped Attention); rank r holds
+  tokens r, r + W, r + 2W, ... Also balanced under a causal mask.
+
+A rank's tokens are always kept in increasing position order, so a causal mask
+between two shards is a (shifted) triangle: :func:`block_plan` gives each pair of
+shards the rectangle of (query rows, key rows) that needs computing and whether it
+is masked, which is how ring attention skips and balances causal work.
+"""
+
+from __future__ import annotations
+
+from typing import List, NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from ._comm import check_same_on_ranks, world
+
+LAYOUTS = ("contiguous", "zigzag", "striped")
+
+
+def check_layout(layout: object) -> str:
+    if not isinstance(layout, str) or layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return layout
+
+
+def pieces(layout: str, world_size: int) -> int:
+    """How many equal pieces the layout cuts a sequence into (the length must divide)."""
+    return 2 * world_size if layout == "zigzag" else world_size
+
+
+def check_length(total: int, layout: str, world_size: int, name: str = "the sequence length") -> int:
+    """Raise a ValueError unless ``layout`` can split ``total`` tokens over ``world_size`` ranks."""
+    need = pieces(layout, world_size)
+    if total % need != 0:
+        what = {"contiguous": f"{world_size} equal chunks", "striped": f"{world_size} equal stripes",
+                "zigzag": f"2W = {need} equal chunks"}[layout]
+        raise ValueError(f"{name} {total} cannot take layout {layout!r} on {world_size} ranks: it must split "
+                         f"into {what}, i.e. be a multiple of {need}")
+    return total // world_size
+
+
+def positions(layout: str, rank: int, world_size: int, total: int, device=None) -> torch.Tensor:
+    """Global positions (int64, increasing) of the ``total // world_size`` tokens rank ``rank`` holds."""
+    check_layout(layout)
+    local = check_length(total, layout, world_size)
+    if layout == "contiguous":
+        return torch.arange(rank * local, (rank + 1) * local, device=device)
+    if layout == "striped":
+        return torch.arange(rank, total, world_size, device=device)
+    c = local // 2
+    first = torch.arange(rank * c, (rank + 1) * c, device=device)
+    second = torch.arange((2 * world_size - 1 - rank) * c, (2 * world_size - rank) * c, device=device)
+    return torch.cat([first, second])
+
+
+def _check_dim(x: object, dim: object, name: str) -> int:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim {dim} is out of range for {name} of shape {tuple(x.shape)}")
+    return dim % x.dim()
+
+
+def shard_sequence(x: torch.Tensor, *, layout: str, group=None, dim: int = 2) -> torch.Tensor:
+    """This rank's shard of a whole sequence.
+
+    Args:
+        x: the whole tensor, the same on every rank, e.g. (B, H, N, D) with the sequence
+            along ``dim`` (default 2).
+        layout: "contiguous", "zigzag" or "striped" (see the module docstring).
+        group: the process group (None: the default group; without torch.distributed
+            initialized, one rank).
+        dim: the sequence dimension.
+
+    Returns:
+        (..., N / W, ...): the tokens this rank holds, in increasing position order.
+        Differentiable: the gradient is scattered back to those positions (this rank's
+        share of the gradient of the replicated input).
+    """
+    dim = _check_dim(x, dim, "x")
+    check_layout(layout)
+    rank, size = world(group)
+    return x.index_select(dim, positions(layout, rank, size, x.shape[dim], x.device))
+
+
+class _Unshard(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_local, layout, group, dim, rank, size):
+        local = x_local.shape[dim]
+        gathered = [torch.empty_like(x_local) for _ in range(size)]
+        dist.all_gather(gathered, x_local.contiguous(), group=group)
+        order = torch.cat([positions(layout, r, size, local * size, x_local.device) for r in range(size)])
+        ctx.args = (layout, dim, rank, size)
+        return torch.cat(gathered, dim=dim).index_select(dim, torch.argsort(order))
+
+    @staticmethod
+    def backward(ctx, grad):
+        layout, dim, rank, size = ctx.args
+        idx = positions(layout, rank, size, grad.shape[dim], grad.device)
+        return grad.index_select(dim, idx), None, None, None, None, None
+
+
+def unshard_sequence(x_local: torch.Tensor, *, layout: str, group=None, dim: int = 2) -> torch.Tensor:
+    """The whole sequence, in the original order, from every rank's shard (one all-gather).
+
+    Args:
+        x_local: this rank's shard, e.g. (B, H, N / W, D); every rank's shard must have
+            the same shape (checked: a clear ValueError on every rank otherwise).
+        layout, group, dim: as for :func:`shard_sequence`.
+
+    Returns:
+        (..., N, ...), the same on every rank. Differentiable: the result is treated as
+        one replicated value (compute the same loss from it on every rank); the
+        gradient of this rank's shard is the gradient at its positions.
+    """
+    dim = _check_dim(x_local, dim, "x_local")
+    check_layout(layout)
+    rank, size = world(group)
+    if size == 1:
+        return x_local
+    check_same_on_ranks("the shape of x_local", list(x_local.shape), group, x_local.device)
+    check_length(x_local.shape[dim] * size, layout, size)
+    return _Unshard.apply(x_local, layout, group, dim, rank, size)
+
+
+class Block(NamedTuple):
+    """Rows [q_lo, q_hi) of the query shard against rows [k_lo, k_hi) of a key shard;
+    ``causal``: the two row ranges have equal length and a lower triangle applies."""
+
+    q_lo: int
+    q_hi: int
+    k_lo: int
+    k_hi: int
+    causal: bool
+
+
+def block_plan(layout: str, rank: int, source: int, local: int, causal: bool) -> List[Block]:
+    """The work between the query shard of ``rank`` and the key shard of ``source``.
+
+    Each shard has ``local`` tokens in increasing position order; with ``causal``
+    query position p sees key positions <= p. Returns the blocks to compute (an
+    empty list when no query of the shard sees any key of the other).
+
+    * contiguous: source < rank full, source == rank a triangle, source > rank nothing
+      (rank W - 1 works W times as much as rank 0).
+    * zigzag: source == rank a triangle; source < rank all queries x the first key
+      chunk; source > rank the second query chunk x all keys: half a block each.
+    * striped: source <= rank a triangle (diagonal included); source > rank the
+      strict triangle, i.e. queries 1.. against keys ..L-2 with the diagonal.
+    """
+    full = [Block(0, local, 0, local, False)]
+    if not causal:
+        return full
+    diag = [Block(0, local, 0, local, True)]
+    if layout == "contiguous":
+        return full if source < rank else diag if source == rank else []
+    if layout == "zigzag":
+        half = local // 2
+        if source == rank:
+            return diag
+        return [Block(0, local, 0, half, False)] if source < rank else [Block(half, local, 0, local, False)]
+    # striped
+    if source <= rank:
+        return diag
+    return [Block(1, local, 0, local - 1, True)] if local > 1 else []
