@@ -9,11 +9,14 @@ and as an ``nn.Module``.
 from . import checks, testing
 from .dispatch import Explanation, attention, explain
 from .merge import merge_attention
-from .sdpa import scaled_dot_product_attention, sdpa_route
 from .registry import Case, Variant, get_variant, list_variants, register_variant, unregister_variant
+from .sdpa import scaled_dot_product_attention, sdpa_route
 
-# Variants register themselves on import.
+# Variants register themselves on import, in this order.
 from .flash import flash_attention  # noqa: E402
+from .sliding_window import SlidingWindowCache, sliding_window_attention  # noqa: E402
+from .block_sparse import BlockMask, block_sparse_attention, moba_attention, patterns  # noqa: E402
+from .neighborhood import neighborhood_attention  # noqa: E402
 from .linear import feature_maps, lightning_attention, lightning_slopes, linear_attention  # noqa: E402
 
 from . import nn  # noqa: E402
@@ -21,7 +24,9 @@ from . import nn  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
-    "Case", "Explanation", "Variant", "attention", "checks", "explain", "flash_attention", "get_variant",
-    "feature_maps", "lightning_attention", "lightning_slopes", "linear_attention",
-    "list_variants", "merge_attention", "nn", "scaled_dot_product_attention", "sdpa_route", "register_variant", "testing", "unregister_variant",
+    "BlockMask", "Case", "Explanation", "SlidingWindowCache", "Variant", "attention", "block_sparse_attention",
+    "checks", "explain", "feature_maps", "flash_attention", "get_variant", "lightning_attention",
+    "lightning_slopes", "linear_attention", "list_variants", "merge_attention", "moba_attention",
+    "neighborhood_attention", "nn", "patterns", "register_variant", "scaled_dot_product_attention", "sdpa_route",
+    "sliding_window_attention", "testing", "unregister_variant",
 ]

@@ -1,6 +1,9 @@
 """Drop-in modules built on the functional ops."""
 
-from .attention import Attention
+from .attention import Attention, RotaryEmbedding
+from .cache import KVCache, RecurrentStateCache, WindowCache
 from .multihead import MultiheadAttention
+from .neighborhood import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
 
-__all__ = ["Attention", "MultiheadAttention"]
+__all__ = ["Attention", "KVCache", "MultiheadAttention", "NeighborhoodAttention1D", "NeighborhoodAttention2D",
+           "NeighborhoodAttention3D", "RecurrentStateCache", "RotaryEmbedding", "WindowCache"]
