@@ -70,3 +70,48 @@ def test_lightning_compiles_fullgraph(backend):
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
     for a, b in zip(grads, eager_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def _inputs(*shape):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(*shape, generator=g).to(DEVICE).requires_grad_() for _ in range(3)]
+
+
+def _spatial(x):
+    return x.view(1, 2, 8, 8, 16)
+
+
+# built once, outside the compiled region, as a model would
+BLOCK_MASK = attnkit.BlockMask.from_dense(torch.ones(1, 1, 2, 2, dtype=torch.bool, device=DEVICE), 32, (64, 64))
+
+# Variant calls documented (docs/integrations.md) to compile with fullgraph=True.
+COMPILES = {
+    ("flash", "reference"): lambda q, k, v, b: attnkit.flash_attention(q, k, v, causal=True, backend=b),
+    ("flash", "triton"): lambda q, k, v, b: attnkit.flash_attention(q, k, v, causal=True, backend=b),
+    ("sliding_window", "reference"): lambda q, k, v, b: attnkit.sliding_window_attention(q, k, v, window=8, sinks=2,
+                                                                                       backend=b),
+    ("sliding_window", "triton"): lambda q, k, v, b: attnkit.sliding_window_attention(q, k, v, window=8, sinks=2,
+                                                                                    backend=b),
+    ("linear", "reference"): lambda q, k, v, b: attnkit.linear_attention(q, k, v, feature_map="elu+1", backend=b),
+    ("linear", "triton"): lambda q, k, v, b: attnkit.linear_attention(q, k, v, feature_map="elu+1", backend=b),
+    ("block_sparse", "triton"): lambda q, k, v, b: attnkit.block_sparse_attention(q, k, v, BLOCK_MASK, causal=True,
+                                                                                   backend=b),
+    ("moba", "reference"): lambda q, k, v, b: attnkit.moba_attention(q, k, v, block_size=16, top_k=2, backend=b),
+    ("neighborhood", "reference"): lambda q, k, v, b: attnkit.neighborhood_attention(
+        _spatial(q), _spatial(k), _spatial(v), kernel_size=3, backend=b),
+}
+
+
+@pytest.mark.parametrize("name,backend", list(COMPILES), ids=[f"{n}-{b}" for n, b in COMPILES])
+def test_variant_compiles_fullgraph(name, backend):
+    fn = COMPILES[(name, backend)]
+    q, k, v = _inputs(1, 2, 64, 16)
+    eager = fn(q, k, v, backend)
+    eager_grads = torch.autograd.grad(eager.sum(), (q, k, v))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: fn(q, k, v, backend), fullgraph=True, backend="aot_eager")
+    out = compiled(q, k, v)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
