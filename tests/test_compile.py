@@ -6,7 +6,7 @@ import torch
 
 import attnkit
 
-from conftest import DEVICE, NATIVE
+from conftest import DEVICE
 
 
 def block(backend):

@@ -2,7 +2,6 @@
 forward output, extra outputs (LSE, states) and gradients, on its example cases."""
 
 import pytest
-import torch
 
 import attnkit
 from attnkit.testing import check_case

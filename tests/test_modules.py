@@ -50,7 +50,7 @@ def test_rope_depends_only_on_relative_position():
 
 
 def test_rope_matches_transformers_convention():
-    transformers = pytest.importorskip("transformers", reason="transformers is an optional extra")
+    pytest.importorskip("transformers", reason="transformers is an optional extra")
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     D, N = 16, 9

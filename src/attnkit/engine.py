@@ -20,6 +20,20 @@ import torch
 
 _HOOKS: Dict[str, Any] = {}
 
+#: largest head dim (of q/k and of v) the fused engine's tiles and autotune tables cover
+MAX_HEAD_DIM = 256
+
+
+def head_dim_blockers(q: torch.Tensor, v: torch.Tensor) -> List[str]:
+    """Reasons the fused engine cannot take these head dims (empty if it can); every
+    softmax variant's ``kernel_support`` starts from this."""
+    reasons = []
+    if q.shape[-1] > MAX_HEAD_DIM:
+        reasons.append(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM} is not supported by the kernel")
+    if v.shape[-1] > MAX_HEAD_DIM:
+        reasons.append(f"value head dim {v.shape[-1]} > {MAX_HEAD_DIM} is not supported by the kernel")
+    return reasons
+
 
 def _kernels():
     from . import kernels  # imported lazily: importing it imports triton

@@ -22,11 +22,11 @@ import torch
 
 from ..checks import Shapes, check_flag, check_int, check_qkv, check_scale
 from ..dispatch import attention
-from ..engine import fused_attention
+from ..engine import fused_attention, head_dim_blockers
 from ..registry import Case, Variant, register_variant
 from .block_mask import make_block_lists
 from .reference import moba_reference
-from .variant import MAX_HEAD_DIM, fixed_tile
+from .variant import fixed_tile
 
 OPTIONS: Dict[str, Any] = dict(block_size=None, top_k=None, scale=None, return_lse=False)
 #: query rows per tile of the engine's lists: the union of these rows' selections is visited
@@ -47,9 +47,7 @@ def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[st
 
 
 def kernel_support(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[str, Any]) -> List[str]:
-    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
-        return [f"head dims ({q.shape[-1]}, {v.shape[-1]}) above {MAX_HEAD_DIM} are not supported by the kernel"]
-    return []
+    return head_dim_blockers(q, v)
 
 
 def _pow2(n: int) -> int:

@@ -13,13 +13,12 @@ import torch
 
 from ..checks import Shapes, check_flag, check_qkv, check_scale, check_softcap
 from ..dispatch import attention
-from ..engine import fused_attention
+from ..engine import fused_attention, head_dim_blockers
 from ..registry import Case, Variant, register_variant
 from .block_mask import BlockMask
 from .reference import block_sparse_reference
 
 OPTIONS: Dict[str, Any] = dict(block_mask=None, causal=False, scale=None, softcap=None, return_lse=False)
-MAX_HEAD_DIM = 256
 #: the engine's smallest kernel tile; list block sizes must be multiples of it
 KERNEL_TILE = 16
 
@@ -62,9 +61,7 @@ def fixed_tile() -> Optional[Dict[str, int]]:
 
 
 def kernel_support(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[str, Any]) -> List[str]:
-    reasons = []
-    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
-        reasons.append(f"head dims ({q.shape[-1]}, {v.shape[-1]}) above {MAX_HEAD_DIM} are not supported by the kernel")
+    reasons = head_dim_blockers(q, v)
     bq, bk = options["block_mask"].block_size
     if bq % KERNEL_TILE or bk % KERNEL_TILE:
         reasons.append(f"block_mask.block_size {(bq, bk)}: the kernel needs block sizes that are multiples of "

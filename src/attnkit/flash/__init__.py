@@ -13,13 +13,12 @@ import torch
 from ..checks import (Shapes, check_cu_seqlens, check_flag, check_head_vector, check_qkv, check_scale,
                       check_softcap)
 from ..dispatch import attention
-from ..engine import fused_attention
+from ..engine import fused_attention, head_dim_blockers
 from ..registry import Case, Variant, register_variant
 from .reference import flash_reference
 
 OPTIONS: Dict[str, Any] = dict(causal=False, scale=None, softcap=None, sink_logits=None, cu_seqlens_q=None,
                                cu_seqlens_k=None, return_lse=False)
-MAX_HEAD_DIM = 256
 
 
 def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[str, Any]) -> Shapes:
@@ -46,12 +45,7 @@ def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[st
 
 
 def kernel_support(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[str, Any]) -> List[str]:
-    reasons = []
-    if q.shape[-1] > MAX_HEAD_DIM:
-        reasons.append(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM} is not supported by the kernel")
-    if v.shape[-1] > MAX_HEAD_DIM:
-        reasons.append(f"value head dim {v.shape[-1]} > {MAX_HEAD_DIM} is not supported by the kernel")
-    return reasons
+    return head_dim_blockers(q, v)
 
 
 def flash_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,

@@ -15,12 +15,12 @@ import torch
 
 from ..checks import Shapes, check_flag, check_qkv, check_scale, check_tensor
 from ..dispatch import attention
+from ..engine import head_dim_blockers
 from ..registry import Case, Variant, register_variant
 from .geometry import normalize
 from .reference import neighborhood_reference
 
 OPTIONS: Dict[str, Any] = dict(kernel_size=None, dilation=1, causal=False, stride=1, scale=None, return_lse=False)
-MAX_HEAD_DIM = 256
 
 
 def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[str, Any]) -> Shapes:
@@ -43,11 +43,7 @@ def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[st
 
 
 def kernel_support(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[str, Any]) -> List[str]:
-    reasons = []
-    if q.shape[-1] > MAX_HEAD_DIM:
-        reasons.append(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM} is not supported by the kernel")
-    if v.shape[-1] > MAX_HEAD_DIM:
-        reasons.append(f"value head dim {v.shape[-1]} > {MAX_HEAD_DIM} is not supported by the kernel")
+    reasons = head_dim_blockers(q, v)
     return reasons
 
 

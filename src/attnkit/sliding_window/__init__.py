@@ -17,13 +17,12 @@ import torch
 
 from ..checks import Shapes, check_flag, check_head_vector, check_qkv, check_scale, check_softcap
 from ..dispatch import attention
-from ..engine import fused_attention
+from ..engine import fused_attention, head_dim_blockers
 from ..registry import Case, Variant, register_variant
 from .reference import sliding_window_reference
 from .window import bounded, check_sinks, head_windows
 
 OPTIONS: Dict[str, Any] = dict(window=None, sinks=0, scale=None, softcap=None, sink_logits=None, return_lse=False)
-MAX_HEAD_DIM = 256
 
 
 def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[str, Any]) -> Shapes:
@@ -41,11 +40,7 @@ def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[st
 
 
 def kernel_support(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[str, Any]) -> List[str]:
-    reasons = []
-    if q.shape[-1] > MAX_HEAD_DIM:
-        reasons.append(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM} is not supported by the kernel")
-    if v.shape[-1] > MAX_HEAD_DIM:
-        reasons.append(f"value head dim {v.shape[-1]} > {MAX_HEAD_DIM} is not supported by the kernel")
+    reasons = head_dim_blockers(q, v)
     if q.shape[2] + k.shape[2] >= 2 ** 30:
         reasons.append("Nq + Nk >= 2**30 overflows the kernel's int32 position arithmetic")
     return reasons
