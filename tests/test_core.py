@@ -193,3 +193,26 @@ def test_readme_table_lists_every_variant_with_its_status():
         status = attnkit.get_variant(name).status
         expected = ["yes" if status[key] else "no" for key in ("reference", "forward", "backward")]
         assert cells[1:4] == expected, f"README row of {name} says {cells[1:4]}, registry says {expected}"
+
+
+def test_importing_attnkit_does_not_import_triton():
+    """TRITON_INTERPRET must still work when set after ``import attnkit`` (python -m attnkit relies on it)."""
+    import subprocess
+    import sys
+
+    code = "import sys, attnkit; assert 'triton' not in sys.modules, 'attnkit imported triton'"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+def test_main_job_prints_its_table():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "attnkit", "--variants", "flash,linear", "--seqlen", "40",
+                             "--heads", "2", "--head-dim", "16"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("variant") and "max rel err" in line for line in lines)
+    rows = [line for line in lines if line.startswith(("flash", "linear"))]
+    assert len(rows) == 4 and all(line.rstrip().endswith("ok") for line in rows), result.stdout

@@ -35,6 +35,15 @@ class Shapes(NamedTuple):
         return self.heads_q // self.heads_kv
 
 
+def constant_under_compile(fn):
+    """Mark ``fn`` as ``torch._dynamo.assume_constant_result`` does (torch.compile calls it
+    eagerly while tracing and treats the result as a constant) without importing
+    torch._dynamo, which imports triton: attnkit's import must not import triton, so that
+    TRITON_INTERPRET can still be set after ``import attnkit``."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def checking_values() -> bool:
     """Whether checks that read tensor *values* (offsets, decay rates) run: not while
     torch.compile traces, where they would be data-dependent graph breaks."""

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from .checks import constant_under_compile
 from .registry import Variant, get_variant
 
 BACKENDS = ("auto", "triton", "reference")
@@ -25,7 +26,7 @@ BACKENDS = ("auto", "triton", "reference")
 _TRITON_ERROR: Optional[str] = None
 
 
-@torch._dynamo.assume_constant_result  # evaluated eagerly under torch.compile
+@constant_under_compile
 def triton_import_error() -> str:
     """Empty when triton imports, else the reason it does not."""
     global _TRITON_ERROR

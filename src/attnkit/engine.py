@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from .checks import constant_under_compile
+
 _HOOKS: Dict[str, Any] = {}
 
 #: largest head dim (of q/k and of v) the fused engine's tiles and autotune tables cover
@@ -41,7 +43,7 @@ def _kernels():
     return kernels
 
 
-@torch._dynamo.assume_constant_result  # run eagerly while tracing: the name is a constant
+@constant_under_compile  # run eagerly while tracing: the name is a constant
 def _hook_name(fn: Any) -> str:
     if fn is None:
         return ""
