@@ -230,9 +230,13 @@ def test_radial_structure_and_n_log_n_growth():
     assert d[torch.arange(frames), :, torch.arange(frames), :].all()  # own frame fully
     assert d[0, :, 1, :].all()                                       # adjacent frames fully
     assert d[0, :, 8, :].diagonal().all() and not d[0, 0, 8, 3]      # far frames: near the spatial diagonal only
-    assert torch.equal(bm.to_dense(), BlockMask.from_mask_fn(patterns.radial_mask_fn(frames, t), 1, 1, frames * t,
-                                                             frames * t, 16).to_dense())
-    # token level: keys per query grow by about 4T per doubling of the frames (log), not T * frames (linear)
+    assert d[8, :, 0, :].all()                                       # the first frame is a sink
+    assert d[0, :, 4, :].diagonal().all() and not d[0, 0, 4, 2]      # d = 4: band of 2^7/2^3 = 16 tokens
+    assert not d[0, :, 9, :].any() and d[0, :, 10, :].any()          # d in [8, 16): every 2nd frame only
+    assert torch.equal(bm.to_dense(), BlockMask.from_mask_fn(patterns.radial_mask_fn(frames, t, min_width=16),
+                                                             1, 1, frames * t, frames * t, 16).to_dense())
+    # token level: keys per query grow by a bounded amount (about 3-5 T) per doubling of the
+    # frames, i.e. logarithmically, not like T * frames (linear: the increments would double)
     t = 32
     kept = []
     for f in (8, 16, 32, 64):
@@ -240,8 +244,8 @@ def test_radial_structure_and_n_log_n_growth():
         idx = torch.arange(f * t)
         kept.append(fn(0, 0, idx[:, None], idx[None, :]).sum().item() / (f * t))
     steps = [b - a for a, b in zip(kept, kept[1:])]
-    assert all(0 < s <= 4 * t for s in steps) and steps[-1] < 1.5 * steps[0], kept
-    assert kept[-1] < 0.25 * 64 * t
+    assert all(0 < s <= 5 * t for s in steps) and steps[-1] < 1.5 * steps[0], kept
+    assert kept[-1] < 0.3 * 64 * t  # dense would be 64 * t; the sink frame alone is t
 
 
 # ----------------------------------------------------------------------------- bad input

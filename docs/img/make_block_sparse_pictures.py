@@ -52,7 +52,7 @@ def patterns_picture():
                                                                               random_blocks=1, seed=3), False),
         ("Longformer: window 1, global 1", patterns.longformer(n, b, window=1, global_blocks=1), False),
         ("strided: stride 3, local 1 (causal)", patterns.strided(n, b, stride=3, local_blocks=1), True),
-        ("Radial: 8 frames x 16 tokens, block 4", patterns.radial(8, 16, 4), False),
+        ("Radial: 16 frames x 64 tokens, block 16", patterns.radial(16, 64, 16), False),
     ]
     fig, axes = plt.subplots(1, 4, figsize=(10, 2.8), dpi=80)
     for ax, (title, bm, causal) in zip(axes, masks):

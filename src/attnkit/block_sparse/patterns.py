@@ -113,46 +113,62 @@ def strided(seqlen: int, block_size: int, *, stride: int, local_blocks: Optional
     return BlockMask.from_dense(dense, bs, (n, n))
 
 
-def radial_mask_fn(frames: int, tokens_per_frame: int, *, dense_frames: int = 1):
+def radial_mask_fn(frames: int, tokens_per_frame: int, *, dense_frames: int = 1, sink_frames: int = 1,
+                   min_width: int = 1, decay_factor: float = 1.0):
     """Radial Attention's token mask as ``fn(b, h, q_idx, kv_idx)`` (for BlockMask.from_mask_fn).
 
-    Token t is (frame t // T, spatial index t % T) with T = tokens_per_frame. Frames at
-    distance d <= ``dense_frames`` attend fully. A larger d falls in band
-    r = floor(log2(d)) (d in [2^r, 2^(r+1))), whose spatial window halves with each band:
-    pairs with |s_q - s_k| < T / 2^r are kept. Once the window is below one token, only
-    the spatial diagonal (s_q == s_k) of every ceil(2^r / T)-th frame is kept. Per query
-    the kept keys grow as T * O(log frames), so the whole mask has O(n log n) pairs.
+    Token t is (frame t // T, spatial index t % T), T = tokens_per_frame, frame-major.
+    Following the released implementation (mit-han-lab/radial-attention):
+
+    * keys in the first ``sink_frames`` frames are seen by every query (an attention sink);
+    * frames at temporal distance d <= ``dense_frames`` attend densely;
+    * a farther frame falls in group g = bit_length(d) (d in [2^(g-1), 2^g)); its spatial
+      band keeps |s_q - s_k| <= w with ``w = max(decay * decay_factor, min_width)`` and
+      ``decay = 2^bit_length(T) / 2^g``: the band halves each time the distance doubles;
+    * once ``decay < min_width`` the band stays ``min_width`` wide and only every
+      ``floor(min_width / decay)``-th frame is kept, so compute keeps halving.
+
+    Each query keeps O(T log frames) keys: the mask has O(n log n) pairs.
     """
     T = tokens_per_frame
+    top = float(1 << T.bit_length())
 
     def fn(b, h, q_idx, kv_idx):
         fq, sq = q_idx // T, q_idx % T
         fk, sk = kv_idx // T, kv_idx % T
         d = (fq - fk).abs()
-        span = torch.pow(2, torch.floor(torch.log2(d.clamp(min=1).double())).long())   # 2^r
-        in_window = (sq - sk).abs() * span < T                                            # |ds| < T / 2^r
-        stride = torch.div(span + T - 1, T, rounding_mode="floor")                        # ceil(2^r / T)
-        sampled_diagonal = (sq == sk) & (d % stride == 0)
-        return (d <= dense_frames) | in_window | sampled_diagonal
+        group = torch.floor(torch.log2(d.clamp(min=1).double())) + 1                       # bit_length(d)
+        decay = top / torch.pow(2.0, group)
+        width = torch.clamp(decay * decay_factor, min=float(min_width))
+        split = torch.where(decay >= min_width, torch.ones_like(decay),
+                            torch.floor(min_width / decay)).long()
+        banded = ((sq - sk).abs().double() <= width) & (d % split == 0)
+        return (d <= dense_frames) | (fk < sink_frames) | banded
 
     return fn
 
 
-def radial(frames: int, tokens_per_frame: int, block_size: int, *, dense_frames: int = 1,
-           causal: bool = False) -> BlockMask:
+def radial(frames: int, tokens_per_frame: int, block_size: int, *, dense_frames: int = 1, sink_frames: int = 1,
+           decay_factor: float = 1.0, causal: bool = False) -> BlockMask:
     """Radial Attention's O(n log n) video pattern (Li et al., 2025) at block granularity.
 
-    The sequence is ``frames * tokens_per_frame`` tokens, frame-major. A tile is listed
-    when any of its token pairs is kept by :func:`radial_mask_fn`; choose
-    ``block_size`` dividing ``tokens_per_frame`` to keep tiles inside frames. With
-    ``causal`` keys of later frames are dropped block-wise.
+    The sequence is ``frames * tokens_per_frame`` tokens, frame-major; the token rule is
+    :func:`radial_mask_fn` with the band never narrower than one block
+    (``min_width=block_size``, as the released implementation does). A tile is listed
+    when any of its token pairs is kept; choose ``block_size`` dividing
+    ``tokens_per_frame`` to keep tiles inside frames. With ``causal`` keys of later
+    frames are dropped block-wise.
     """
     f = _check("frames", frames, 1)
     t = _check("tokens_per_frame", tokens_per_frame, 1)
     bs = _check("block_size", block_size, 1)
     _check("dense_frames", dense_frames, 0)
+    _check("sink_frames", sink_frames, 0)
+    if not decay_factor > 0:
+        raise ValueError(f"decay_factor must be > 0, got {decay_factor}")
     n = f * t
-    fn = radial_mask_fn(f, t, dense_frames=dense_frames)
+    fn = radial_mask_fn(f, t, dense_frames=dense_frames, sink_frames=sink_frames, min_width=bs,
+                        decay_factor=decay_factor)
     if causal:
         base = fn
 
