@@ -23,6 +23,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._reference import expand_kv_heads, query_chunk_rows
+from ..engine import head_dim_blockers
 from ..flash import flash_attention
 
 Grads = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -39,8 +40,7 @@ def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
 
 
 def _kernel_ok(q: torch.Tensor, v: torch.Tensor) -> bool:
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and q.shape[-1] <= 256 and v.shape[-1] <= 256)
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and not head_dim_blockers(q, v)
 
 
 def block_backward(q, k, v, o, lse, do, delta, dlse, *, causal: bool, scale: float, softcap: Optional[float],

@@ -1,0 +1,229 @@
+"""Compile every Triton kernel attnkit launches for a GPU target, on a machine without a GPU.
+
+Triton's interpreter runs the kernels on CPU but skips every GPU compile rule (tl.dot
+shapes, types, register and shared-memory limits). This tool closes part of that gap:
+
+1. ``record``: run the registered variants' examples (forward and backward) through the
+   interpreter and record every kernel launch: the kernel, its argument types and its
+   compile-time constants (``TRITON_INTERPRET=1`` is set for this step).
+2. ``compile``: in a process without the interpreter, rebuild each launch for a CUDA
+   target (default sm_90, Hopper) and compile it to a cubin with the ptxas that ships in
+   the triton wheel — once per autotune config of the engine's tables — and check the
+   shared memory each needs against the target's limit.
+
+    python tools/aot_compile.py                 # both steps, every variant, sm_90
+    python tools/aot_compile.py --variants flash --configs first
+
+A cubin is not a correctness proof (only a GPU run is), but a kernel that does not
+compile here will not compile on the GPU either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List
+
+#: shared memory per block on the target (H100/H200: 227 KiB usable)
+SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
+
+# --------------------------------------------------------------------------- recording
+
+
+def _describe(value: Any) -> Any:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return ("tensor", str(value.dtype).replace("torch.", ""))
+    if value is None:
+        return ("none",)
+    if isinstance(value, bool):
+        return ("bool", value)
+    if isinstance(value, int):
+        return ("int", value)
+    if isinstance(value, float):
+        return ("float", value)
+    if isinstance(value, str):
+        return ("str", value)
+    fn = getattr(value, "fn", None)
+    if fn is not None and callable(fn):  # a @triton.jit function passed as a constexpr
+        return ("jit", fn.__module__, fn.__qualname__)
+    raise TypeError(f"cannot record a kernel argument of type {type(value).__name__}")
+
+
+def record(variants: List[str], out_path: str) -> None:
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    from triton.runtime.interpreter import InterpretedFunction
+
+    import attnkit
+    from attnkit.testing import check_case
+
+    launches: Dict[str, Dict] = {}
+    original = InterpretedFunction.run
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        params = list(inspect.signature(self.fn).parameters.values())
+        names = [p.name for p in params]
+        values = dict(zip(names, args))
+        values.update({k: v for k, v in kwargs.items() if k in names})
+        constexpr = {p.name for p in params if "constexpr" in str(p.annotation)}
+        desc = {name: _describe(values.get(name)) for name in names}
+        entry = {"module": self.fn.__module__, "name": self.fn.__qualname__, "args": desc,
+                 "constexpr": sorted(constexpr), "num_warps": kwargs.get("num_warps", 4)}
+        launches.setdefault(json.dumps(entry, sort_keys=True), entry)
+        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = recording_run
+    for name in variants:
+        for case in attnkit.get_variant(name).examples():
+            for dtype in (torch.float16, torch.float32):
+                check_case(name, case, dtype=dtype, device="cpu", backend="triton")
+    with open(out_path, "wb") as f:
+        pickle.dump(list(launches.values()), f)
+    print(f"recorded {len(launches)} distinct launches of {len(variants)} variants")
+
+
+# --------------------------------------------------------------------------- compiling
+
+_PTR = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "float64": "*fp64", "int32": "*i32",
+        "int64": "*i64", "bool": "*i1", "int8": "*i8", "uint8": "*u8"}
+
+
+def _resolve(desc: Any) -> Any:
+    import importlib
+
+    kind = desc[0]
+    if kind == "jit":
+        return getattr(importlib.import_module(desc[1]), desc[2])
+    return None if kind == "none" else desc[1]
+
+
+def _source(entry: Dict, overrides: Dict[str, Any]):
+    import importlib
+
+    from triton.compiler import ASTSource
+
+    fn = getattr(importlib.import_module(entry["module"]), entry["name"])
+    signature, constexprs = {}, {}
+    for name, desc in entry["args"].items():
+        kind = desc[0]
+        if name in overrides or name in entry["constexpr"]:
+            signature[name] = "constexpr"
+            constexprs[name] = overrides.get(name, _resolve(desc))
+        elif kind == "tensor":
+            signature[name] = _PTR[desc[1]]
+        elif kind == "none":
+            signature[name] = "constexpr"
+            constexprs[name] = None
+        elif kind == "int":
+            if desc[1] == 1:  # Triton specializes integer arguments equal to 1
+                signature[name] = "constexpr"
+                constexprs[name] = 1
+            else:
+                signature[name] = "i32" if -2**31 <= desc[1] < 2**31 else "i64"
+        elif kind == "float":
+            signature[name] = "fp32"
+        elif kind == "bool":
+            signature[name] = "i1"
+        else:
+            raise TypeError(f"{entry['name']}: argument {name} of kind {kind} cannot be compiled")
+    return fn, ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+
+
+def _engine_configs(entry: Dict, which: str) -> List[Dict]:
+    """The autotune configs of an engine kernel that its prune filter keeps for this launch."""
+    from attnkit.kernels.engine import configs
+
+    kind = {"attn_fwd_kernel": "fwd", "attn_bwd_dkdv_kernel": "dkdv", "attn_bwd_dq_kernel": "dq"}[entry["name"]]
+    named = {name: _resolve(desc) for name, desc in entry["args"].items()}
+    kept = configs.prune(configs.autotune_configs(kind), named)
+    if which == "first":
+        kept = kept[:1]
+    return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in kept]
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost error of a Triton CompilationError chain, with the source excerpt of the frame above it."""
+    chain = [exc]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    where = str(chain[-2]) if len(chain) > 1 else ""
+    excerpt = "\n      ".join(where.splitlines()[-4:]) if where else ""
+    return f"{type(chain[-1]).__name__}: {str(chain[-1])[:400]}" + (f"\n      {excerpt}" if excerpt else "")
+
+
+def compile_all(in_path: str, arch: int, which: str) -> int:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    with open(in_path, "rb") as f:
+        launches = pickle.load(f)
+    target = GPUTarget("cuda", arch, 32)
+    failures, done = [], 0
+    start = time.perf_counter()
+    for entry in launches:
+        if entry["name"] in ("attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel"):
+            variants = _engine_configs(entry, which)
+        else:
+            variants = [{"num_warps": entry["num_warps"]}]
+        for cfg in variants:
+            options = {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
+            overrides = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+            label = f"{entry['name']} {overrides} {options}"
+            try:
+                _, src = _source(entry, overrides)
+                kernel = triton.compile(src, target=target, options=options)
+                smem = kernel.metadata.shared
+                if smem > SMEM_LIMIT.get(arch, 227 * 1024):
+                    failures.append(f"{label}: needs {smem} bytes of shared memory")
+                done += 1
+            except Exception as exc:  # report every failure (its root cause), keep going
+                failures.append(f"{label}: {_root_cause(exc)}")
+    print(f"compiled {done} kernel configs for sm_{arch} in {time.perf_counter() - start:.0f} s; "
+          f"{len(failures)} failures")
+    for line in failures:
+        print("  FAILED", line)
+    return 1 if failures else 0
+
+
+def main(argv: List[str] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default="all")
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--configs", choices=("all", "first"), default="all",
+                        help="engine autotune configs to compile: all kept by the prune filter, or the first")
+    parser.add_argument("--step", choices=("both", "record", "compile"), default="both")
+    parser.add_argument("--launches", default=None, help="the recorded launches (pickle)")
+    args = parser.parse_args(argv)
+    path = args.launches or os.path.join(tempfile.gettempdir(), "attnkit_launches.pkl")
+    if args.step == "record":
+        import attnkit  # noqa: F401  (the interpreter switch happens in record())
+
+        variants = None
+        record_names = args.variants
+        os.environ["TRITON_INTERPRET"] = "1"
+        import attnkit as ak
+
+        variants = ak.list_variants() if record_names == "all" else record_names.split(",")
+        record(variants, path)
+        return 0
+    if args.step == "compile":
+        return compile_all(path, args.arch, args.configs)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    base = [sys.executable, os.path.abspath(__file__), "--variants", args.variants, "--launches", path]
+    subprocess.run(base + ["--step", "record"], check=True, env=env)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run(base + ["--step", "compile", "--arch", str(args.arch), "--configs", args.configs],
+                          env=env).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
