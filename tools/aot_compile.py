@@ -58,7 +58,7 @@ def _describe(value: Any) -> Any:
     raise TypeError(f"cannot record a kernel argument of type {type(value).__name__}")
 
 
-def record(variants: List[str], out_path: str) -> None:
+def record(variants: List[str], out_path: str, dtypes: List[str]) -> None:
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
     from triton.runtime.interpreter import InterpretedFunction
@@ -84,8 +84,8 @@ def record(variants: List[str], out_path: str) -> None:
     InterpretedFunction.run = recording_run
     for name in variants:
         for case in attnkit.get_variant(name).examples():
-            for dtype in (torch.float16, torch.float32):
-                check_case(name, case, dtype=dtype, device="cpu", backend="triton")
+            for dtype in dtypes:
+                check_case(name, case, dtype=getattr(torch, dtype), device="cpu", backend="triton")
     with open(out_path, "wb") as f:
         pickle.dump(list(launches.values()), f)
     print(f"recorded {len(launches)} distinct launches of {len(variants)} variants")
@@ -160,12 +160,25 @@ def _root_cause(exc: BaseException) -> str:
     return f"{type(chain[-1]).__name__}: {str(chain[-1])[:400]}" + (f"\n      {excerpt}" if excerpt else "")
 
 
-def compile_all(in_path: str, arch: int, which: str) -> int:
+def _code_path(entry: Dict) -> str:
+    """What selects a distinct code path of a launch: the kernel, its jit hooks and its
+    non-numeric constants (flags, dot precision), and the dtype of its first tensor."""
+    parts = [entry["module"], entry["name"]]
+    for name, desc in sorted(entry["args"].items()):
+        if name in entry["constexpr"] and desc[0] in ("jit", "bool", "str", "none"):
+            parts.append(f"{name}={desc}")
+    parts.append(next((d[1] for d in entry["args"].values() if d[0] == "tensor"), ""))
+    return "|".join(parts)
+
+
+def compile_all(in_path: str, arch: int, which: str, dedupe: bool = False) -> int:
     import triton
     from triton.backends.compiler import GPUTarget
 
     with open(in_path, "rb") as f:
         launches = pickle.load(f)
+    if dedupe:
+        launches = list({_code_path(e): e for e in launches}.values())
     target = GPUTarget("cuda", arch, 32)
     failures, done = [], 0
     start = time.perf_counter()
@@ -200,29 +213,29 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--configs", choices=("all", "first"), default="all",
                         help="engine autotune configs to compile: all kept by the prune filter, or the first")
+    parser.add_argument("--dtypes", default="float16,float32", help="input dtypes of the recorded examples")
+    parser.add_argument("--dedupe", action="store_true",
+                        help="compile one launch per distinct code path (kernel, hooks, flags, dtype)")
     parser.add_argument("--step", choices=("both", "record", "compile"), default="both")
     parser.add_argument("--launches", default=None, help="the recorded launches (pickle)")
     args = parser.parse_args(argv)
     path = args.launches or os.path.join(tempfile.gettempdir(), "attnkit_launches.pkl")
     if args.step == "record":
-        import attnkit  # noqa: F401  (the interpreter switch happens in record())
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+        import attnkit
 
-        variants = None
-        record_names = args.variants
-        os.environ["TRITON_INTERPRET"] = "1"
-        import attnkit as ak
-
-        variants = ak.list_variants() if record_names == "all" else record_names.split(",")
-        record(variants, path)
+        record(attnkit.list_variants() if args.variants == "all" else args.variants.split(","), path,
+               args.dtypes.split(","))
         return 0
     if args.step == "compile":
-        return compile_all(path, args.arch, args.configs)
+        return compile_all(path, args.arch, args.configs, args.dedupe)
     env = dict(os.environ, TRITON_INTERPRET="1")
-    base = [sys.executable, os.path.abspath(__file__), "--variants", args.variants, "--launches", path]
+    base = [sys.executable, os.path.abspath(__file__), "--variants", args.variants, "--launches", path,
+            "--dtypes", args.dtypes]
     subprocess.run(base + ["--step", "record"], check=True, env=env)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run(base + ["--step", "compile", "--arch", str(args.arch), "--configs", args.configs],
-                          env=env).returncode
+    return subprocess.run(base + ["--step", "compile", "--arch", str(args.arch), "--configs", args.configs]
+                          + (["--dedupe"] if args.dedupe else []), env=env).returncode
 
 
 if __name__ == "__main__":
