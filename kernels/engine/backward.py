@@ -11,7 +11,7 @@ the forward kernel (see forward.py); ``Q_RANGE`` is the transposed range functio
 import triton
 import triton.language as tl
 
-from .common import LOG2E, block_index, list_entries, load_tile, scores_log2
+from .common import LOG2E, block_index, list_entries, load_tile, scores_log2, sequence_bounds
 
 
 @triton.jit
@@ -84,18 +84,8 @@ def attn_bwd_dkdv_kernel(
     off_bh = tl.program_id(1)
     off_b = off_bh // num_heads_kv
     off_hk = off_bh % num_heads_kv
-    if VARLEN:
-        q_start = tl.load(CU_Q + off_b)
-        seqlen_q = tl.load(CU_Q + off_b + 1) - q_start
-        k_start = tl.load(CU_K + off_b)
-        seqlen_k = tl.load(CU_K + off_b + 1) - k_start
-        tensor_b = off_b * 0
-    else:
-        q_start = off_b * 0
-        seqlen_q = seqlen_q_arg
-        k_start = off_b * 0
-        seqlen_k = seqlen_k_arg
-        tensor_b = off_b
+    tensor_b, q_start, seqlen_q, k_start, seqlen_k = sequence_bounds(off_b, seqlen_q_arg, seqlen_k_arg, CU_Q, CU_K,
+                                                                     VARLEN)
     if start_n < seqlen_k:
         CHECK_M: tl.constexpr = not EVEN_M
         CHECK_N: tl.constexpr = not EVEN_N
@@ -232,18 +222,8 @@ def attn_bwd_dq_kernel(
     off_bh = tl.program_id(1)
     off_b = off_bh // num_heads_q
     off_h = off_bh % num_heads_q
-    if VARLEN:
-        q_start = tl.load(CU_Q + off_b)
-        seqlen_q = tl.load(CU_Q + off_b + 1) - q_start
-        k_start = tl.load(CU_K + off_b)
-        seqlen_k = tl.load(CU_K + off_b + 1) - k_start
-        tensor_b = off_b * 0
-    else:
-        q_start = off_b * 0
-        seqlen_q = seqlen_q_arg
-        k_start = off_b * 0
-        seqlen_k = seqlen_k_arg
-        tensor_b = off_b
+    tensor_b, q_start, seqlen_q, k_start, seqlen_k = sequence_bounds(off_b, seqlen_q_arg, seqlen_k_arg, CU_Q, CU_K,
+                                                                     VARLEN)
     if start_m < seqlen_q:
         CHECK_M: tl.constexpr = not EVEN_M
         CHECK_N: tl.constexpr = not EVEN_N

@@ -57,3 +57,16 @@ def list_entries(row, off_b, off_h, CNT_FULL, IDX_FULL, CNT_PART, IDX_PART,
     full = IDX_FULL + b * xf_sb + off_h * xf_sh + row * xf_sr
     part = IDX_PART + b * xp_sb + off_h * xp_sh + row * xp_sr
     return n_full, full, n_part, part
+
+
+@triton.jit
+def sequence_bounds(off_b, seqlen_q_arg, seqlen_k_arg, CU_Q, CU_K, VARLEN: tl.constexpr):
+    """(tensor batch index, first query row, Nq, first key row, Nk) of sequence ``off_b``:
+    a batch entry, or one sequence of a packed (B = 1) batch given by cu_seqlens."""
+    if VARLEN:
+        q_start = tl.load(CU_Q + off_b)
+        k_start = tl.load(CU_K + off_b)
+        return (off_b * 0, q_start, tl.load(CU_Q + off_b + 1) - q_start,
+                k_start, tl.load(CU_K + off_b + 1) - k_start)
+    else:
+        return off_b, off_b * 0, seqlen_q_arg, off_b * 0, seqlen_k_arg

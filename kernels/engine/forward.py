@@ -18,7 +18,7 @@ Keys at or past seqlen_k are masked by the engine itself, in every block.
 import triton
 import triton.language as tl
 
-from .common import LN2, block_index, list_entries, load_tile, scores_log2
+from .common import LN2, block_index, list_entries, load_tile, scores_log2, sequence_bounds
 
 
 @triton.jit
@@ -82,18 +82,8 @@ def attn_fwd_kernel(
     off_bh = tl.program_id(1)
     off_b = off_bh // num_heads_q
     off_h = off_bh % num_heads_q
-    if VARLEN:
-        q_start = tl.load(CU_Q + off_b)
-        seqlen_q = tl.load(CU_Q + off_b + 1) - q_start
-        k_start = tl.load(CU_K + off_b)
-        seqlen_k = tl.load(CU_K + off_b + 1) - k_start
-        tensor_b = off_b * 0
-    else:
-        q_start = off_b * 0
-        seqlen_q = seqlen_q_arg
-        k_start = off_b * 0
-        seqlen_k = seqlen_k_arg
-        tensor_b = off_b
+    tensor_b, q_start, seqlen_q, k_start, seqlen_k = sequence_bounds(off_b, seqlen_q_arg, seqlen_k_arg, CU_Q, CU_K,
+                                                                     VARLEN)
     if start_m < seqlen_q:
         off_hk = off_h // groups
         q_base = Q + tensor_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qm
