@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import attnkit
 from attnkit.flash.reference import flash_reference
@@ -248,4 +249,22 @@ def test_autotuned_kernel_at_realistic_size_bf16(head_dim, causal):
     """Natively on a GPU: the autotuned configs compile and are right in bfloat16."""
     case = Case((2, 8, 2048, head_dim), (2, 2, 2048, head_dim), (2, 2, 2048, head_dim), {"causal": causal})
     report = check_case("flash", case, dtype=torch.bfloat16, device="cuda")
+    assert report.ok, str(report)
+
+
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(1, 1), (17, 17), (113, 203), (203, 113)])
+def test_awkward_sequence_lengths(seqlen_q, seqlen_k):
+    case = Case((1, 2, seqlen_q, 40), (1, 1, seqlen_k, 40), (1, 1, seqlen_k, 40), {"causal": True})
+    report = check_case("flash", case, dtype=torch.float16, device=DEVICE)
+    assert report.ok, str(report)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seqlen_q=st.integers(1, 70), seqlen_k=st.integers(1, 70), head_dim=st.sampled_from([8, 24, 40, 64]),
+       groups=st.sampled_from([1, 2, 4]), causal=st.booleans(), softcap=st.sampled_from([None, 2.5]))
+def test_random_problems_match_the_reference(seqlen_q, seqlen_k, head_dim, groups, causal, softcap):
+    options = {"causal": causal, "softcap": softcap}
+    case = Case((1, 4, seqlen_q, head_dim), (1, 4 // groups, seqlen_k, head_dim),
+                (1, 4 // groups, seqlen_k, head_dim), options)
+    report = check_case("flash", case, dtype=torch.float32, device=DEVICE)
     assert report.ok, str(report)
