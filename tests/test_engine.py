@@ -88,3 +88,23 @@ def test_unlisted_rows_give_zero_and_neg_inf():
     out.sum().backward()
     assert torch.isfinite(q.grad).all() and torch.all(q.grad[:, :, :32] == 0)
     assert torch.all(k.grad[:, :, 32:] == 0)
+
+
+@pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq"])
+@pytest.mark.parametrize("head_dim,precision,lists", [(64, "tf32", None), (128, "tf32", None), (256, "tf32", None),
+                                                      (128, "ieee", None), (128, "tf32", (64, 32)),
+                                                      (64, "tf32", (16, 16))])
+def test_autotune_prune_keeps_valid_configs(kind, head_dim, precision, lists):
+    """The GPU autotune tables always keep something, and only tiles that fit the problem."""
+    from attnkit.kernels.engine import configs
+
+    named = dict(BLOCK_D=head_dim, BLOCK_DV=head_dim, DOT_PRECISION=precision, LIST=lists is not None,
+                 LIST_BQ=lists[0] if lists else 1, LIST_BK=lists[1] if lists else 1)
+    kept = configs.prune(configs.autotune_configs(kind), {}, **named)
+    assert kept
+    for cfg in kept:
+        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+        if lists:
+            assert lists[0] % bm == 0 and lists[1] % bn == 0
+        elem = 4 if precision == "ieee" else 2
+        assert elem * (bm * head_dim + cfg.num_stages * bn * 2 * head_dim) <= 200 * 1024 or (bm, bn) == (16, 16)
