@@ -1,6 +1,18 @@
 """Host-side helpers shared by every kernel family."""
 
+import os
+
 import torch
+import triton
+
+#: kernels run through Triton's interpreter (read once, as triton.jit does, at import)
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def block_dim(n: int) -> int:
+    """Tile extent covering a head dim of ``n``: the next power of two, at least 16
+    (tl.dot needs every operand dimension >= 16)."""
+    return max(16, triton.next_power_of_2(n))
 
 
 def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -9,12 +9,12 @@ tests can force another with :func:`force_config`.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Dict, Iterator, List, Optional
 
 import triton
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ..common import INTERPRET
+
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 _FWD = [

@@ -8,7 +8,7 @@ from typing import Any, Optional, Tuple
 import torch
 import triton
 
-from ..common import new_output
+from ..common import block_dim, new_output
 from . import configs
 from .backward import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
 from .forward import attn_fwd_kernel
@@ -55,10 +55,6 @@ class Schedule:
     mask_tensor: Optional[torch.Tensor] = None
     mask_strides: Tuple[int, int] = (0, 0)
     mask_args: Tuple[int, int] = (0, 0)
-
-
-def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -116,7 +112,7 @@ def _common_meta(q: torch.Tensor, v: torch.Tensor, varlen: bool, softcap: Option
     # only the sequence ends can be ragged; EVEN_* only drop bounds checks.
     return dict(
         VARLEN=varlen, HAS_SOFTCAP=softcap is not None,
-        HEAD_DIM=q.shape[-1], HEAD_DIM_V=v.shape[-1], BLOCK_D=_pow2(q.shape[-1]), BLOCK_DV=_pow2(v.shape[-1]),
+        HEAD_DIM=q.shape[-1], HEAD_DIM_V=v.shape[-1], BLOCK_D=block_dim(q.shape[-1]), BLOCK_DV=block_dim(v.shape[-1]),
         EVEN_M=(not varlen) and seqlen_q % 128 == 0 and (lists is None or seqlen_q % lists.block_q == 0),
         EVEN_N=(not varlen) and seqlen_k % 128 == 0 and (lists is None or seqlen_k % lists.block_k == 0),
         DOT_PRECISION=_dot_precision(q.dtype),

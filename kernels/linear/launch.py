@@ -4,16 +4,14 @@ the backward passes and the recurrent (decoding) kernel, plus the chunk-size con
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Iterator, Optional, Tuple
 
 import torch
 import triton
 
-from ..common import new_output
+from ..common import INTERPRET, block_dim, new_output
 from .chunked import linear_chunk_kernel, linear_recurrent_kernel
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #: (BLOCK_C, BLOCK_E): rows per chunk and value columns per program.
 DEFAULT_CONFIG = (64, 64)
 INTERPRETER_CONFIG = (32, 32)
@@ -39,10 +37,6 @@ def _config() -> Tuple[int, int]:
     if _forced is not None:
         return _forced
     return INTERPRETER_CONFIG if INTERPRET else DEFAULT_CONFIG
-
-
-def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
 
 
 def _precisions(dtype: torch.dtype) -> Tuple[str, str]:
@@ -73,10 +67,10 @@ def chunk_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Ten
     B, N = q.shape[0], q.shape[2]
     dim_k, dim_e = q.shape[-1], v.shape[-1]
     block_c, block_e = _config()
-    block_k = _pow2(dim_k)
+    block_k = block_dim(dim_k)
     if block_k > 128 and _forced is None:  # keep the fp32 state and operand tiles within shared memory
         block_c, block_e = min(block_c, 32), min(block_e, 32)
-    block_e = min(block_e, _pow2(dim_e))
+    block_e = min(block_e, block_dim(dim_e))
     dot_precision, state_precision = _precisions(q.dtype)
     grid = (triton.cdiv(dim_e, block_e), B * num_heads)
     num_warps = 8 if block_k * block_e >= 8192 else 4
@@ -105,7 +99,7 @@ def linear_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: Op
     out = new_output((B, Hq, N, Dv), q.dtype, q.device)
     state = new_output((B, Hq, D, Dv), torch.float32, q.device)
     if recurrent:
-        block_k, block_e = _pow2(D), min(64, _pow2(Dv))
+        block_k, block_e = block_dim(D), min(64, block_dim(Dv))
         grid = (triton.cdiv(Dv, block_e), B * Hq)
         linear_recurrent_kernel[grid](
             q, k, v, out, initial_state, state, slopes,

@@ -50,12 +50,6 @@ def kernel_support(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: D
     return head_dim_blockers(q, v)
 
 
-def _pow2(n: int) -> int:
-    import triton
-
-    return max(16, triton.next_power_of_2(n))
-
-
 def moba_select(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int) -> torch.Tensor:
     """Each query row's selected past blocks, computed by the Triton gate.
 
@@ -64,6 +58,7 @@ def moba_select(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int) -
     eligible. Same selection as :func:`attnkit.block_sparse.reference.moba_gate`.
     """
     from ..kernels import moba as kernels
+    from ..kernels.common import block_dim
 
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -77,7 +72,7 @@ def moba_select(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int) -
         q = q if q.stride(-1) == 1 else q.contiguous()
         k = k if k.stride(-1) == 1 else k.contiguous()
         pooled = torch.empty((B, Hkv, n_blocks, D), dtype=torch.float32, device=q.device)
-        block_d = _pow2(D)
+        block_d = block_dim(D)
         kernels.moba_pool_kernel[(n_blocks, B * Hkv)](
             k, pooled, *k.stride()[:3], *pooled.stride()[:3], Hkv, block_size,
             HEAD_DIM=D, BLOCK_D=block_d, CHUNK=32)

@@ -9,6 +9,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .._reference import expand_kv_heads
 from .reference import run_linear
 
 #: sequences this short take the token-by-token kernel (decoding); longer ones the chunked kernel
@@ -70,7 +71,7 @@ def _backward(ctx, d_out, d_state):
     if slopes is not None and ctx.needs_input_grad[3]:
         # With G_t = -s (t + 1): dL/dG_t = q_t . dq_t - k_t . dk_t (per query head; dk before the
         # GQA sum), and the returned state adds dL/dG_N = <dS_N, S_N>. ds = -sum_t (t + 1) dL/dG_t.
-        k_h = k.float().repeat_interleave(Hq // Hkv, dim=1)
+        k_h = expand_kv_heads(k.float(), Hq)
         per_t = (q.float() * dq).sum(-1) - (k_h * dk_h).sum(-1)            # (B, Hq, N)
         weights = torch.arange(1, N + 1, device=q.device, dtype=torch.float32)
         d_g = (per_t * weights).sum(dim=(0, 2))

@@ -123,12 +123,11 @@ class Attention(nn.Module):
                 raise ValueError("decoding with a KV cache needs causal=True for the flash variant")
             return KVCache()
         if kind == "window":
-            window = opts["window"]
-            lefts = window[:, 0].tolist() if isinstance(window, torch.Tensor) else [
-                window - 1 if isinstance(window, int) else window[0]]
-            if min(lefts) < 0:  # an unbounded head needs every past key
-                return KVCache("sliding_window")
-            return WindowCache(window, opts["sinks"])
+            from ..sliding_window.window import head_windows
+
+            if min(left for left, _ in head_windows(opts["window"], self.num_heads)) < 0:
+                return KVCache("sliding_window")  # an unbounded head needs every past key
+            return WindowCache(opts["window"], opts["sinks"])
         if kind == "state":
             if self.spec.name == "linear" and not opts.get("causal", True):
                 raise ValueError("decoding with a recurrent state needs causal=True for the linear variant")
