@@ -2,8 +2,9 @@
 
 Which tiles are visited is data: ``attnkit.BlockMask`` builds the engine's
 ``BlockLists`` (full tiles skip the mask; partial tiles are those a causal diagonal
-crosses). Inside a partial tile the only token mask is the bottom-right causal one:
-query row i sits at key position i + seqlen_k - seqlen_q and sees keys j <= that.
+crosses, or where the mask's mask_mod cuts the tile). With ``causal`` the variant's
+token mask is the bottom-right causal one: query row i sits at key position
+i + seqlen_k - seqlen_q and sees keys j <= that. It takes no arguments.
 """
 
 import triton
@@ -11,6 +12,5 @@ import triton.language as tl
 
 
 @triton.jit
-def block_sparse_mask(q_pos, k_pos, off_b, off_h, seqlen_q, seqlen_k, MASK_PTR, mask_sb, mask_sh, mask_a0,
-                      mask_a1, MASK_CFG: tl.constexpr):
+def block_sparse_causal_mask(q_pos, k_pos, off_b, off_h, seqlen_q, seqlen_k):
     return k_pos <= q_pos + (seqlen_k - seqlen_q)

@@ -11,8 +11,8 @@ and the per-token selection mask the fused engine applies inside visited tiles.
 * ``moba_mask``: the engine's token mask. A key is visible to query row i (key
   position p = i + seqlen_k - seqlen_q) when k_pos <= p and its block is the row's
   own block (p // block_size) or one of the row's selected blocks, read from the
-  selection table passed as the schedule's ``mask_tensor`` (mask_a0 = block size,
-  mask_a1 = slots per row).
+  selection table. The variant's arguments: ``(SEL, stride_b, stride_h, block_size,
+  slots)`` (the table's row stride is ``slots``).
 """
 
 import triton
@@ -87,13 +87,12 @@ def moba_select_kernel(Q, P, SEL, stride_qb, stride_qh, stride_qm, stride_pb, st
 
 
 @triton.jit
-def moba_mask(q_pos, k_pos, off_b, off_h, seqlen_q, seqlen_k, MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1,
-              MASK_CFG: tl.constexpr):
+def moba_mask(q_pos, k_pos, off_b, off_h, seqlen_q, seqlen_k, SEL, stride_b, stride_h, block_size, slots):
     pos = q_pos + (seqlen_k - seqlen_q)
-    blk = k_pos // mask_a0
-    keep = blk == tl.maximum(pos, 0) // mask_a0
-    row = MASK_PTR + off_b.to(tl.int64) * mask_sb + off_h.to(tl.int64) * mask_sh + q_pos.to(tl.int64) * mask_a1
+    blk = k_pos // block_size
+    keep = blk == tl.maximum(pos, 0) // block_size
+    row = SEL + off_b.to(tl.int64) * stride_b + off_h.to(tl.int64) * stride_h + q_pos.to(tl.int64) * slots
     q_ok = q_pos < seqlen_q
-    for t in range(0, mask_a1):
+    for t in range(0, slots):
         keep = keep | (blk == tl.load(row + t, mask=q_ok, other=-1))
     return keep & (k_pos <= pos)

@@ -9,14 +9,10 @@ position p = i + offset and sees key j iff
 (unbounded) and anything larger than ``seqlen_q + seqlen_k`` by ``seqlen_q + seqlen_k``,
 which is unbounded in effect and keeps every sum below in int32.
 
-How the hooks read their parameters (the engine hands them over unchanged):
-
-* ``MASK_CFG`` bit 0 clear (one window for all heads): left = ``mask_a0``,
-  right = ``mask_a1``; ``MASK_PTR`` is unused.
-* ``MASK_CFG`` bit 0 set (per-head windows): ``MASK_PTR`` points at an int32 tensor
-  (Hq, 2) of (left, right) rows, ``mask_sh`` is its head stride.
-* ``mask_sb`` carries ``sinks`` in both cases (the window tensor has no batch axis,
-  so its batch-stride slot is free).
+The variant's arguments: ``(sinks, left, right, WINDOWS)``. With one window for all
+heads ``WINDOWS`` is None and ``left``/``right`` hold it; with per-head windows
+``WINDOWS`` points at an int32 (Hq, 2) tensor of (left, right) rows (contiguous) and
+``left``/``right`` are unused.
 
 Schedule: a query tile visits the key blocks that intersect the union of its rows'
 windows, plus the sink blocks [0, ceil(sinks / BLOCK_N)) that lie left of them: cost
@@ -30,30 +26,27 @@ import triton.language as tl
 
 
 @triton.jit
-def _window(off_h, MASK_PTR, mask_sh, mask_a0, mask_a1, MASK_CFG: tl.constexpr):
+def _window(off_h, left, right, WINDOWS):
     """(left, right) of query head ``off_h``, both >= 0."""
-    if MASK_CFG % 2 == 1:
-        left = tl.load(MASK_PTR + off_h * mask_sh)
-        right = tl.load(MASK_PTR + off_h * mask_sh + 1)
+    if WINDOWS is not None:
+        return tl.load(WINDOWS + 2 * off_h), tl.load(WINDOWS + 2 * off_h + 1)
     else:
-        left = off_h * 0 + mask_a0
-        right = off_h * 0 + mask_a1
-    return left, right
+        return off_h * 0 + left, off_h * 0 + right
 
 
 @triton.jit
-def sliding_window_mask(q_pos, k_pos, off_b, off_h, seqlen_q, seqlen_k, MASK_PTR, mask_sb, mask_sh, mask_a0,
-                        mask_a1, MASK_CFG: tl.constexpr):
-    left, right = _window(off_h, MASK_PTR, mask_sh, mask_a0, mask_a1, MASK_CFG)
+def sliding_window_mask(q_pos, k_pos, off_b, off_h, seqlen_q, seqlen_k, sinks, left, right, WINDOWS):
+    left, right = _window(off_h, left, right, WINDOWS)
     pos = q_pos + (seqlen_k - seqlen_q)
-    return (k_pos <= pos + right) & ((k_pos >= pos - left) | (k_pos < mask_sb))
+    return (k_pos <= pos + right) & ((k_pos >= pos - left) | (k_pos < sinks))
 
 
 @triton.jit
 def sliding_window_kv_range(start_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, off_b, off_h, seqlen_q,
-                            seqlen_k, MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1, MASK_CFG: tl.constexpr):
-    """Key blocks for the query rows [start_m, start_m + BLOCK_M) of head ``off_h``."""
-    left, right = _window(off_h, MASK_PTR, mask_sh, mask_a0, mask_a1, MASK_CFG)
+                            seqlen_k, sinks, left, right, WINDOWS):
+    """Key blocks for the query rows [start_m, start_m + BLOCK_M) of head ``off_h``: the full
+    blocks, then the window's two ragged edges and the detached sink blocks (partial)."""
+    left, right = _window(off_h, left, right, WINDOWS)
     n_blocks = (seqlen_k + BLOCK_N - 1) // BLOCK_N
     offset = seqlen_k - seqlen_q
     p0 = start_m + offset                                     # first row's key position
@@ -70,24 +63,24 @@ def sliding_window_kv_range(start_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexp
     f_hi = tl.where(end >= seqlen_k, n_blocks, tl.maximum(end, 0) // BLOCK_N)
     f_hi = tl.minimum(tl.maximum(f_hi, f_lo), w_hi)
     # sink keys some row sees lie in [0, min(sinks, hi)), never right of the window's blocks
-    s_hi = (tl.minimum(hi, mask_sb) + BLOCK_N - 1) // BLOCK_N
+    s_hi = (tl.minimum(hi, sinks) + BLOCK_N - 1) // BLOCK_N
     s_hi = tl.minimum(s_hi, w_lo)
-    return f_lo, f_hi, w_lo, f_lo, f_hi, w_hi, 0 * s_hi, s_hi
+    return (f_lo, f_hi), (w_lo, f_lo), (f_hi, w_hi), (0 * s_hi, s_hi)
 
 
 @triton.jit
 def sliding_window_q_range(start_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, off_b, off_h, seqlen_q,
-                           seqlen_k, MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1, MASK_CFG: tl.constexpr):
+                           seqlen_k, sinks, left, right, WINDOWS):
     """Query blocks of head ``off_h`` that see a key in [start_n, start_n + BLOCK_N) (transposed)."""
-    left, right = _window(off_h, MASK_PTR, mask_sh, mask_a0, mask_a1, MASK_CFG)
+    left, right = _window(off_h, left, right, WINDOWS)
     n_blocks = (seqlen_q + BLOCK_M - 1) // BLOCK_M
     offset = seqlen_k - seqlen_q
     k0 = start_n
     k1 = tl.minimum(start_n + BLOCK_N, seqlen_k) - 1
     # row i (position i + offset) sees key j through the window iff j - right <= i + offset <= j + left;
     # a sink key j is seen by every row with i + offset >= j - right.
-    has_sink = k0 < mask_sb
-    all_sink = k1 < mask_sb
+    has_sink = k0 < sinks
+    all_sink = k1 < sinks
     # rows some key of the block is seen by: [lo, hi)
     hi_w = tl.minimum(tl.maximum(k1 + left - offset + 1, 0), seqlen_q)
     hi = tl.where(has_sink, seqlen_q, hi_w)
@@ -100,4 +93,4 @@ def sliding_window_q_range(start_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
     end = k0 + left - offset + 1
     f_hi = tl.where((end >= seqlen_q) | all_sink, n_blocks, tl.maximum(end, 0) // BLOCK_M)
     f_hi = tl.minimum(tl.maximum(f_hi, f_lo), q_hi)
-    return f_lo, f_hi, q_lo, f_lo, f_hi, q_hi, 0 * q_hi, 0 * q_hi
+    return (f_lo, f_hi), (q_lo, f_lo), (f_hi, q_hi)

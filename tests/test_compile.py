@@ -35,15 +35,20 @@ def test_kernel_custom_ops_compile_fullgraph():
     check_compiled_equals_eager(block("triton"), "aot_eager")
 
 
-def test_custom_ops_pass_torch_library_checks():
+@pytest.mark.parametrize("with_mods", [False, True])
+def test_custom_ops_pass_torch_library_checks(with_mods):
     q, k, v = (torch.randn(1, 2, 20, 16, device=DEVICE) for _ in range(3))
     from attnkit.engine import _encode, _fwd_op
-    from attnkit.kernels import engine, flash
+    from attnkit.flash import flash_schedule
 
-    schedule = engine.Schedule(mask=flash.flash_mask, kv_range=flash.flash_kv_range, q_range=flash.flash_q_range,
-                               mask_cfg=1)
-    hooks, ints, lists, mask_tensor = _encode(schedule)
-    torch.library.opcheck(_fwd_op, (q, k, v, None, mask_tensor, lists, hooks, ints, 0.25, None, None, None, 0, 0),
+    score = mask = None
+    if with_mods:  # tensor lists on both mod slots, one tensor needing its gradient
+        problem = attnkit.mods.Problem.of("flash", q, k)
+        slopes = torch.rand(2, device=DEVICE, requires_grad=True)
+        score = attnkit.mods.alibi(slopes).specialize(problem).kernel_view()
+        mask = attnkit.mods.prefix_lm(torch.tensor([5], device=DEVICE)).specialize(problem).kernel_view()
+    encoded = _encode(flash_schedule(True), score, mask)
+    torch.library.opcheck(_fwd_op, (q, k, v, None, *encoded, 0.25, None, None, None, 0, 0),
                           test_utils=("test_schema", "test_faketensor"))
 
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import attnkit
-from attnkit.engine import fused_attention
-from attnkit.kernels import engine, flash as flash_kernels
+from attnkit.engine import BlockLists, Const, Schedule, fused_attention
+from attnkit.extension import force_config
+from attnkit.kernels import flash as flash_kernels
 
 from conftest import DEVICE
 
@@ -46,7 +47,7 @@ def causal_lists(Nq, Nk, BQ, BK, per_head=1):
     for m, extra in ((full, 0), (part, 3), (full.T.contiguous(), 0), (part.T.contiguous(), 3)):
         c, x = to_lists(m, width=max(1, int(m.sum(1).max())) + extra)  # partial lists wider on purpose
         lists += [c.expand(1, per_head, -1).contiguous(), x.expand(1, per_head, -1, -1).contiguous()]
-    return engine.BlockLists(BQ, BK, *lists)
+    return BlockLists(BQ, BK, *lists)
 
 
 @pytest.mark.parametrize("tile,blocks", [((32, 16), (32, 32)), ((16, 32), (32, 64)), ((32, 32), (64, 32))])
@@ -59,8 +60,8 @@ def test_list_mode_equals_the_causal_reference(tile, blocks, per_head):
     v = torch.randn(B, Hkv, Nk, D, device=DEVICE, requires_grad=True)
     lists = causal_lists(Nq, Nk, *blocks, per_head=Hq if per_head else 1)
     assert lists.kv_full_index.shape[-1] != lists.kv_part_index.shape[-1]  # different widths on purpose
-    schedule = engine.Schedule(mask=flash_kernels.flash_mask, lists=lists, mask_cfg=1)
-    with engine.force_config(*tile):
+    schedule = Schedule(mask=flash_kernels.flash_mask, lists=lists, args=(Const(1),))
+    with force_config(*tile):
         out, lse = fused_attention(q, k, v, schedule, sm_scale=0.2)
     grad = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), grad)
@@ -77,10 +78,10 @@ def test_unlisted_rows_give_zero_and_neg_inf():
     tiles = torch.zeros(2, 2, dtype=torch.bool)
     tiles[1, 0] = True  # only the second query block sees anything
     empty = torch.zeros_like(tiles)
-    lists = engine.BlockLists(32, 32, *to_lists(tiles), *to_lists(empty), *to_lists(tiles.T.contiguous()),
-                              *to_lists(empty))
-    schedule = engine.Schedule(mask=flash_kernels.flash_mask, lists=lists)
-    with engine.force_config(32, 16):
+    lists = BlockLists(32, 32, *to_lists(tiles), *to_lists(empty), *to_lists(tiles.T.contiguous()),
+                       *to_lists(empty))
+    schedule = Schedule(mask=flash_kernels.flash_mask, lists=lists, args=(Const(0),))
+    with force_config(32, 16):
         out, lse = fused_attention(q, k, v, schedule, sm_scale=0.25)
     assert torch.all(out[:, :, :32] == 0) and torch.isneginf(lse[:, :, :32]).all()
     ref = attnkit.flash_attention(q[:, :, 32:], k[:, :, :32], v[:, :, :32], scale=0.25, backend="reference")
@@ -98,7 +99,7 @@ def test_autotune_prune_keeps_valid_configs(kind, head_dim, precision, lists):
     """The GPU autotune tables always keep something, and only tiles that fit the problem."""
     from attnkit.kernels.engine import configs
 
-    named = dict(BLOCK_D=head_dim, BLOCK_DV=head_dim, DOT_PRECISION=precision, LIST=lists is not None,
+    named = dict(BLOCK_D=head_dim, BLOCK_DV=head_dim, DOT_PRECISION=precision, LISTS=() if lists else None,
                  LIST_BQ=lists[0] if lists else 1, LIST_BK=lists[1] if lists else 1)
     kept = configs.prune(configs.autotune_configs(kind), {}, **named)
     assert kept

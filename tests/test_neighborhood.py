@@ -127,7 +127,7 @@ def test_block_lists_are_exact(spatial, ks, dil, causal, stride, tile):
     with force_tile_shape(tile):
         cls = get_plan(spatial, axes, torch.device("cpu")).classes[0]
     V, T = math.prod(tile), cls.tokens
-    table = cls.schedule.mask_tensor.long()
+    table = cls.table.long()
     nd = len(spatial)
     keep = torch.ones(T, T, dtype=torch.bool)
     for a in range(nd):
@@ -140,7 +140,7 @@ def test_block_lists_are_exact(spatial, ks, dil, causal, stride, tile):
     R = T // V
     blocks = keep.view(R, V, R, V)
     any_seen, all_seen = blocks.any(3).any(1), blocks.all(3).all(1)
-    lists = cls.schedule.lists
+    lists = cls.lists
 
     def as_sets(count, index):
         return [set(index[0, 0, r, :count[0, 0, r]].tolist()) for r in range(count.shape[-1])]

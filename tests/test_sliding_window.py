@@ -13,7 +13,7 @@ import triton.language as tl
 
 import attnkit
 from attnkit import Case, sliding_window_attention, SlidingWindowCache
-from attnkit.kernels import engine
+from attnkit.extension import force_config
 from attnkit.sliding_window import make_schedule, reference as sw_reference
 from attnkit.sliding_window.reference import sliding_window_reference
 from attnkit.testing import check_case
@@ -97,7 +97,7 @@ TILING_CASES = [
 @pytest.mark.parametrize("block_m,block_n", [(16, 16), (16, 32), (64, 16)])
 @pytest.mark.parametrize("case", TILING_CASES, ids=[c.id for c in TILING_CASES])
 def test_kernel_tilings(case, block_m, block_n):
-    with engine.force_config(block_m, block_n):
+    with force_config(block_m, block_n):
         report = check_case("sliding_window", case, dtype=torch.float32, device=DEVICE, backend="triton")
     assert report.ok, str(report)
 
@@ -106,8 +106,7 @@ def test_kernel_tilings(case, block_m, block_n):
 # The block schedule: visits exactly the blocks with a visible pair; full blocks are all visible.
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _probe_kernel(OUT, seqlen_q, seqlen_k, MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1, n_programs,
-                  MASK_CFG: tl.constexpr, RANGE_FN: tl.constexpr, TRANSPOSED: tl.constexpr,
+def _probe_kernel(OUT, seqlen_q, seqlen_k, ARGS, n_programs, RANGE_FN: tl.constexpr, TRANSPOSED: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     off_h = tl.program_id(1)
@@ -115,27 +114,21 @@ def _probe_kernel(OUT, seqlen_q, seqlen_k, MASK_PTR, mask_sb, mask_sh, mask_a0, 
         start = pid * BLOCK_N
     else:
         start = pid * BLOCK_M
-    a0, a1, b0, b1, c0, c1, d0, d1 = RANGE_FN(start, BLOCK_M, BLOCK_N, pid * 0, off_h, seqlen_q, seqlen_k,
-                                              MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1, MASK_CFG)
+    ranges = RANGE_FN(start, BLOCK_M, BLOCK_N, pid * 0, off_h, seqlen_q, seqlen_k, *ARGS)
     base = OUT + (off_h * n_programs + pid) * 8
-    tl.store(base + 0, a0)
-    tl.store(base + 1, a1)
-    tl.store(base + 2, b0)
-    tl.store(base + 3, b1)
-    tl.store(base + 4, c0)
-    tl.store(base + 5, c1)
-    tl.store(base + 6, d0)
-    tl.store(base + 7, d1)
+    for i in tl.static_range(len(ranges)):
+        tl.store(base + 2 * i, ranges[i][0])
+        tl.store(base + 2 * i + 1, ranges[i][1])
 
 
 def _ranges(schedule, Hq, Nq, Nk, bm, bn, transposed):
+    """Per head and program: the (lo, hi) segments of the range function, flattened; segments
+    the function does not return are (0, 0)."""
     n_prog = triton.cdiv(Nk, bn) if transposed else triton.cdiv(Nq, bm)
-    out = torch.full((Hq, n_prog, 8), -7, dtype=torch.int32)
+    out = torch.zeros((Hq, n_prog, 8), dtype=torch.int32)
     fn = schedule.q_range if transposed else schedule.kv_range
-    _probe_kernel[(n_prog, Hq)](out, Nq, Nk, schedule.mask_tensor, schedule.mask_strides[0],
-                                schedule.mask_strides[1], schedule.mask_args[0], schedule.mask_args[1], n_prog,
-                                MASK_CFG=schedule.mask_cfg, RANGE_FN=fn, TRANSPOSED=transposed,
-                                BLOCK_M=bm, BLOCK_N=bn)
+    args = tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in schedule.args)
+    _probe_kernel[(n_prog, Hq)](out, Nq, Nk, args, n_prog, RANGE_FN=fn, TRANSPOSED=transposed, BLOCK_M=bm, BLOCK_N=bn)
     return out.tolist()
 
 
@@ -159,7 +152,7 @@ def test_schedule_is_exact_and_tight(Nq, Nk, windows, sinks, bm, bn):
     Hq = len(windows)
     window = windows[0] if Hq == 1 else torch.tensor(windows, dtype=torch.int32)
     schedule = make_schedule(window, sinks, Hq, Nq, Nk, torch.device(DEVICE))
-    assert schedule.mask_cfg == (0 if Hq == 1 else 1)
+    assert (schedule.args[3] is None) == (Hq == 1)  # per-head windows travel as a tensor
     mask = dense_mask(Hq, Nq, Nk, windows, sinks)
     for transposed in (False, True):
         ranges = _ranges(schedule, Hq, Nq, Nk, bm, bn, transposed)

@@ -9,7 +9,8 @@ shapes, types, register and shared-memory limits). This tool closes part of that
 2. ``compile``: in a process without the interpreter, rebuild each launch for a CUDA
    target (default sm_90, Hopper) and compile it to a cubin with the ptxas that ships in
    the triton wheel — once per autotune config of the engine's tables — and check the
-   shared memory each needs against the target's limit.
+   shared memory each needs against the target's limit and ptxas's report of register
+   spills (a config that spills is a failure: it only costs autotuning time).
 
     python tools/aot_compile.py                 # both steps, every variant, sm_90
     python tools/aot_compile.py --variants flash --configs first
@@ -39,11 +40,16 @@ SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 
 def _describe(value: Any) -> Any:
     import torch
+    import triton.language as tl
 
     if isinstance(value, torch.Tensor):
         return ("tensor", str(value.dtype).replace("torch.", ""))
     if value is None:
         return ("none",)
+    if isinstance(value, tuple):  # a tuple argument (a variant's or a mod's arguments)
+        return ("tuple", tuple(_describe(v) for v in value))
+    if isinstance(value, tl.constexpr):
+        return ("const", value.value)
     if isinstance(value, bool):
         return ("bool", value)
     if isinstance(value, int):
@@ -52,6 +58,10 @@ def _describe(value: Any) -> Any:
         return ("float", value)
     if isinstance(value, str):
         return ("str", value)
+    recipe = getattr(value, "attnkit_recipe", None)
+    if recipe is not None:  # a generated hook (mask combinators, chained score mods): rebuild it from source
+        source, name, namespace = recipe
+        return ("generated", source, name, tuple(sorted((k, _describe(v)) for k, v in namespace.items())))
     fn = getattr(value, "fn", None)
     if fn is not None and callable(fn):  # a @triton.jit function passed as a constexpr
         return ("jit", fn.__module__, fn.__qualname__)
@@ -97,13 +107,44 @@ _PTR = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "float64": 
         "int64": "*i64", "bool": "*i1", "int8": "*i8", "uint8": "*u8"}
 
 
+_GENERATED: Dict[Any, Any] = {}
+
+
 def _resolve(desc: Any) -> Any:
     import importlib
 
     kind = desc[0]
     if kind == "jit":
         return getattr(importlib.import_module(desc[1]), desc[2])
+    if kind == "generated":
+        if desc not in _GENERATED:
+            from attnkit.mods.core import generate_jit
+
+            _GENERATED[desc] = generate_jit(desc[1], desc[2], {k: _resolve(v) for k, v in desc[3]})
+        return _GENERATED[desc]
+    if kind == "tuple":
+        return tuple(_resolve(d) for d in desc[1])
     return None if kind == "none" else desc[1]
+
+
+def _signature(desc: Any, path: tuple, constexprs: Dict) -> Any:
+    """The Triton signature type of a runtime argument (a tuple of them for a tuple argument);
+    its compile-time parts go into ``constexprs`` keyed by their path, as Triton's launcher does."""
+    kind = desc[0]
+    if kind == "tuple":
+        return tuple(_signature(d, path + (i,), constexprs) for i, d in enumerate(desc[1]))
+    if kind == "tensor":
+        return _PTR[desc[1]]
+    if kind in ("none", "const", "jit", "generated") or (kind == "int" and desc[1] == 1):
+        constexprs[path] = _resolve(desc)  # None, constexprs, and ints equal to 1 are specialized
+        return "constexpr"
+    if kind == "int":
+        return "i32" if -2**31 <= desc[1] < 2**31 else "i64"
+    if kind == "float":
+        return "fp32"
+    if kind == "bool":
+        return "i1"
+    raise TypeError(f"an argument of kind {kind} cannot be compiled")
 
 
 def _source(entry: Dict, overrides: Dict[str, Any]):
@@ -113,28 +154,12 @@ def _source(entry: Dict, overrides: Dict[str, Any]):
 
     fn = getattr(importlib.import_module(entry["module"]), entry["name"])
     signature, constexprs = {}, {}
-    for name, desc in entry["args"].items():
-        kind = desc[0]
+    for index, (name, desc) in enumerate(entry["args"].items()):
         if name in overrides or name in entry["constexpr"]:
             signature[name] = "constexpr"
-            constexprs[name] = overrides.get(name, _resolve(desc))
-        elif kind == "tensor":
-            signature[name] = _PTR[desc[1]]
-        elif kind == "none":
-            signature[name] = "constexpr"
-            constexprs[name] = None
-        elif kind == "int":
-            if desc[1] == 1:  # Triton specializes integer arguments equal to 1
-                signature[name] = "constexpr"
-                constexprs[name] = 1
-            else:
-                signature[name] = "i32" if -2**31 <= desc[1] < 2**31 else "i64"
-        elif kind == "float":
-            signature[name] = "fp32"
-        elif kind == "bool":
-            signature[name] = "i1"
+            constexprs[(index,)] = overrides.get(name, _resolve(desc))
         else:
-            raise TypeError(f"{entry['name']}: argument {name} of kind {kind} cannot be compiled")
+            signature[name] = _signature(desc, (index,), constexprs)
     return fn, ASTSource(fn=fn, signature=signature, constexprs=constexprs)
 
 
@@ -162,25 +187,56 @@ def _root_cause(exc: BaseException) -> str:
 
 def _code_path(entry: Dict) -> str:
     """What selects a distinct code path of a launch: the kernel, its jit hooks and its
-    non-numeric constants (flags, dot precision), and the dtype of its first tensor."""
+    non-numeric constants (flags, dot precision, compile-time and None entries of tuple
+    arguments), and the dtype of its first tensor."""
+    def shape_of(desc: Any) -> Any:  # a tuple argument's structure: which entries are constant or None
+        if desc[0] == "tuple":
+            return tuple(shape_of(d) for d in desc[1])
+        return desc if desc[0] in ("const", "none", "jit", "generated") else desc[0]
+
     parts = [entry["module"], entry["name"]]
     for name, desc in sorted(entry["args"].items()):
-        if name in entry["constexpr"] and desc[0] in ("jit", "bool", "str", "none"):
-            parts.append(f"{name}={desc}")
+        if name in entry["constexpr"] and desc[0] in ("jit", "generated", "bool", "str", "none"):
+            parts.append(f"{name}={desc[:3]}")
+        elif desc[0] == "tuple":
+            parts.append(f"{name}={shape_of(desc)}")
     parts.append(next((d[1] for d in entry["args"].values() if d[0] == "tensor"), ""))
     return "|".join(parts)
 
 
-def compile_all(in_path: str, arch: int, which: str, dedupe: bool = False) -> int:
+def _launch_label(entry: Dict) -> str:
+    """The hooks, head dim and dtype of a launch, for reports."""
+    args = entry["args"]
+    hooks = [f"{n}={d[2]}" for n, d in sorted(args.items()) if d[0] in ("jit", "generated")]
+    dims = [f"{n}={args[n][1]}" for n in ("HEAD_DIM", "HEAD_DIM_V") if n in args]
+    dtype = next((d[1] for d in args.values() if d[0] == "tensor"), "")
+    return "[" + " ".join(hooks + dims + [dtype]) + "]"
+
+
+def _spills(log: str) -> int:
+    """Bytes of register spill stores ptxas reported in its verbose log (0 when none)."""
+    import re
+
+    return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", log))
+
+
+def compile_all(in_path: str, arch: int, which: str, dedupe: bool = False, allow_spills: bool = False) -> int:
+    import contextlib
+    import io
+
+    # a fresh cache: a cached kernel skips ptxas, whose log is where register spills show
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="attnkit-aot-")
     import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
 
+    knobs.nvidia.dump_ptxas_log = True  # ptxas -v output (registers, spills) is printed: captured below
     with open(in_path, "rb") as f:
         launches = pickle.load(f)
     if dedupe:
         launches = list({_code_path(e): e for e in launches}.values())
     target = GPUTarget("cuda", arch, 32)
-    failures, done = [], 0
+    failures, spills, done = [], [], 0
     start = time.perf_counter()
     for entry in launches:
         if entry["name"] in ("attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel"):
@@ -190,21 +246,28 @@ def compile_all(in_path: str, arch: int, which: str, dedupe: bool = False) -> in
         for cfg in variants:
             options = {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
             overrides = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
-            label = f"{entry['name']} {overrides} {options}"
+            label = f"{entry['name']} {_launch_label(entry)} {overrides} {options}"
             try:
                 _, src = _source(entry, overrides)
-                kernel = triton.compile(src, target=target, options=options)
+                log = io.StringIO()
+                with contextlib.redirect_stdout(log):
+                    kernel = triton.compile(src, target=target, options=options)
                 smem = kernel.metadata.shared
                 if smem > SMEM_LIMIT.get(arch, 227 * 1024):
                     failures.append(f"{label}: needs {smem} bytes of shared memory")
+                spilled = _spills(log.getvalue())
+                if spilled:
+                    spills.append(f"{label}: {spilled} bytes of register spill stores")
                 done += 1
             except Exception as exc:  # report every failure (its root cause), keep going
                 failures.append(f"{label}: {_root_cause(exc)}")
     print(f"compiled {done} kernel configs for sm_{arch} in {time.perf_counter() - start:.0f} s; "
-          f"{len(failures)} failures")
+          f"{len(failures)} failures; {len(spills)} spilling")
     for line in failures:
         print("  FAILED", line)
-    return 1 if failures else 0
+    for line in spills:
+        print("  SPILLS", line)
+    return 1 if failures or (spills and not allow_spills) else 0
 
 
 def main(argv: List[str] = None) -> int:
@@ -216,6 +279,7 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument("--dtypes", default="float16,float32", help="input dtypes of the recorded examples")
     parser.add_argument("--dedupe", action="store_true",
                         help="compile one launch per distinct code path (kernel, hooks, flags, dtype)")
+    parser.add_argument("--allow-spills", action="store_true", help="report register spills without failing")
     parser.add_argument("--step", choices=("both", "record", "compile"), default="both")
     parser.add_argument("--launches", default=None, help="the recorded launches (pickle)")
     args = parser.parse_args(argv)
@@ -228,14 +292,15 @@ def main(argv: List[str] = None) -> int:
                args.dtypes.split(","))
         return 0
     if args.step == "compile":
-        return compile_all(path, args.arch, args.configs, args.dedupe)
+        return compile_all(path, args.arch, args.configs, args.dedupe, args.allow_spills)
     env = dict(os.environ, TRITON_INTERPRET="1")
     base = [sys.executable, os.path.abspath(__file__), "--variants", args.variants, "--launches", path,
             "--dtypes", args.dtypes]
     subprocess.run(base + ["--step", "record"], check=True, env=env)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     return subprocess.run(base + ["--step", "compile", "--arch", str(args.arch), "--configs", args.configs]
-                          + (["--dedupe"] if args.dedupe else []), env=env).returncode
+                          + (["--dedupe"] if args.dedupe else []) + (["--allow-spills"] if args.allow_spills else []),
+                          env=env).returncode
 
 
 if __name__ == "__main__":

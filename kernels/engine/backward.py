@@ -1,31 +1,39 @@
 """Backward kernels of the fused softmax-attention engine (FlashAttention-2 algorithm).
 
-Two passes, neither with atomics: ``attn_bwd_dkdv_kernel`` owns a block of keys of
-one kv head and walks the query blocks that see it (the transposed schedule), for
-every query head of its GQA group; ``attn_bwd_dq_kernel`` owns a block of queries
-and walks its forward schedule. Both recompute P from the saved LSE. Delta =
-rowsum(dO * O) is computed beforehand. Schedules, masks and ``ctx`` are those of
-the forward kernel (see forward.py); ``Q_RANGE`` is the transposed range function.
+Two passes, neither with atomics on dQ/dK/dV: ``attn_bwd_dkdv_kernel`` owns a block of
+keys of one kv head and walks the query blocks that see it (the transposed schedule),
+for every query head of its GQA group; ``attn_bwd_dq_kernel`` owns a block of queries
+and walks its forward schedule. Both recompute P from the saved LSE; Delta =
+rowsum(dO * O) is computed beforehand. Hooks and constexprs are those of the forward
+kernel (see forward.py); the dK/dV pass takes the transposed range function and lists.
+
+With s_in the score a score_mod receives and s = score_mod(s_in):
+dS = P * (dP - Delta) is d loss / d s; the score mod's ``SCORE_DERIV`` turns it into
+d loss / d s_in, the softcap chain rule into d loss / d (scale * q.k). The dK/dV pass
+works on transposed tiles (S^T), so hooks get transposed position tiles there. The
+gradients of a score mod's tensors are accumulated in the dQ pass only (every
+(query tile, key tile, head) is visited exactly once there), by ``SCORE_GRADS_FN``.
 """
 
 import triton
 import triton.language as tl
 
-from .common import LOG2E, block_index, list_entries, load_tile, scores_log2, sequence_bounds
+from .common import LOG2E, block_index, load_tile, mod_positions, scores, segments, sequence_bounds, token_mask
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-                offs_n, offs_d, offs_dv, lo, hi, IDX_PTR, sm_scale, softcap,
-                off_b, off_h, seqlen_q, seqlen_k, MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1,
-                MASK_FN: tl.constexpr, MASK_CFG: tl.constexpr, APPLY_MASK: tl.constexpr,
-                LIST: tl.constexpr, SUB: tl.constexpr,
-                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
-                HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+                 offs_n, offs_d, offs_dv, lo, hi, INDEX, seq, sm_scale, softcap, VARIANT_ARGS, SCORE_ARGS, MASK_ARGS,
+                 VARIANT_MASK: tl.constexpr, POSITIONS: tl.constexpr, SCORE_MOD: tl.constexpr,
+                 SCORE_DERIV: tl.constexpr, MASK_MOD: tl.constexpr, MASKED: tl.constexpr, LIST: tl.constexpr,
+                 SUB: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                 CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
+                 HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One segment of the dK/dV pass: query blocks lo .. hi - 1 against this program's keys."""
+    seqlen_q = seq[2]
+    seqlen_k = seq[3]
     for it in range(lo, hi):
-        blk = block_index(it, IDX_PTR, LIST, SUB)
-        offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = block_index(it, INDEX, LIST, SUB) * BLOCK_M + tl.arange(0, BLOCK_M)
         q = load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, seqlen_q, offs_d, HEAD_DIM,
                       CHECK_M, PAD_D)
         do = load_tile(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :], offs_m, seqlen_q, offs_dv,
@@ -39,11 +47,12 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, 
         # Rows that saw no key have lse = -inf; +inf makes their P exactly 0.
         lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
-        s_t, t_t = scores_log2(qk_t, sm_scale, softcap, HAS_SOFTCAP)
+        s_t, s_in_t, t_t = scores(qk_t, offs_m[None, :], offs_n[:, None], seq, sm_scale, softcap, VARIANT_ARGS,
+                                  SCORE_ARGS, POSITIONS, SCORE_MOD, HAS_SOFTCAP)
         p_t = tl.math.exp2(s_t - lse[None, :])
-        if APPLY_MASK:
-            keep = MASK_FN(offs_m[None, :], offs_n[:, None], off_b, off_h, seqlen_q, seqlen_k,
-                           MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1, MASK_CFG)
+        if MASKED and (VARIANT_MASK is not None or MASK_MOD is not None):
+            keep = token_mask(offs_m[None, :], offs_n[:, None], seq, VARIANT_ARGS, MASK_ARGS, VARIANT_MASK,
+                              POSITIONS, MASK_MOD)
             p_t = tl.where(keep, p_t, 0.0)
         if CHECK_M:
             p_t = tl.where(offs_m[None, :] < seqlen_q, p_t, 0.0)
@@ -52,6 +61,10 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, 
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
+        if SCORE_DERIV is not None:
+            b, h, q_idx, kv_idx = mod_positions(offs_m[None, :], offs_n[:, None], seq, VARIANT_ARGS, POSITIONS)
+            # where P is 0 the pair did not attend: keep a derivative that is inf there from making NaN
+            ds_t = tl.where(p_t > 0.0, ds_t * SCORE_DERIV(s_in_t, b, h, q_idx, kv_idx, *SCORE_ARGS), 0.0)
         if HAS_SOFTCAP:
             ds_t = ds_t * (1.0 - t_t * t_t)
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
@@ -70,11 +83,10 @@ def attn_bwd_dkdv_kernel(
     stride_lb, stride_lh,
     num_heads_kv, groups, seqlen_q_arg, seqlen_k_arg, CU_Q, CU_K,
     sm_scale, softcap,
-    MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1,
-    CNT_FULL, IDX_FULL, CNT_PART, IDX_PART,
-    cf_sb, cf_sh, cf_sr, xf_sb, xf_sh, xf_sr, cp_sb, cp_sh, cp_sr, xp_sb, xp_sh, xp_sr,
-    MASK_FN: tl.constexpr, MASK_CFG: tl.constexpr, RANGE_FN: tl.constexpr,
-    LIST: tl.constexpr, LIST_BQ: tl.constexpr, LIST_BK: tl.constexpr,
+    VARIANT_ARGS, LISTS, SCORE_ARGS, MASK_ARGS,
+    RANGE_FN: tl.constexpr, VARIANT_MASK: tl.constexpr, POSITIONS: tl.constexpr,
+    SCORE_MOD: tl.constexpr, SCORE_DERIV: tl.constexpr, MASK_MOD: tl.constexpr,
+    LIST_BQ: tl.constexpr, LIST_BK: tl.constexpr,
     VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -91,6 +103,8 @@ def attn_bwd_dkdv_kernel(
         CHECK_N: tl.constexpr = not EVEN_N
         PAD_D: tl.constexpr = HEAD_DIM != BLOCK_D
         PAD_DV: tl.constexpr = HEAD_DIM_V != BLOCK_DV
+        LIST: tl.constexpr = LISTS is not None
+        SUB: tl.constexpr = LIST_BQ // BLOCK_M
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
@@ -109,51 +123,15 @@ def attn_bwd_dkdv_kernel(
             do_base = DO + tb * stride_dob + off_h.to(tl.int64) * stride_doh + q_row * stride_dom
             lse_base = LSE + tb * stride_lb + off_h.to(tl.int64) * stride_lh + q_row
             delta_base = DELTA + tb * stride_lb + off_h.to(tl.int64) * stride_lh + q_row
-            if LIST:
-                SUB: tl.constexpr = LIST_BQ // BLOCK_M
-                col = start_n // LIST_BK
-                n_full, full_idx, n_part, part_idx = list_entries(
-                    col, off_b, off_h, CNT_FULL, IDX_FULL, CNT_PART, IDX_PART,
-                    cf_sb, cf_sh, cf_sr, xf_sb, xf_sh, xf_sr, cp_sb, cp_sh, cp_sr, xp_sb, xp_sh, xp_sr)
-                dk, dv = _dkdv_inner(
+            seq = (off_b, off_h, seqlen_q, seqlen_k)
+            ranges, index = segments(start_n // LIST_BK, start_n, BLOCK_M, BLOCK_N, seq, RANGE_FN, LISTS,
+                                     VARIANT_ARGS, SUB)
+            for seg in tl.static_range(len(ranges)):
+                dk, dv = _dkdv_blocks(
                     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-                    offs_n, offs_d, offs_dv, 0, n_full * SUB, full_idx, sm_scale, softcap,
-                    off_b, off_h, seqlen_q, seqlen_k, MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1,
-                    MASK_FN, MASK_CFG, False, True, SUB, BLOCK_M, HEAD_DIM, HEAD_DIM_V,
-                    CHECK_M, CHECK_N, PAD_D, PAD_DV, HAS_SOFTCAP, DOT_PRECISION)
-                dk, dv = _dkdv_inner(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-                    offs_n, offs_d, offs_dv, 0, n_part * SUB, part_idx, sm_scale, softcap,
-                    off_b, off_h, seqlen_q, seqlen_k, MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1,
-                    MASK_FN, MASK_CFG, True, True, SUB, BLOCK_M, HEAD_DIM, HEAD_DIM_V,
-                    CHECK_M, CHECK_N, PAD_D, PAD_DV, HAS_SOFTCAP, DOT_PRECISION)
-            else:
-                f_lo, f_hi, a_lo, a_hi, b_lo, b_hi, c_lo, c_hi = RANGE_FN(
-                    start_n, BLOCK_M, BLOCK_N, off_b, off_h, seqlen_q, seqlen_k,
-                    MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1, MASK_CFG)
-                dk, dv = _dkdv_inner(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-                    offs_n, offs_d, offs_dv, f_lo, f_hi, None, sm_scale, softcap,
-                    off_b, off_h, seqlen_q, seqlen_k, MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1,
-                    MASK_FN, MASK_CFG, False, False, 1, BLOCK_M, HEAD_DIM, HEAD_DIM_V,
-                    CHECK_M, CHECK_N, PAD_D, PAD_DV, HAS_SOFTCAP, DOT_PRECISION)
-                dk, dv = _dkdv_inner(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-                    offs_n, offs_d, offs_dv, a_lo, a_hi, None, sm_scale, softcap,
-                    off_b, off_h, seqlen_q, seqlen_k, MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1,
-                    MASK_FN, MASK_CFG, True, False, 1, BLOCK_M, HEAD_DIM, HEAD_DIM_V,
-                    CHECK_M, CHECK_N, PAD_D, PAD_DV, HAS_SOFTCAP, DOT_PRECISION)
-                dk, dv = _dkdv_inner(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-                    offs_n, offs_d, offs_dv, b_lo, b_hi, None, sm_scale, softcap,
-                    off_b, off_h, seqlen_q, seqlen_k, MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1,
-                    MASK_FN, MASK_CFG, True, False, 1, BLOCK_M, HEAD_DIM, HEAD_DIM_V,
-                    CHECK_M, CHECK_N, PAD_D, PAD_DV, HAS_SOFTCAP, DOT_PRECISION)
-                dk, dv = _dkdv_inner(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-                    offs_n, offs_d, offs_dv, c_lo, c_hi, None, sm_scale, softcap,
-                    off_b, off_h, seqlen_q, seqlen_k, MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1,
-                    MASK_FN, MASK_CFG, True, False, 1, BLOCK_M, HEAD_DIM, HEAD_DIM_V,
+                    offs_n, offs_d, offs_dv, ranges[seg][0], ranges[seg][1], index[seg if LIST else 0], seq,
+                    sm_scale, softcap, VARIANT_ARGS, SCORE_ARGS, MASK_ARGS, VARIANT_MASK, POSITIONS, SCORE_MOD,
+                    SCORE_DERIV, MASK_MOD, seg > 0, LIST, SUB, BLOCK_M, HEAD_DIM, HEAD_DIM_V,
                     CHECK_M, CHECK_N, PAD_D, PAD_DV, HAS_SOFTCAP, DOT_PRECISION)
         dk = dk * sm_scale
         mask_nd = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
@@ -165,32 +143,42 @@ def attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
-              offs_m, offs_d, offs_dv, lo, hi, IDX_PTR, sm_scale, softcap,
-              off_b, off_h, seqlen_q, seqlen_k, MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1,
-              MASK_FN: tl.constexpr, MASK_CFG: tl.constexpr, APPLY_MASK: tl.constexpr,
-              LIST: tl.constexpr, SUB: tl.constexpr,
-              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-              CHECK_N: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
-              HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, offs_dv,
+               lo, hi, INDEX, seq, sm_scale, softcap, VARIANT_ARGS, SCORE_ARGS, SCORE_GRADS, MASK_ARGS,
+               VARIANT_MASK: tl.constexpr, POSITIONS: tl.constexpr, SCORE_MOD: tl.constexpr,
+               SCORE_DERIV: tl.constexpr, SCORE_GRADS_FN: tl.constexpr, MASK_MOD: tl.constexpr,
+               MASKED: tl.constexpr, LIST: tl.constexpr, SUB: tl.constexpr, BLOCK_N: tl.constexpr,
+               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
+               PAD_D: tl.constexpr, PAD_DV: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One segment of the dQ pass: key blocks lo .. hi - 1 against this program's queries."""
+    seqlen_q = seq[2]
+    seqlen_k = seq[3]
     for it in range(lo, hi):
-        blk = block_index(it, IDX_PTR, LIST, SUB)
-        offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = block_index(it, INDEX, LIST, SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
         k = load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, seqlen_k,
                       offs_d, HEAD_DIM, CHECK_N, PAD_D)
         v = load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, seqlen_k,
                       offs_dv, HEAD_DIM_V, CHECK_N, PAD_DV)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        s, t = scores_log2(qk, sm_scale, softcap, HAS_SOFTCAP)
+        s, s_in, t = scores(qk, offs_m[:, None], offs_n[None, :], seq, sm_scale, softcap, VARIANT_ARGS, SCORE_ARGS,
+                            POSITIONS, SCORE_MOD, HAS_SOFTCAP)
         p = tl.math.exp2(s - lse[:, None])
-        if APPLY_MASK:
-            keep = MASK_FN(offs_m[:, None], offs_n[None, :], off_b, off_h, seqlen_q, seqlen_k,
-                           MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1, MASK_CFG)
+        if MASKED and (VARIANT_MASK is not None or MASK_MOD is not None):
+            keep = token_mask(offs_m[:, None], offs_n[None, :], seq, VARIANT_ARGS, MASK_ARGS, VARIANT_MASK,
+                              POSITIONS, MASK_MOD)
             p = tl.where(keep, p, 0.0)
         if CHECK_N:
             p = tl.where(offs_n[None, :] < seqlen_k, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
+        if SCORE_GRADS_FN is not None:
+            if CHECK_M:  # padding rows must add nothing to a tensor's gradient
+                ds = tl.where(offs_m[:, None] < seqlen_q, ds, 0.0)
+            b, h, q_idx, kv_idx = mod_positions(offs_m[:, None], offs_n[None, :], seq, VARIANT_ARGS, POSITIONS)
+            SCORE_GRADS_FN(ds, s_in, b, h, q_idx, kv_idx, *SCORE_ARGS, *SCORE_GRADS)
+        if SCORE_DERIV is not None:
+            b, h, q_idx, kv_idx = mod_positions(offs_m[:, None], offs_n[None, :], seq, VARIANT_ARGS, POSITIONS)
+            ds = tl.where(p > 0.0, ds * SCORE_DERIV(s_in, b, h, q_idx, kv_idx, *SCORE_ARGS), 0.0)
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
@@ -208,11 +196,10 @@ def attn_bwd_dq_kernel(
     stride_lb, stride_lh,
     num_heads_q, groups, seqlen_q_arg, seqlen_k_arg, CU_Q, CU_K,
     sm_scale, softcap,
-    MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1,
-    CNT_FULL, IDX_FULL, CNT_PART, IDX_PART,
-    cf_sb, cf_sh, cf_sr, xf_sb, xf_sh, xf_sr, cp_sb, cp_sh, cp_sr, xp_sb, xp_sh, xp_sr,
-    MASK_FN: tl.constexpr, MASK_CFG: tl.constexpr, RANGE_FN: tl.constexpr,
-    LIST: tl.constexpr, LIST_BQ: tl.constexpr, LIST_BK: tl.constexpr,
+    VARIANT_ARGS, LISTS, SCORE_ARGS, SCORE_GRADS, MASK_ARGS,
+    RANGE_FN: tl.constexpr, VARIANT_MASK: tl.constexpr, POSITIONS: tl.constexpr,
+    SCORE_MOD: tl.constexpr, SCORE_DERIV: tl.constexpr, SCORE_GRADS_FN: tl.constexpr, MASK_MOD: tl.constexpr,
+    LIST_BQ: tl.constexpr, LIST_BK: tl.constexpr,
     VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -229,6 +216,8 @@ def attn_bwd_dq_kernel(
         CHECK_N: tl.constexpr = not EVEN_N
         PAD_D: tl.constexpr = HEAD_DIM != BLOCK_D
         PAD_DV: tl.constexpr = HEAD_DIM_V != BLOCK_DV
+        LIST: tl.constexpr = LISTS is not None
+        SUB: tl.constexpr = LIST_BK // BLOCK_N
         off_hk = off_h // groups
         tb = tensor_b.to(tl.int64)
         q_row = q_start.to(tl.int64)
@@ -247,46 +236,15 @@ def attn_bwd_dq_kernel(
         k_base = K + tb * stride_kb + off_hk.to(tl.int64) * stride_kh + k_row * stride_kn
         v_base = V + tb * stride_vb + off_hk.to(tl.int64) * stride_vh + k_row * stride_vn
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        if LIST:
-            SUB: tl.constexpr = LIST_BK // BLOCK_N
-            row = start_m // LIST_BQ
-            n_full, full_idx, n_part, part_idx = list_entries(
-                row, off_b, off_h, CNT_FULL, IDX_FULL, CNT_PART, IDX_PART,
-                cf_sb, cf_sh, cf_sr, xf_sb, xf_sh, xf_sr, cp_sb, cp_sh, cp_sr, xp_sb, xp_sh, xp_sr)
-            dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, offs_dv,
-                           0, n_full * SUB, full_idx, sm_scale, softcap,
-                           off_b, off_h, seqlen_q, seqlen_k, MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1,
-                           MASK_FN, MASK_CFG, False, True, SUB, BLOCK_N, HEAD_DIM, HEAD_DIM_V, CHECK_N, PAD_D,
-                           PAD_DV, HAS_SOFTCAP, DOT_PRECISION)
-            dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, offs_dv,
-                           0, n_part * SUB, part_idx, sm_scale, softcap,
-                           off_b, off_h, seqlen_q, seqlen_k, MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1,
-                           MASK_FN, MASK_CFG, True, True, SUB, BLOCK_N, HEAD_DIM, HEAD_DIM_V, CHECK_N, PAD_D,
-                           PAD_DV, HAS_SOFTCAP, DOT_PRECISION)
-        else:
-            f_lo, f_hi, a_lo, a_hi, b_lo, b_hi, c_lo, c_hi = RANGE_FN(
-                start_m, BLOCK_M, BLOCK_N, off_b, off_h, seqlen_q, seqlen_k,
-                MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1, MASK_CFG)
-            dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, offs_dv,
-                           f_lo, f_hi, None, sm_scale, softcap,
-                           off_b, off_h, seqlen_q, seqlen_k, MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1,
-                           MASK_FN, MASK_CFG, False, False, 1, BLOCK_N, HEAD_DIM, HEAD_DIM_V, CHECK_N, PAD_D,
-                           PAD_DV, HAS_SOFTCAP, DOT_PRECISION)
-            dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, offs_dv,
-                           a_lo, a_hi, None, sm_scale, softcap,
-                           off_b, off_h, seqlen_q, seqlen_k, MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1,
-                           MASK_FN, MASK_CFG, True, False, 1, BLOCK_N, HEAD_DIM, HEAD_DIM_V, CHECK_N, PAD_D,
-                           PAD_DV, HAS_SOFTCAP, DOT_PRECISION)
-            dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, offs_dv,
-                           b_lo, b_hi, None, sm_scale, softcap,
-                           off_b, off_h, seqlen_q, seqlen_k, MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1,
-                           MASK_FN, MASK_CFG, True, False, 1, BLOCK_N, HEAD_DIM, HEAD_DIM_V, CHECK_N, PAD_D,
-                           PAD_DV, HAS_SOFTCAP, DOT_PRECISION)
-            dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, offs_dv,
-                           c_lo, c_hi, None, sm_scale, softcap,
-                           off_b, off_h, seqlen_q, seqlen_k, MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1,
-                           MASK_FN, MASK_CFG, True, False, 1, BLOCK_N, HEAD_DIM, HEAD_DIM_V, CHECK_N, PAD_D,
-                           PAD_DV, HAS_SOFTCAP, DOT_PRECISION)
+        seq = (off_b, off_h, seqlen_q, seqlen_k)
+        ranges, index = segments(start_m // LIST_BQ, start_m, BLOCK_M, BLOCK_N, seq, RANGE_FN, LISTS, VARIANT_ARGS,
+                                 SUB)
+        for seg in tl.static_range(len(ranges)):
+            dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, offs_dv,
+                            ranges[seg][0], ranges[seg][1], index[seg if LIST else 0], seq, sm_scale, softcap,
+                            VARIANT_ARGS, SCORE_ARGS, SCORE_GRADS, MASK_ARGS, VARIANT_MASK, POSITIONS, SCORE_MOD,
+                            SCORE_DERIV, SCORE_GRADS_FN, MASK_MOD, seg > 0, LIST, SUB, BLOCK_N, HEAD_DIM,
+                            HEAD_DIM_V, CHECK_M, CHECK_N, PAD_D, PAD_DV, HAS_SOFTCAP, DOT_PRECISION)
         dq = dq * sm_scale
         tl.store(DQ + tb * stride_dqb + off_h.to(tl.int64) * stride_dqh + (q_row + offs_m[:, None]) * stride_dqm
                  + offs_d[None, :], dq.to(DQ.dtype.element_ty),

@@ -1,4 +1,11 @@
-"""Small @triton.jit helpers shared by the forward and backward kernels."""
+"""Small @triton.jit helpers shared by the forward and backward kernels.
+
+Notation: a *segment* is a run of key blocks (query blocks in the dK/dV pass) that a
+program visits. Segment 0 holds the *full* blocks, visited without any token mask;
+every later segment holds *partial* blocks, visited with the variant's mask and the
+mask_mod. In range mode the variant's range function returns the segments as
+``(lo, hi)`` pairs; in list mode they are the full and partial block lists.
+"""
 
 import triton
 import triton.language as tl
@@ -11,16 +18,6 @@ LN2 = tl.constexpr(0.6931471805599453)
 def tanh(x):
     # 1 - 2 / (exp(2x) + 1): saturates cleanly to +-1 and needs no libdevice call.
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
-
-
-@triton.jit
-def block_index(it, IDX_PTR, LIST: tl.constexpr, SUB: tl.constexpr):
-    """Kernel-block index of iteration ``it``: ``it`` itself for an arithmetic range;
-    for a block list, entry ``it // SUB`` of the list split into SUB kernel blocks."""
-    if LIST:
-        return tl.load(IDX_PTR + it // SUB) * SUB + it % SUB
-    else:
-        return it
 
 
 @triton.jit
@@ -37,29 +34,6 @@ def load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK_
 
 
 @triton.jit
-def scores_log2(qk, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr):
-    """Scaled (and soft-capped) scores in log2 units, plus tanh of the cap (for the gradient)."""
-    if HAS_SOFTCAP:
-        t = tanh(qk * (sm_scale / softcap))
-        return t * (softcap * LOG2E), t
-    else:
-        return qk * (sm_scale * LOG2E), qk
-
-
-@triton.jit
-def list_entries(row, off_b, off_h, CNT_FULL, IDX_FULL, CNT_PART, IDX_PART,
-                 cf_sb, cf_sh, cf_sr, xf_sb, xf_sh, xf_sr, cp_sb, cp_sh, cp_sr, xp_sb, xp_sh, xp_sr):
-    """Block-list row ``row`` of (batch, head): (full count, full indices, partial count, partial indices).
-    Every tensor has its own strides (0 on broadcast dims), so the lists may differ in width."""
-    b = off_b.to(tl.int64)
-    n_full = tl.load(CNT_FULL + b * cf_sb + off_h * cf_sh + row * cf_sr)
-    n_part = tl.load(CNT_PART + b * cp_sb + off_h * cp_sh + row * cp_sr)
-    full = IDX_FULL + b * xf_sb + off_h * xf_sh + row * xf_sr
-    part = IDX_PART + b * xp_sb + off_h * xp_sh + row * xp_sr
-    return n_full, full, n_part, part
-
-
-@triton.jit
 def sequence_bounds(off_b, seqlen_q_arg, seqlen_k_arg, CU_Q, CU_K, VARLEN: tl.constexpr):
     """(tensor batch index, first query row, Nq, first key row, Nk) of sequence ``off_b``:
     a batch entry, or one sequence of a packed (B = 1) batch given by cu_seqlens."""
@@ -70,3 +44,94 @@ def sequence_bounds(off_b, seqlen_q_arg, seqlen_k_arg, CU_Q, CU_K, VARLEN: tl.co
                 k_start, tl.load(CU_K + off_b + 1) - k_start)
     else:
         return off_b, off_b * 0, seqlen_q_arg, off_b * 0, seqlen_k_arg
+
+
+@triton.jit
+def segments(row, start, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, seq, RANGE_FN: tl.constexpr, LISTS,
+             VARIANT_ARGS, SUB: tl.constexpr):
+    """The segments a program visits, as ((lo, hi), ...), and the block-index lists of list mode.
+
+    Range mode (``LISTS`` None): the variant's ``RANGE_FN(start, BLOCK_M, BLOCK_N, b, h,
+    seqlen_q, seqlen_k, *VARIANT_ARGS)``. List mode: row ``row`` of the full and partial
+    lists, each list entry split into SUB kernel blocks.
+    """
+    off_b, off_h, seqlen_q, seqlen_k = seq
+    if LISTS is None:
+        # the second value is a placeholder: range-mode segments have no index lists
+        return RANGE_FN(start, BLOCK_M, BLOCK_N, off_b, off_h, seqlen_q, seqlen_k, *VARIANT_ARGS), (0, 0)
+    else:
+        (CNT_FULL, IDX_FULL, CNT_PART, IDX_PART, cf_sb, cf_sh, cf_sr, xf_sb, xf_sh, xf_sr,
+         cp_sb, cp_sh, cp_sr, xp_sb, xp_sh, xp_sr) = LISTS
+        # every list has its own strides (0 on broadcast dims), so lists may differ in width
+        b = off_b.to(tl.int64)
+        n_full = tl.load(CNT_FULL + b * cf_sb + off_h * cf_sh + row * cf_sr)
+        n_part = tl.load(CNT_PART + b * cp_sb + off_h * cp_sh + row * cp_sr)
+        full = IDX_FULL + b * xf_sb + off_h * xf_sh + row * xf_sr
+        part = IDX_PART + b * xp_sb + off_h * xp_sh + row * xp_sr
+        return ((0, n_full * SUB), (0, n_part * SUB)), (full, part)
+
+
+@triton.jit
+def block_index(it, INDEX, LIST: tl.constexpr, SUB: tl.constexpr):
+    """Kernel-block index of iteration ``it`` of a segment: ``it`` itself in range mode;
+    in list mode, entry ``it // SUB`` of the list split into SUB kernel blocks."""
+    if LIST:
+        return tl.load(INDEX + it // SUB) * SUB + it % SUB
+    else:
+        return it
+
+
+@triton.jit
+def mod_positions(q_pos, k_pos, seq, VARIANT_ARGS, POSITIONS: tl.constexpr):
+    """(b, h, q_idx, kv_idx) that score and mask mods see for tile positions q_pos, k_pos.
+
+    Padding rows and keys of a ragged tile are clamped to the last valid one, so a mod
+    never reads past its tensors (their results are discarded by the engine).
+    """
+    off_b, off_h, seqlen_q, seqlen_k = seq
+    q_pos = tl.maximum(tl.minimum(q_pos, seqlen_q - 1), 0)
+    k_pos = tl.maximum(tl.minimum(k_pos, seqlen_k - 1), 0)
+    if POSITIONS is None:
+        # bottom-right: query row i sits at key position i + Nk - Nq
+        return off_b, off_h, q_pos + (seqlen_k - seqlen_q), k_pos
+    else:
+        return POSITIONS(q_pos, k_pos, off_b, off_h, seqlen_q, seqlen_k, *VARIANT_ARGS)
+
+
+@triton.jit
+def scores(qk, q_pos, k_pos, seq, sm_scale, softcap, VARIANT_ARGS, SCORE_ARGS, POSITIONS: tl.constexpr,
+           SCORE_MOD: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """Scores of a tile of q.k products, in log2 units, after the scale, the softcap and the
+    score_mod; also the score the mod received (natural units) and tanh of the softcap,
+    which the backward needs. Without a score mod the scale folds into one multiply."""
+    if SCORE_MOD is None:
+        if HAS_SOFTCAP:
+            t = tanh(qk * (sm_scale / softcap))
+            return t * (softcap * LOG2E), qk, t
+        else:
+            return qk * (sm_scale * LOG2E), qk, qk
+    else:
+        if HAS_SOFTCAP:
+            t = tanh(qk * (sm_scale / softcap))
+            s_in = t * softcap
+        else:
+            t = qk
+            s_in = qk * sm_scale
+        b, h, q_idx, kv_idx = mod_positions(q_pos, k_pos, seq, VARIANT_ARGS, POSITIONS)
+        return SCORE_MOD(s_in, b, h, q_idx, kv_idx, *SCORE_ARGS) * LOG2E, s_in, t
+
+
+@triton.jit
+def token_mask(q_pos, k_pos, seq, VARIANT_ARGS, MASK_ARGS, VARIANT_MASK: tl.constexpr, POSITIONS: tl.constexpr,
+               MASK_MOD: tl.constexpr):
+    """Which pairs of a partial block attend: the variant's mask and the mask_mod (either may be None)."""
+    off_b, off_h, seqlen_q, seqlen_k = seq
+    if VARIANT_MASK is None:
+        b, h, q_idx, kv_idx = mod_positions(q_pos, k_pos, seq, VARIANT_ARGS, POSITIONS)
+        return MASK_MOD(b, h, q_idx, kv_idx, *MASK_ARGS)
+    else:
+        keep = VARIANT_MASK(q_pos, k_pos, off_b, off_h, seqlen_q, seqlen_k, *VARIANT_ARGS)
+        if MASK_MOD is not None:
+            b, h, q_idx, kv_idx = mod_positions(q_pos, k_pos, seq, VARIANT_ARGS, POSITIONS)
+            keep = keep & MASK_MOD(b, h, q_idx, kv_idx, *MASK_ARGS)
+        return keep

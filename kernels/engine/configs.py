@@ -66,7 +66,7 @@ def prune(configs: List[triton.Config], named_args: Dict, **kwargs) -> List[trit
     block_d, block_dv = args["BLOCK_D"], args["BLOCK_DV"]
     elem = 4 if args.get("DOT_PRECISION") == "ieee" else 2
     list_bq, list_bk = args.get("LIST_BQ", 1), args.get("LIST_BK", 1)
-    is_list = bool(args.get("LIST", False))
+    is_list = args.get("LISTS") is not None
     kept = []
     for cfg in configs:
         bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
@@ -83,9 +83,19 @@ def prune(configs: List[triton.Config], named_args: Dict, **kwargs) -> List[trit
     return kept
 
 
+def zero_tensor_grads(nargs: Dict) -> None:
+    """Config pre-hook of the dQ pass: a score mod's tensor gradients are accumulated with
+    atomics, so every launch (autotuning benchmarks included) must start from zero."""
+    for grad in nargs.get("SCORE_GRADS") or ():
+        if grad is not None:
+            grad.zero_()
+
+
 def autotune_configs(kind: str) -> List[triton.Config]:
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in TABLES[kind]]
+    hook = zero_tensor_grads if kind == "dq" else None
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=hook)
+            for bm, bn, w, s in TABLES[kind]]
 
 
-AUTOTUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "RANGE_FN", "MASK_FN", "MASK_CFG", "LIST", "LIST_BQ", "LIST_BK",
-                "VARLEN", "HAS_SOFTCAP", "DOT_PRECISION", "seqlen_q_arg", "seqlen_k_arg"]
+AUTOTUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "RANGE_FN", "VARIANT_MASK", "POSITIONS", "SCORE_MOD", "MASK_MOD",
+                "LIST_BQ", "LIST_BK", "VARLEN", "HAS_SOFTCAP", "DOT_PRECISION", "seqlen_q_arg", "seqlen_k_arg"]

@@ -1,46 +1,52 @@
 """Forward kernel of the fused softmax-attention engine (FlashAttention-2 algorithm).
 
 One program owns BLOCK_M query rows of one (batch, query head) and streams the key
-blocks its schedule names, keeping an online softmax in registers. A variant plugs
-in through three @triton.jit functions passed as constexprs:
+blocks its schedule names, keeping an online softmax in registers. What a variant
+and a user plug in (all ``@triton.jit`` functions passed as constexprs, each with its
+own runtime arguments passed as tuples):
 
-* ``KV_RANGE(start_m, BLOCK_M, BLOCK_N, *ctx)`` -> (full_lo, full_hi, p0_lo, p0_hi,
-  p1_lo, p1_hi, p2_lo, p2_hi): key-block ranges, ``full`` visited without the mask,
-  the three partial ranges with it (range mode);
-* or per-query-block lists of key blocks, split into full and partial (list mode);
-* ``MASK(q_pos, k_pos, *ctx)`` -> bool: the token mask inside partial blocks.
+* ``RANGE_FN(start_m, BLOCK_M, BLOCK_N, b, h, seqlen_q, seqlen_k, *VARIANT_ARGS)`` ->
+  ((lo, hi), ...): the key-block segments, full first (range mode); or ``LISTS``,
+  the full and partial block lists of list mode;
+* ``VARIANT_MASK(q_pos, k_pos, b, h, seqlen_q, seqlen_k, *VARIANT_ARGS)`` -> bool: the
+  variant's token mask inside partial blocks (or None);
+* ``POSITIONS(...)`` -> (b, h, q_idx, kv_idx): the positions mods see (None: bottom-right);
+* ``SCORE_MOD(score, b, h, q_idx, kv_idx, *SCORE_ARGS)`` -> score (or None);
+* ``MASK_MOD(b, h, q_idx, kv_idx, *MASK_ARGS)`` -> bool, in partial blocks (or None).
 
-``ctx`` is always (off_b, off_h, seqlen_q, seqlen_k, MASK_PTR, mask_stride_b,
-mask_stride_h, mask_arg0, mask_arg1, MASK_CFG); a variant reads what it needs.
+Constexprs: HEAD_DIM/HEAD_DIM_V are the real head dims and BLOCK_D/BLOCK_DV their
+power-of-two tiles; EVEN_M/EVEN_N drop row/key bounds checks when the lengths are
+multiples of every tile; LIST_BQ/LIST_BK are the list block sizes (multiples of
+BLOCK_M/BLOCK_N); DOT_PRECISION is "ieee" for float32 inputs, "tf32" otherwise.
 Keys at or past seqlen_k are masked by the engine itself, in every block.
 """
 
 import triton
 import triton.language as tl
 
-from .common import LN2, block_index, list_entries, load_tile, scores_log2, sequence_bounds
+from .common import LN2, block_index, load_tile, scores, segments, sequence_bounds, token_mask
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
-               offs_m, offs_d, offs_dv, lo, hi, IDX_PTR,
-               sm_scale, softcap,
-               off_b, off_h, seqlen_q, seqlen_k, MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1,
-               MASK_FN: tl.constexpr, MASK_CFG: tl.constexpr, APPLY_MASK: tl.constexpr,
-               LIST: tl.constexpr, SUB: tl.constexpr,
-               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-               CHECK_N: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
-               HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _forward_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, offs_dv,
+                    lo, hi, INDEX, seq, sm_scale, softcap, VARIANT_ARGS, SCORE_ARGS, MASK_ARGS,
+                    VARIANT_MASK: tl.constexpr, POSITIONS: tl.constexpr, SCORE_MOD: tl.constexpr,
+                    MASK_MOD: tl.constexpr, MASKED: tl.constexpr, LIST: tl.constexpr, SUB: tl.constexpr,
+                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                    CHECK_N: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
+                    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One segment: the online-softmax update over key blocks lo .. hi - 1."""
+    seqlen_k = seq[3]
     for it in range(lo, hi):
-        blk = block_index(it, IDX_PTR, LIST, SUB)
-        offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = block_index(it, INDEX, LIST, SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
         k = load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, seqlen_k,
                       offs_d, HEAD_DIM, CHECK_N, PAD_D)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        s, _ = scores_log2(qk, sm_scale, softcap, HAS_SOFTCAP)
-        if APPLY_MASK:
-            keep = MASK_FN(offs_m[:, None], offs_n[None, :], off_b, off_h, seqlen_q, seqlen_k,
-                           MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1, MASK_CFG)
+        s, _, _ = scores(qk, offs_m[:, None], offs_n[None, :], seq, sm_scale, softcap, VARIANT_ARGS, SCORE_ARGS,
+                         POSITIONS, SCORE_MOD, HAS_SOFTCAP)
+        if MASKED and (VARIANT_MASK is not None or MASK_MOD is not None):
+            keep = token_mask(offs_m[:, None], offs_n[None, :], seq, VARIANT_ARGS, MASK_ARGS, VARIANT_MASK,
+                              POSITIONS, MASK_MOD)
             s = tl.where(keep, s, float("-inf"))
         if CHECK_N:
             s = tl.where(offs_n[None, :] < seqlen_k, s, float("-inf"))
@@ -68,11 +74,10 @@ def attn_fwd_kernel(
     stride_lb, stride_lh,
     num_heads_q, groups, seqlen_q_arg, seqlen_k_arg, CU_Q, CU_K,
     sm_scale, softcap,
-    MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1,
-    CNT_FULL, IDX_FULL, CNT_PART, IDX_PART,
-    cf_sb, cf_sh, cf_sr, xf_sb, xf_sh, xf_sr, cp_sb, cp_sh, cp_sr, xp_sb, xp_sh, xp_sr,
-    MASK_FN: tl.constexpr, MASK_CFG: tl.constexpr, RANGE_FN: tl.constexpr,
-    LIST: tl.constexpr, LIST_BQ: tl.constexpr, LIST_BK: tl.constexpr,
+    VARIANT_ARGS, LISTS, SCORE_ARGS, MASK_ARGS,
+    RANGE_FN: tl.constexpr, VARIANT_MASK: tl.constexpr, POSITIONS: tl.constexpr,
+    SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr,
+    LIST_BQ: tl.constexpr, LIST_BK: tl.constexpr,
     VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -96,6 +101,8 @@ def attn_fwd_kernel(
         CHECK_N: tl.constexpr = not EVEN_N
         PAD_D: tl.constexpr = HEAD_DIM != BLOCK_D
         PAD_DV: tl.constexpr = HEAD_DIM_V != BLOCK_DV
+        LIST: tl.constexpr = LISTS is not None
+        SUB: tl.constexpr = LIST_BK // BLOCK_N
         q = load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, seqlen_q, offs_d, HEAD_DIM,
                       CHECK_M, PAD_D)
 
@@ -109,52 +116,15 @@ def attn_fwd_kernel(
             m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + float("-inf")
             l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-        if LIST:
-            SUB: tl.constexpr = LIST_BK // BLOCK_N
-            row = start_m // LIST_BQ
-            n_full, full_idx, n_part, part_idx = list_entries(
-                row, off_b, off_h, CNT_FULL, IDX_FULL, CNT_PART, IDX_PART,
-                cf_sb, cf_sh, cf_sr, xf_sb, xf_sh, xf_sr, cp_sb, cp_sh, cp_sr, xp_sb, xp_sh, xp_sr)
-            acc, l_i, m_i = _fwd_inner(
+        seq = (off_b, off_h, seqlen_q, seqlen_k)
+        ranges, index = segments(start_m // LIST_BQ, start_m, BLOCK_M, BLOCK_N, seq, RANGE_FN, LISTS, VARIANT_ARGS,
+                                 SUB)
+        for seg in tl.static_range(len(ranges)):
+            acc, l_i, m_i = _forward_blocks(
                 acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, offs_dv,
-                0, n_full * SUB, full_idx, sm_scale, softcap,
-                off_b, off_h, seqlen_q, seqlen_k, MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1,
-                MASK_FN, MASK_CFG, False, True, SUB, BLOCK_N, HEAD_DIM, HEAD_DIM_V, CHECK_N, PAD_D, PAD_DV,
-                HAS_SOFTCAP, DOT_PRECISION)
-            acc, l_i, m_i = _fwd_inner(
-                acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, offs_dv,
-                0, n_part * SUB, part_idx, sm_scale, softcap,
-                off_b, off_h, seqlen_q, seqlen_k, MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1,
-                MASK_FN, MASK_CFG, True, True, SUB, BLOCK_N, HEAD_DIM, HEAD_DIM_V, CHECK_N, PAD_D, PAD_DV,
-                HAS_SOFTCAP, DOT_PRECISION)
-        else:
-            f_lo, f_hi, a_lo, a_hi, b_lo, b_hi, c_lo, c_hi = RANGE_FN(
-                start_m, BLOCK_M, BLOCK_N, off_b, off_h, seqlen_q, seqlen_k,
-                MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1, MASK_CFG)
-            acc, l_i, m_i = _fwd_inner(
-                acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, offs_dv,
-                f_lo, f_hi, None, sm_scale, softcap,
-                off_b, off_h, seqlen_q, seqlen_k, MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1,
-                MASK_FN, MASK_CFG, False, False, 1, BLOCK_N, HEAD_DIM, HEAD_DIM_V, CHECK_N, PAD_D, PAD_DV,
-                HAS_SOFTCAP, DOT_PRECISION)
-            acc, l_i, m_i = _fwd_inner(
-                acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, offs_dv,
-                a_lo, a_hi, None, sm_scale, softcap,
-                off_b, off_h, seqlen_q, seqlen_k, MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1,
-                MASK_FN, MASK_CFG, True, False, 1, BLOCK_N, HEAD_DIM, HEAD_DIM_V, CHECK_N, PAD_D, PAD_DV,
-                HAS_SOFTCAP, DOT_PRECISION)
-            acc, l_i, m_i = _fwd_inner(
-                acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, offs_dv,
-                b_lo, b_hi, None, sm_scale, softcap,
-                off_b, off_h, seqlen_q, seqlen_k, MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1,
-                MASK_FN, MASK_CFG, True, False, 1, BLOCK_N, HEAD_DIM, HEAD_DIM_V, CHECK_N, PAD_D, PAD_DV,
-                HAS_SOFTCAP, DOT_PRECISION)
-            acc, l_i, m_i = _fwd_inner(
-                acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, offs_dv,
-                c_lo, c_hi, None, sm_scale, softcap,
-                off_b, off_h, seqlen_q, seqlen_k, MASK_PTR, mask_sb, mask_sh, mask_a0, mask_a1,
-                MASK_FN, MASK_CFG, True, False, 1, BLOCK_N, HEAD_DIM, HEAD_DIM_V, CHECK_N, PAD_D, PAD_DV,
-                HAS_SOFTCAP, DOT_PRECISION)
+                ranges[seg][0], ranges[seg][1], index[seg if LIST else 0], seq, sm_scale, softcap,
+                VARIANT_ARGS, SCORE_ARGS, MASK_ARGS, VARIANT_MASK, POSITIONS, SCORE_MOD, MASK_MOD,
+                seg > 0, LIST, SUB, BLOCK_N, HEAD_DIM, HEAD_DIM_V, CHECK_N, PAD_D, PAD_DV, HAS_SOFTCAP, DOT_PRECISION)
 
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)

@@ -1,60 +1,21 @@
-"""Host side of the fused softmax engine: the schedule description and the launchers."""
+"""Host side of the fused softmax engine: turns a Schedule and the mods into kernel
+arguments and launches the forward and the two backward passes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
+import triton.language as tl
+
+from attnkit.engine import BlockLists, Const, Schedule
+from attnkit.mods.core import ModKernel
 
 from ..common import block_dim, new_output
 from . import configs
 from .backward import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
 from .forward import attn_fwd_kernel
-
-
-@dataclass(frozen=True)
-class BlockLists:
-    """Per-query-block lists of key blocks (and the transposed lists for the dK/dV pass).
-
-    Counts are int32 of shape (Bm, Hm, R) and indices int32 of shape (Bm, Hm, R, C),
-    with Bm in {1, B} and Hm in {1, Hq} (broadcast by stride 0). ``kv_*`` lists key
-    blocks of size ``block_k`` per query block of size ``block_q``; ``q_*`` lists query
-    blocks per key block. ``full`` blocks skip the token mask; ``part`` blocks apply it.
-    """
-
-    block_q: int
-    block_k: int
-    kv_full_count: torch.Tensor
-    kv_full_index: torch.Tensor
-    kv_part_count: torch.Tensor
-    kv_part_index: torch.Tensor
-    q_full_count: torch.Tensor
-    q_full_index: torch.Tensor
-    q_part_count: torch.Tensor
-    q_part_index: torch.Tensor
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """How a variant plugs into the engine: which key blocks each query block visits
-    and the token mask inside partial blocks.
-
-    Range mode: ``kv_range`` / ``q_range`` are @triton.jit functions (see forward.py).
-    List mode: ``lists`` holds the block lists; ``kv_range``/``q_range`` are unused.
-    ``mask`` is the @triton.jit token mask; ``mask_tensor``, ``mask_strides``,
-    ``mask_args`` and ``mask_cfg`` are handed to it (and to the range functions) unchanged.
-    """
-
-    mask: Any
-    kv_range: Any = None
-    q_range: Any = None
-    lists: Optional[BlockLists] = None
-    mask_cfg: int = 0
-    mask_tensor: Optional[torch.Tensor] = None
-    mask_strides: Tuple[int, int] = (0, 0)
-    mask_args: Tuple[int, int] = (0, 0)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -67,25 +28,28 @@ def _broadcast_strides(x: torch.Tensor) -> Tuple[int, ...]:
     return tuple(st if n > 1 else 0 for n, st in zip(x.shape, x.stride()))
 
 
-def _schedule_args(schedule: Schedule, transposed: bool) -> Tuple[list, dict]:
-    lists = schedule.lists
-    mask_tensor = schedule.mask_tensor
-    args = [mask_tensor, schedule.mask_strides[0], schedule.mask_strides[1],
-            schedule.mask_args[0], schedule.mask_args[1]]
+def _variant_args(schedule: Schedule) -> tuple:
+    return tuple(tl.constexpr(a.value) if isinstance(a, Const) else a for a in schedule.args)
+
+
+def _lists_arg(lists: Optional[BlockLists], transposed: bool):
+    """The LISTS tuple of list mode (counts, indices, then their strides), None in range mode."""
     if lists is None:
-        args += [None, None, None, None] + [0] * 12
-        meta = dict(RANGE_FN=schedule.q_range if transposed else schedule.kv_range, LIST=False, LIST_BQ=1,
-                    LIST_BK=1)
+        return None
+    if transposed:
+        cf, xf, cp, xp = lists.q_full_count, lists.q_full_index, lists.q_part_count, lists.q_part_index
     else:
-        if transposed:
-            cf, xf, cp, xp = lists.q_full_count, lists.q_full_index, lists.q_part_count, lists.q_part_index
-        else:
-            cf, xf, cp, xp = lists.kv_full_count, lists.kv_full_index, lists.kv_part_count, lists.kv_part_index
-        args += [cf, xf, cp, xp, *_broadcast_strides(cf), *_broadcast_strides(xf)[:3],
-                 *_broadcast_strides(cp), *_broadcast_strides(xp)[:3]]
-        meta = dict(RANGE_FN=None, LIST=True, LIST_BQ=lists.block_q, LIST_BK=lists.block_k)
-    meta.update(MASK_FN=schedule.mask, MASK_CFG=schedule.mask_cfg)
-    return args, meta
+        cf, xf, cp, xp = lists.kv_full_count, lists.kv_full_index, lists.kv_part_count, lists.kv_part_index
+    return (cf, xf, cp, xp, *_broadcast_strides(cf), *_broadcast_strides(xf)[:3],
+            *_broadcast_strides(cp), *_broadcast_strides(xp)[:3])
+
+
+def _hook_meta(schedule: Schedule, score: Optional[ModKernel], mask: Optional[ModKernel], transposed: bool) -> dict:
+    lists = schedule.lists
+    return dict(RANGE_FN=None if lists is not None else (schedule.q_range if transposed else schedule.kv_range),
+                VARIANT_MASK=schedule.mask, POSITIONS=schedule.positions,
+                SCORE_MOD=score.kernel if score else None, MASK_MOD=mask.kernel if mask else None,
+                LIST_BQ=lists.block_q if lists is not None else 1, LIST_BK=lists.block_k if lists is not None else 1)
 
 
 def _launch(kernel, tuned, grid_rows: int, grid_cols: int, grid_block: str, args: list, meta: dict) -> None:
@@ -97,12 +61,14 @@ def _launch(kernel, tuned, grid_rows: int, grid_cols: int, grid_block: str, args
         tuned[lambda m: (triton.cdiv(grid_rows, m[grid_block]), grid_cols)](*args, **meta)
 
 
-_fwd_tuned = triton.autotune(configs.autotune_configs("fwd"), key=configs.AUTOTUNE_KEY,
-                             prune_configs_by={"early_config_prune": configs.prune})(attn_fwd_kernel)
-_dkdv_tuned = triton.autotune(configs.autotune_configs("dkdv"), key=configs.AUTOTUNE_KEY,
-                              prune_configs_by={"early_config_prune": configs.prune})(attn_bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(configs.autotune_configs("dq"), key=configs.AUTOTUNE_KEY,
-                            prune_configs_by={"early_config_prune": configs.prune})(attn_bwd_dq_kernel)
+def _tuned(kernel, kind: str):
+    return triton.autotune(configs.autotune_configs(kind), key=configs.AUTOTUNE_KEY,
+                           prune_configs_by={"early_config_prune": configs.prune})(kernel)
+
+
+_fwd_tuned = _tuned(attn_fwd_kernel, "fwd")
+_dkdv_tuned = _tuned(attn_bwd_dkdv_kernel, "dkdv")
+_dq_tuned = _tuned(attn_bwd_dq_kernel, "dq")
 
 
 def _common_meta(q: torch.Tensor, v: torch.Tensor, varlen: bool, softcap: Optional[float], seqlen_q: int,
@@ -121,6 +87,7 @@ def _common_meta(q: torch.Tensor, v: torch.Tensor, varlen: bool, softcap: Option
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule: Schedule, *, sm_scale: float,
                       softcap: Optional[float] = None, sink_logits: Optional[torch.Tensor] = None,
+                      score_mod: Optional[ModKernel] = None, mask_mod: Optional[ModKernel] = None,
                       cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
                       max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -136,23 +103,26 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedul
     rows = max_seqlen_q if varlen else Nq
     o = new_output((B, Hq, Nq, v.shape[-1]), q.dtype, q.device)
     lse = new_output((B, Hq, Nq), torch.float32, q.device)
-    sched_args, sched_meta = _schedule_args(schedule, transposed=False)
     args = [q, k, v, o, lse, sink_logits,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *lse.stride()[:2],
             Hq, Hq // Hkv, Nq, Nk, cu_seqlens_q, cu_seqlens_k, sm_scale, softcap if softcap else 1.0,
-            *sched_args]
-    meta = dict(sched_meta, HAS_SINK=sink_logits is not None, **_common_meta(q, v, varlen, softcap, Nq, Nk, schedule))
+            _variant_args(schedule), _lists_arg(schedule.lists, False),
+            score_mod.tensors if score_mod else (), mask_mod.tensors if mask_mod else ()]
+    meta = dict(_hook_meta(schedule, score_mod, mask_mod, False), HAS_SINK=sink_logits is not None,
+                **_common_meta(q, v, varlen, softcap, Nq, Nk, schedule))
     _launch(attn_fwd_kernel, _fwd_tuned, rows, n_seqs * Hq, "BLOCK_M", args, meta)
     return o, lse
 
 
 def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                        lse: torch.Tensor, schedule: Schedule, *, sm_scale: float, softcap: Optional[float] = None,
+                       score_mod: Optional[ModKernel] = None, mask_mod: Optional[ModKernel] = None,
                        cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
                        max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
-                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused backward: returns dq, dk, dv (in the inputs' dtypes) and delta = rowsum(dO * O)
-    (B, Hq, Nq) float32, which the caller needs for the sink-logit gradient."""
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+    """Fused backward: returns dq, dk, dv (in the inputs' dtypes), delta = rowsum(dO * O)
+    (B, Hq, Nq) float32 (the caller needs it for the sink-logit gradient), and the
+    gradients of the score mod's tensors that need one (in their dtypes)."""
     B, Hq, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     varlen = cu_seqlens_q is not None
@@ -163,20 +133,30 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
-    common = dict(_common_meta(q, v, varlen, softcap, Nq, Nk, schedule))
+    common = _common_meta(q, v, varlen, softcap, Nq, Nk, schedule)
     head = [q, k, v, do]
     strides = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3]]
     tail_common = [cu_seqlens_q, cu_seqlens_k, sm_scale, softcap if softcap else 1.0]
+    score_args = score_mod.tensors if score_mod else ()
+    mask_args = mask_mod.tensors if mask_mod else ()
+    derivative = score_mod.derivative if score_mod else None
 
-    sched_args, sched_meta = _schedule_args(schedule, transposed=True)
     args = head + [dk, dv, lse, delta] + strides + [*dk.stride()[:3], *dv.stride()[:3], *lse.stride()[:2],
-                                                    Hkv, Hq // Hkv, Nq, Nk] + tail_common + sched_args
-    _launch(attn_bwd_dkdv_kernel, _dkdv_tuned, max_seqlen_k if varlen else Nk, n_seqs * Hkv, "BLOCK_N", args,
-            dict(sched_meta, **common))
+                                                    Hkv, Hq // Hkv, Nq, Nk] + tail_common
+    args += [_variant_args(schedule), _lists_arg(schedule.lists, True), score_args, mask_args]
+    meta = dict(_hook_meta(schedule, score_mod, mask_mod, True), SCORE_DERIV=derivative, **common)
+    _launch(attn_bwd_dkdv_kernel, _dkdv_tuned, max_seqlen_k if varlen else Nk, n_seqs * Hkv, "BLOCK_N", args, meta)
 
-    sched_args, sched_meta = _schedule_args(schedule, transposed=False)
-    args = head + [dq, lse, delta] + strides + [*dq.stride()[:3], *lse.stride()[:2],
-                                                Hq, Hq // Hkv, Nq, Nk] + tail_common + sched_args
-    _launch(attn_bwd_dq_kernel, _dq_tuned, max_seqlen_q if varlen else Nq, n_seqs * Hq, "BLOCK_M", args,
-            dict(sched_meta, **common))
-    return dq, dk, dv, delta
+    # a score mod's tensor gradients: fp32 buffers, accumulated atomically in the dQ pass
+    needs = score_mod.needs_grad if score_mod is not None and score_mod.tensor_grads is not None else ()
+    grad_buffers = tuple(torch.zeros(t.shape, dtype=torch.float32, device=t.device) if n else None
+                         for t, n in zip(score_args, needs))
+    grads_fn = score_mod.tensor_grads if any(needs) else None
+    args = head + [dq, lse, delta] + strides + [*dq.stride()[:3], *lse.stride()[:2], Hq, Hq // Hkv, Nq, Nk]
+    args += tail_common + [_variant_args(schedule), _lists_arg(schedule.lists, False), score_args,
+                           grad_buffers if grads_fn is not None else (), mask_args]
+    meta = dict(_hook_meta(schedule, score_mod, mask_mod, False), SCORE_DERIV=derivative, SCORE_GRADS_FN=grads_fn,
+                **common)
+    _launch(attn_bwd_dq_kernel, _dq_tuned, max_seqlen_q if varlen else Nq, n_seqs * Hq, "BLOCK_M", args, meta)
+    tensor_grads = [g.to(t.dtype) for t, g in zip(score_args, grad_buffers) if g is not None]
+    return dq, dk, dv, delta, tensor_grads

@@ -6,9 +6,10 @@ against it, and is reachable as a functional op, through ``attnkit.attention``
 and as an ``nn.Module``.
 """
 
-from . import checks, testing
+from . import checks, mods, testing
 from .dispatch import Explanation, attention, explain
 from .merge import merge_attention
+from .mods import MaskMod, ScoreMod
 from .registry import Case, Variant, get_variant, list_variants, register_variant, unregister_variant
 from .sdpa import scaled_dot_product_attention, sdpa_route
 
@@ -18,15 +19,17 @@ from .sliding_window import SlidingWindowCache, sliding_window_attention  # noqa
 from .block_sparse import BlockMask, block_sparse_attention, moba_attention, patterns  # noqa: E402
 from .neighborhood import neighborhood_attention  # noqa: E402
 from .linear import feature_maps, lightning_attention, lightning_slopes, linear_attention  # noqa: E402
+from .flex import create_block_mask, flex_attention  # noqa: E402
 
-from . import nn  # noqa: E402
+from . import extension, nn  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BlockMask", "Case", "Explanation", "SlidingWindowCache", "Variant", "attention", "block_sparse_attention",
-    "checks", "explain", "feature_maps", "flash_attention", "get_variant", "lightning_attention",
-    "lightning_slopes", "linear_attention", "list_variants", "merge_attention", "moba_attention",
-    "neighborhood_attention", "nn", "patterns", "register_variant", "scaled_dot_product_attention", "sdpa_route",
+    "BlockMask", "Case", "Explanation", "MaskMod", "ScoreMod", "SlidingWindowCache", "Variant", "attention",
+    "block_sparse_attention", "checks", "create_block_mask", "explain", "extension", "feature_maps",
+    "flash_attention", "flex_attention", "get_variant", "lightning_attention", "lightning_slopes",
+    "linear_attention", "list_variants", "merge_attention", "moba_attention", "mods", "neighborhood_attention",
+    "nn", "patterns", "register_variant", "scaled_dot_product_attention", "sdpa_route",
     "sliding_window_attention", "testing", "unregister_variant",
 ]

@@ -15,6 +15,9 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.utils.checkpoint
 
+#: a score modification bound to the positions of one chunk: score (B, H, M, L) -> score
+ScoreFn = Callable[[torch.Tensor], torch.Tensor]
+
 
 def expand_kv_heads(x: torch.Tensor, heads_q: int) -> torch.Tensor:
     """GQA/MQA mapping: (B, Hkv, ...) -> (B, Hq, ...); query head h reads kv head h // (Hq // Hkv)."""
@@ -24,18 +27,23 @@ def expand_kv_heads(x: torch.Tensor, heads_q: int) -> torch.Tensor:
 
 def softmax_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
                    mask: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
-                   sink_logits: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                   sink_logits: Optional[torch.Tensor] = None,
+                   score_mod: Optional[ScoreFn] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Exact softmax attention on one block of queries.
 
     q: (B, H, M, D), k: (B, H, L, D), v: (B, H, L, Dv); ``mask`` is boolean,
     broadcastable to (B, H, M, L), True where a query may see a key. ``sink_logits``
     (H,) adds one logit per head to every row's denominator, with no value.
-    Returns out (B, H, M, Dv) and lse (B, H, M); a row that sees nothing has out 0
-    and lse -inf (with a sink: lse = the sink logit), and finite gradients.
+    ``score_mod`` maps the scores after scale and softcap, before the mask (see
+    :func:`bind_score_mod`). Returns out (B, H, M, Dv) and lse (B, H, M); a row that
+    sees nothing has out 0 and lse -inf (with a sink: lse = the sink logit), and
+    finite gradients.
     """
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
+    if score_mod is not None:
+        s = score_mod(s)
     if mask is not None:
         s = s.masked_fill(~mask, -math.inf)
     if sink_logits is not None:
@@ -88,3 +96,28 @@ def map_query_chunks(fn: Callable[[torch.Tensor, int], Tuple[torch.Tensor, torch
 def lse_dtype(x: torch.Tensor) -> torch.dtype:
     """LSE is float32 for half inputs, float64 for the float64 oracle."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def mod_positions(batch: int, heads: int, q_idx: torch.Tensor, kv_idx: torch.Tensor, *, first_batch: int = 0
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (b, h, q_idx, kv_idx) tensors mods see for one chunk, shaped to broadcast against
+    scores (B, H, M, L): b (B, 1, 1, 1), h (1, H, 1, 1), q_idx (1, 1, M, 1) from a (M,)
+    tensor, kv_idx (1, 1, 1, L) from (L,) or (1, 1, M, L) from (M, L) (keys gathered per
+    query). ``first_batch`` offsets b (the sequence index of a packed batch)."""
+    device = q_idx.device
+    b = torch.arange(first_batch, first_batch + batch, device=device).view(-1, 1, 1, 1)
+    h = torch.arange(heads, device=device).view(1, -1, 1, 1)
+    kv = kv_idx.view(1, 1, 1, -1) if kv_idx.dim() == 1 else kv_idx.view(1, 1, *kv_idx.shape)
+    return b, h, q_idx.view(1, 1, -1, 1), kv
+
+
+def bind_score_mod(score_mod, positions) -> Optional[ScoreFn]:
+    """``score_mod`` (an attnkit.ScoreMod, or None) bound to one chunk's positions."""
+    if score_mod is None:
+        return None
+    return lambda s: score_mod.apply(s, *positions)
+
+
+def bottom_right(first_row: int, rows: int, seqlen_q: int, seqlen_k: int, device) -> torch.Tensor:
+    """Key-axis positions of query rows [first_row, first_row + rows): row i sits at i + Nk - Nq."""
+    return torch.arange(first_row, first_row + rows, device=device) + (seqlen_k - seqlen_q)

@@ -1,26 +1,30 @@
 """The fused softmax engine as differentiable PyTorch ops, shared by every softmax variant.
 
-A variant builds an ``attnkit.kernels.engine.Schedule`` (its block schedule and
-token mask) and calls :func:`fused_attention`; GQA, softcap, sink logits and packed
-variable-length batches are handled here and in the engine, once for all variants.
+A variant describes how it plugs into the engine with a :class:`Schedule` (which key
+blocks each query block visits, its token mask, and the arguments its hooks read)
+and calls :func:`fused_attention`; GQA, softcap, sink logits, score and mask mods and
+packed variable-length batches are handled here and in the engine, once for all.
 
 The forward and backward kernels are registered as the custom ops
 ``attnkit::fused_attention_fwd`` / ``attnkit::fused_attention_bwd`` (torch.library,
 with fake implementations and an autograd formula), so models using attnkit compile
-under ``torch.compile(fullgraph=True)`` without graph breaks. A schedule's
-``@triton.jit`` hooks cannot cross the op boundary, so they travel by name: every
-hook is recorded in a table the first time it is used.
+under ``torch.compile(fullgraph=True)`` without graph breaks. ``@triton.jit`` hooks
+cannot cross the op boundary, so they travel as keys of a table that holds each hook
+by **identity**: two functions with the same name are two hooks, and a redefined
+function never runs its predecessor's code.
+
+Nothing here imports triton until a kernel runs.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .checks import constant_under_compile
-
-_HOOKS: Dict[str, Any] = {}
+from .mods.core import MaskMod, ModKernel, ScoreMod
 
 #: largest head dim (of q/k and of v) the fused engine's tiles and autotune tables cover
 MAX_HEAD_DIM = 256
@@ -37,105 +41,277 @@ def head_dim_blockers(q: torch.Tensor, v: torch.Tensor) -> List[str]:
     return reasons
 
 
-def _kernels():
-    from . import kernels  # imported lazily: importing it imports triton
+# ----------------------------------------------------------------------------- schedules
 
-    return kernels
+@dataclass(frozen=True)
+class BlockLists:
+    """Per-query-block lists of key blocks (and the transposed lists for the dK/dV pass).
+
+    Counts are int32 of shape (Bm, Hm, R) and indices int32 of shape (Bm, Hm, R, C),
+    with Bm in {1, B} and Hm in {1, Hq} (broadcast by stride 0). ``kv_*`` lists key
+    blocks of size ``block_k`` per query block of size ``block_q``; ``q_*`` lists query
+    blocks per key block. ``full`` blocks skip the token mask; ``part`` blocks apply it.
+    """
+
+    block_q: int
+    block_k: int
+    kv_full_count: torch.Tensor
+    kv_full_index: torch.Tensor
+    kv_part_count: torch.Tensor
+    kv_part_index: torch.Tensor
+    q_full_count: torch.Tensor
+    q_full_index: torch.Tensor
+    q_part_count: torch.Tensor
+    q_part_index: torch.Tensor
+
+    def tensors(self) -> List[torch.Tensor]:
+        return [self.kv_full_count, self.kv_full_index, self.kv_part_count, self.kv_part_index,
+                self.q_full_count, self.q_full_index, self.q_part_count, self.q_part_index]
 
 
-@constant_under_compile  # run eagerly while tracing: the name is a constant
-def _hook_name(fn: Any) -> str:
-    if fn is None:
-        return ""
-    inner = getattr(fn, "fn", fn)
-    name = f"{inner.__module__}.{inner.__qualname__}"
-    _HOOKS.setdefault(name, fn)
-    return name
+#: what a variant may hand its hooks: tensors (as pointers), Python ints and floats (as
+#: scalars), None, and ``Const(value)`` for a compile-time constant
+ScheduleArg = Any
 
 
-def _encode(schedule: Any) -> Tuple[str, List[int], List[torch.Tensor], Optional[torch.Tensor]]:
-    """Schedule -> (hook names joined by "|", integers, list tensors, mask tensor): what a custom op can carry."""
-    names = "|".join([_hook_name(schedule.mask), _hook_name(schedule.kv_range), _hook_name(schedule.q_range)])
-    ints = [schedule.mask_cfg, *schedule.mask_strides, *schedule.mask_args]
+@dataclass(frozen=True)
+class Const:
+    """A compile-time constant among a schedule's ``args`` (a ``tl.constexpr`` in the hooks)."""
+
+    value: Any
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How a variant plugs into the fused engine.
+
+    Attributes:
+        mask: ``@triton.jit (q_pos, k_pos, b, h, seqlen_q, seqlen_k, *args) -> bool`` applied
+            inside partial blocks (``q_pos``/``k_pos`` are tile rows/columns of the tensors;
+            ``b`` the batch entry or packed sequence, ``h`` the query head), or None.
+        kv_range: range mode: ``@triton.jit (start_m, BLOCK_M, BLOCK_N, b, h, seqlen_q,
+            seqlen_k, *args)`` returning a tuple of ``(lo, hi)`` key-block ranges for the
+            query rows ``[start_m, start_m + BLOCK_M)``: the first range is visited without
+            the token mask (full blocks), every other one with it (partial blocks).
+        q_range: the transposed range function (query blocks per key block ``start_n``)
+            for the dK/dV pass, same convention.
+        lists: list mode: the :class:`BlockLists` (then ``kv_range``/``q_range`` are unused).
+        args: the variant's own arguments, handed to every hook after the fixed ones;
+            tensors become pointers, ints and floats scalars, :class:`Const` constexprs.
+        positions: optional ``@triton.jit (q_pos, k_pos, b, h, seqlen_q, seqlen_k, *args) ->
+            (b, h, q_idx, kv_idx)``: the positions score/mask mods see. The default is the
+            bottom-right convention ``q_idx = q_pos + seqlen_k - seqlen_q``, ``kv_idx = k_pos``;
+            a variant that permutes tokens (neighborhood attention) maps them back.
+    """
+
+    mask: Any = None
+    kv_range: Any = None
+    q_range: Any = None
+    lists: Optional[BlockLists] = None
+    args: Tuple[ScheduleArg, ...] = ()
+    positions: Any = None
+
+
+class _HookTable:
+    """@triton.jit hooks by identity, so a custom op can carry them as strings."""
+
+    def __init__(self) -> None:
+        self._by_key: Dict[str, Any] = {}
+        self._keys: Dict[int, str] = {}
+
+    def key(self, fn: Any) -> str:
+        if fn is None:
+            return ""
+        key = self._keys.get(id(fn))
+        if key is None:
+            inner = getattr(fn, "fn", fn)
+            key = f"{getattr(inner, '__module__', '?')}.{getattr(inner, '__qualname__', '?')}#{len(self._by_key)}"
+            self._keys[id(fn)] = key
+            self._by_key[key] = fn  # a strong reference: the id is never reused while the key exists
+        return key
+
+    def get(self, key: str) -> Any:
+        return self._by_key[key] if key else None
+
+
+HOOKS = _HookTable()
+
+
+@constant_under_compile  # run eagerly while tracing: the key is a constant
+def hook_key(fn: Any) -> str:
+    """The key that stands for ``fn`` in a custom op call (one key per function object)."""
+    return HOOKS.key(fn)
+
+
+# ----------------------------------------------------------------------------- packing for the custom ops
+# A schedule's args are a mix of tensors, ints, floats, None and Const: they travel as
+# a kinds string plus one list per type, and are rebuilt in order on the other side.
+
+def _pack_args(args: Sequence[ScheduleArg]) -> Tuple[str, List[torch.Tensor], List[int], List[float]]:
+    kinds, tensors, ints, floats = [], [], [], []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            kinds.append("t")
+            tensors.append(a)
+        elif isinstance(a, Const):
+            if isinstance(a.value, bool) or not isinstance(a.value, int):
+                raise TypeError(f"Const holds an int here, got {a.value!r}")
+            kinds.append("c")
+            ints.append(a.value)
+        elif isinstance(a, bool) or isinstance(a, int):
+            kinds.append("i")
+            ints.append(int(a))
+        elif isinstance(a, float):
+            kinds.append("f")
+            floats.append(a)
+        elif a is None:
+            kinds.append("n")
+        else:
+            raise TypeError(f"a schedule argument must be a tensor, int, float, None or Const, got {type(a).__name__}")
+    return "".join(kinds), tensors, ints, floats
+
+
+def _unpack_args(kinds: str, tensors: List[torch.Tensor], ints: List[int], floats: List[float]) -> Tuple:
+    t, i, f = iter(tensors), iter(ints), iter(floats)
+    out: List[Any] = []
+    for kind in kinds:
+        if kind == "t":
+            out.append(next(t))
+        elif kind == "i":
+            out.append(next(i))
+        elif kind == "c":
+            out.append(Const(next(i)))
+        elif kind == "f":
+            out.append(next(f))
+        else:
+            out.append(None)
+    return tuple(out)
+
+
+def _encode(schedule: Schedule, score: Optional[ModKernel], mask: Optional[ModKernel]):
+    """Everything a custom op needs to rebuild the schedule and the mods."""
+    hooks = "|".join(hook_key(fn) for fn in (
+        schedule.mask, schedule.kv_range, schedule.q_range, schedule.positions,
+        score.kernel if score else None, score.derivative if score else None, score.tensor_grads if score else None,
+        mask.kernel if mask else None))
+    kinds, arg_tensors, ints, floats = _pack_args(schedule.args)
     lists: List[torch.Tensor] = []
     if schedule.lists is not None:
-        b = schedule.lists
-        ints += [b.block_q, b.block_k]
-        lists = [b.kv_full_count, b.kv_full_index, b.kv_part_count, b.kv_part_index,
-                 b.q_full_count, b.q_full_index, b.q_part_count, b.q_part_index]
-    return names, ints, lists, schedule.mask_tensor
+        ints = ints + [schedule.lists.block_q, schedule.lists.block_k]
+        lists = schedule.lists.tensors()
+    needs = list(score.needs_grad) if score else []
+    return (hooks, kinds, arg_tensors, ints, floats, lists, list(score.tensors) if score else [],
+            list(mask.tensors) if mask else [], needs)
 
 
-def _decode(names: str, ints: List[int], lists: List[torch.Tensor], mask_tensor: Optional[torch.Tensor]):
-    engine = _kernels().engine
+def _decode(hooks: str, kinds: str, arg_tensors, ints, floats, lists, score_tensors, mask_tensors, needs):
+    mask_fn, kv_range, q_range, positions, s_kernel, s_deriv, s_grads, m_kernel = (
+        HOOKS.get(k) for k in hooks.split("|"))
     block_lists = None
     if lists:
-        block_lists = engine.BlockLists(ints[5], ints[6], *lists)
-    mask, kv_range, q_range = (_HOOKS[n] if n else None for n in names.split("|"))
-    return engine.Schedule(mask=mask, kv_range=kv_range, q_range=q_range, lists=block_lists, mask_cfg=ints[0],
-                           mask_tensor=mask_tensor, mask_strides=(ints[1], ints[2]), mask_args=(ints[3], ints[4]))
+        block_lists = BlockLists(ints[-2], ints[-1], *lists)
+        ints = ints[:-2]
+    schedule = Schedule(mask=mask_fn, kv_range=kv_range, q_range=q_range, lists=block_lists,
+                        args=_unpack_args(kinds, arg_tensors, ints, floats), positions=positions)
+    score = ModKernel(s_kernel, tuple(score_tensors), s_deriv, s_grads, tuple(needs)) if s_kernel else None
+    mask = ModKernel(m_kernel, tuple(mask_tensors)) if m_kernel else None
+    return schedule, score, mask
 
+
+def _launcher():
+    from .kernels import engine  # imported lazily: importing it imports triton
+
+    return engine
+
+
+# ----------------------------------------------------------------------------- custom ops
 
 @torch.library.custom_op("attnkit::fused_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink_logits: Optional[torch.Tensor],
-            mask_tensor: Optional[torch.Tensor], lists: List[torch.Tensor], hooks: str, ints: List[int],
-            sm_scale: float, softcap: Optional[float], cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tensor],
-            max_q: int, max_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    schedule = _decode(hooks, ints, lists, mask_tensor)
+            hooks: str, kinds: str, arg_tensors: List[torch.Tensor], ints: List[int], floats: List[float],
+            lists: List[torch.Tensor], score_tensors: List[torch.Tensor], mask_tensors: List[torch.Tensor],
+            needs: List[bool], sm_scale: float, softcap: Optional[float], cu_q: Optional[torch.Tensor],
+            cu_k: Optional[torch.Tensor], max_q: int, max_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    schedule, score, mask = _decode(hooks, kinds, arg_tensors, ints, floats, lists, score_tensors, mask_tensors,
+                                    needs)
     sink = None if sink_logits is None else sink_logits.float().contiguous()
-    return _kernels().engine.attention_forward(
-        q, k, v, schedule, sm_scale=sm_scale, softcap=softcap, sink_logits=sink,
+    return _launcher().attention_forward(
+        q, k, v, schedule, sm_scale=sm_scale, softcap=softcap, sink_logits=sink, score_mod=score, mask_mod=mask,
         cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, sink_logits, mask_tensor, lists, hooks, ints, sm_scale, softcap, cu_q, cu_k, max_q, max_k):
+def _(q, k, v, sink_logits, hooks, kinds, arg_tensors, ints, floats, lists, score_tensors, mask_tensors, needs,
+      sm_scale, softcap, cu_q, cu_k, max_q, max_k):
     out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
     return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("attnkit::fused_attention_bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-            lse: torch.Tensor, mask_tensor: Optional[torch.Tensor], lists: List[torch.Tensor], hooks: str,
-            ints: List[int], sm_scale: float, softcap: Optional[float], cu_q: Optional[torch.Tensor],
-            cu_k: Optional[torch.Tensor], max_q: int, max_k: int
-            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    schedule = _decode(hooks, ints, lists, mask_tensor)
-    return _kernels().engine.attention_backward(
-        do, q, k, v, o, lse, schedule, sm_scale=sm_scale, softcap=softcap,
+            lse: torch.Tensor, hooks: str, kinds: str, arg_tensors: List[torch.Tensor], ints: List[int],
+            floats: List[float], lists: List[torch.Tensor], score_tensors: List[torch.Tensor],
+            mask_tensors: List[torch.Tensor], needs: List[bool], sm_scale: float, softcap: Optional[float],
+            cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tensor], max_q: int, max_k: int
+            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+    schedule, score, mask = _decode(hooks, kinds, arg_tensors, ints, floats, lists, score_tensors, mask_tensors,
+                                    needs)
+    dq, dk, dv, delta, tensor_grads = _launcher().attention_backward(
+        do, q, k, v, o, lse, schedule, sm_scale=sm_scale, softcap=softcap, score_mod=score, mask_mod=mask,
         cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k)
+    return dq, dk, dv, delta, tensor_grads
 
 
 @_bwd_op.register_fake
-def _(do, q, k, v, o, lse, mask_tensor, lists, hooks, ints, sm_scale, softcap, cu_q, cu_k, max_q, max_k):
+def _(do, q, k, v, o, lse, hooks, kinds, arg_tensors, ints, floats, lists, score_tensors, mask_tensors, needs,
+      sm_scale, softcap, cu_q, cu_k, max_q, max_k):
+    grads = [torch.empty_like(t) for t, n in zip(score_tensors, needs) if n]
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            q.new_empty(q.shape[:-1], dtype=torch.float32))
+            q.new_empty(q.shape[:-1], dtype=torch.float32), grads)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, sink_logits, mask_tensor, lists, hooks, ints, sm_scale, softcap, cu_q, cu_k, max_q, max_k = inputs
+    (q, k, v, sink_logits, hooks, kinds, arg_tensors, ints, floats, lists, score_tensors, mask_tensors, needs,
+     sm_scale, softcap, cu_q, cu_k, max_q, max_k) = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, sink_logits, mask_tensor, cu_q, cu_k, *lists)
-    ctx.params = (hooks, ints, sm_scale, softcap, max_q, max_k)
+    ctx.save_for_backward(q, k, v, o, lse, sink_logits, cu_q, cu_k, *arg_tensors, *lists, *score_tensors,
+                          *mask_tensors)
+    ctx.sizes = (len(arg_tensors), len(lists), len(score_tensors), len(mask_tensors))
+    ctx.params = (hooks, kinds, ints, floats, needs, sm_scale, softcap, max_q, max_k)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, do, _dlse):
-    q, k, v, o, lse, sink_logits, mask_tensor, cu_q, cu_k, *lists = ctx.saved_tensors
-    hooks, ints, sm_scale, softcap, max_q, max_k = ctx.params
-    dq, dk, dv, delta = _bwd_op(do.contiguous(), q, k, v, o, lse, mask_tensor, lists, hooks, ints, sm_scale,
-                                softcap, cu_q, cu_k, max_q, max_k)
+    q, k, v, o, lse, sink_logits, cu_q, cu_k, *rest = ctx.saved_tensors
+    n_args, n_lists, n_score, n_mask = ctx.sizes
+    arg_tensors, rest = rest[:n_args], rest[n_args:]
+    lists, rest = rest[:n_lists], rest[n_lists:]
+    score_tensors, mask_tensors = rest[:n_score], rest[n_score:n_score + n_mask]
+    hooks, kinds, ints, floats, needs, sm_scale, softcap, max_q, max_k = ctx.params
+    dq, dk, dv, delta, tensor_grads = _bwd_op(do.contiguous(), q, k, v, o, lse, hooks, kinds, list(arg_tensors),
+                                              ints, floats, list(lists), list(score_tensors), list(mask_tensors),
+                                              needs, sm_scale, softcap, cu_q, cu_k, max_q, max_k)
     d_sink = None
     if sink_logits is not None and ctx.needs_input_grad[3]:
         # d sink_h = -sum_rows P_sink * rowsum(dO * O), with P_sink = exp(sink_h - lse)
         p_sink = torch.exp(sink_logits.float().view(1, -1, 1) - lse)
         d_sink = -(p_sink * delta).sum(dim=(0, 2)).to(sink_logits.dtype)
-    no_grad_lists = [None] * len(lists)  # the autograd formula mirrors the inputs' structure
-    return dq, dk, dv, d_sink, None, no_grad_lists, None, None, None, None, None, None, None, None
+    grads = iter(tensor_grads)
+    d_score = [next(grads) if n else None for n in needs] + [None] * (len(score_tensors) - len(needs))
+    # The formula mirrors the inputs' structure: lists of tensors get lists of grads; a list of
+    # numbers is one leaf (None), except an empty one, which stays an empty list.
+    def numbers(x):
+        return [] if len(x) == 0 else None
+
+    return (dq, dk, dv, d_sink, None, None, [None] * len(arg_tensors), numbers(ints), numbers(floats),
+            [None] * len(lists), d_score, [None] * len(mask_tensors), numbers(needs), None, None, None, None, None,
+            None)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
+
+# ----------------------------------------------------------------------------- public helpers
 
 def dense_to_lists(dense: torch.Tensor, capacity: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Block lists from a tile map: boolean (..., R, C) -> counts int32 (..., R) and indices int32 (..., R, L), ascending.
@@ -154,27 +330,47 @@ def dense_to_lists(dense: torch.Tensor, capacity: Optional[int] = None) -> Tuple
     return counts.contiguous(), index.to(torch.int32).contiguous()
 
 
+def make_block_lists(block_q: int, block_k: int, full: torch.Tensor, part: torch.Tensor) -> BlockLists:
+    """The engine's :class:`BlockLists` from boolean (Bm, Hm, R, C) full and partial tile maps."""
+    lists = [dense_to_lists(m) for m in (full, part, full.transpose(-1, -2), part.transpose(-1, -2))]
+    return BlockLists(block_q, block_k, *(t for pair in lists for t in pair))
+
+
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule: Any, *, sm_scale: float,
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule: Schedule, *, sm_scale: float,
                     softcap: Optional[float] = None, sink_logits: Optional[torch.Tensor] = None,
+                    score_mod: Optional[ScoreMod] = None, mask_mod: Optional[MaskMod] = None,
                     cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
                     max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
                     ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Differentiable fused attention with a variant's schedule.
 
-    q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv); packed varlen with B = 1
-    and cu_seqlens_q/k (S + 1,) int32 (the longest lengths are computed from them
-    unless given). ``sink_logits`` (Hq,) is differentiable.
-    Returns out (B, Hq, Nq, Dv) and lse (B, Hq, Nq) float32 (not differentiable).
+    Args:
+        q: (B, Hq, Nq, D). k: (B, Hkv, Nk, D). v: (B, Hkv, Nk, Dv); Hkv divides Hq.
+        schedule: the variant's :class:`Schedule`.
+        sm_scale: the score scale.
+        softcap: scores s become softcap * tanh(s / softcap) (before the score mod).
+        sink_logits: (Hq,) per-head logit in each row's denominator (differentiable).
+        score_mod, mask_mod: already specialized mods (see :mod:`attnkit.mods`); the
+            mask_mod applies in the schedule's partial blocks only, so a schedule must
+            list as partial every block the mask_mod can cut. Tensors of the score mod
+            that require grad get their gradients from the Triton backward.
+        cu_seqlens_q, cu_seqlens_k: (S + 1,) int32 offsets of a packed batch (B = 1); the
+            longest lengths are computed from them unless given.
+
+    Returns:
+        out (B, Hq, Nq, Dv) in q's dtype and lse (B, Hq, Nq) float32 (not differentiable).
     """
     max_q, max_k = 0, 0
     if cu_seqlens_q is not None:
         max_q = max_seqlen_q if max_seqlen_q is not None else int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
         max_k = max_seqlen_k if max_seqlen_k is not None else int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    hooks, ints, lists, mask_tensor = _encode(schedule)
-    return _fwd_op(q, k, v, sink_logits, mask_tensor, lists, hooks, ints, sm_scale, softcap, cu_seqlens_q,
-                   cu_seqlens_k, max_q, max_k)
+    score = score_mod.kernel_view() if score_mod is not None else None
+    mask = mask_mod.kernel_view() if mask_mod is not None else None
+    hooks, kinds, arg_tensors, ints, floats, lists, score_tensors, mask_tensors, needs = _encode(schedule, score, mask)
+    return _fwd_op(q, k, v, sink_logits, hooks, kinds, arg_tensors, ints, floats, lists, score_tensors, mask_tensors,
+                   needs, sm_scale, softcap, cu_seqlens_q, cu_seqlens_k, max_q, max_k)

@@ -29,9 +29,12 @@ SupportCheck = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Dict[str, Any
 class Case:
     """One example problem for the contract test and the demo.
 
-    ``tensors`` builds tensor-valued options (e.g. ``sink_logits``) from
-    ``(dtype, device, generator)``; they are made in float64 and cast like q, k, v.
-    Floating ones are differentiated when ``grad`` is set.
+    ``tensors`` builds tensor-valued options (e.g. ``sink_logits``) from a
+    generator; floating ones are made in float64 and cast like q, k, v, and are
+    differentiated when ``grad`` is set. ``build``, when given, turns those tensors
+    (already cast, on the device, differentiable) into options, e.g. a ScoreMod around
+    a learnable table: ``build=lambda t: {"score_mod": attnkit.mods.alibi(t["slopes"])}``;
+    without it each tensor is passed as the option of its name.
     """
 
     q: Tuple[int, ...]
@@ -41,6 +44,11 @@ class Case:
     tensors: Mapping[str, Callable[[torch.Generator], torch.Tensor]] = field(default_factory=dict)
     grad: bool = True
     name: str = ""
+    build: Optional[Callable[[Dict[str, torch.Tensor]], Dict[str, Any]]] = None
+
+    def tensor_options(self, tensors: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+        """The options the case's tensors become (through ``build`` when it is set)."""
+        return dict(self.build(tensors)) if self.build is not None else dict(tensors)
 
     @property
     def id(self) -> str:

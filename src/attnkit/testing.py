@@ -7,9 +7,11 @@ the input dtype, plus a small floor (FlashAttention's rule: 2x forward, 3x
 gradients). NaN never passes, and kernel outputs are allocated full of NaN while
 the check runs, so an element the kernel forgets to write fails.
 
-One call checks a registered variant, a third party's included::
+One call checks a registered variant, a third party's included, optionally under
+several kernel tilings (a bug in a schedule often shows at one tile shape only)::
 
     attnkit.testing.check_variant("flash", dtype=torch.float16, device="cuda")
+    attnkit.testing.check_variant("mine", tilings=attnkit.testing.TILINGS)
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ import torch
 
 #: True while kernel outputs must be allocated full of NaN (see poison_outputs).
 POISON = False
+
+#: (BLOCK_M, BLOCK_N) kernel tilings that ``check_variant(tilings=TILINGS)`` sweeps: square and
+#: oblong tiles, so that ranges and lists are cut in different places.
+TILINGS: Tuple[Tuple[int, int], ...] = ((16, 16), (32, 16), (16, 32), (64, 32))
 
 #: Relative error allowed on top of the multiplier rule, per dtype.
 ERROR_FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -84,6 +90,9 @@ class Report:
     case: str
     dtype: torch.dtype
     comparisons: List[Comparison] = field(default_factory=list)
+    tiling: Optional[Tuple[int, int]] = None
+    #: why the kernel did not run at this tiling (it refused it); such a report has no comparisons
+    refused: str = ""
 
     @property
     def ok(self) -> bool:
@@ -94,7 +103,9 @@ class Report:
         return max((c.kernel_error for c in self.comparisons), default=0.0)
 
     def __str__(self) -> str:
-        head = f"{self.variant}[{self.case}] {str(self.dtype).replace('torch.', '')}: {'ok' if self.ok else 'FAILED'}"
+        tiling = f" tile {self.tiling[0]}x{self.tiling[1]}" if self.tiling else ""
+        status = f"kernel refused this tiling ({self.refused})" if self.refused else ("ok" if self.ok else "FAILED")
+        head = f"{self.variant}[{self.case}]{tiling} {str(self.dtype).replace('torch.', '')}: {status}"
         return "\n".join([head] + [f"  {c}" for c in self.comparisons])
 
 
@@ -121,13 +132,13 @@ def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype) if x.is_floating_point() else x
 
 
-def _run(fn, q, k, v, tensors, options, make_grad, need_grad):
+def _run(fn, q, k, v, tensors, options, make_grad, need_grad, case):
     """Call fn; return its outputs (list) and the gradients of every floating input (dict)."""
     leaves = {"q": q, "k": k, "v": v, **{n: t for n, t in tensors.items() if t.is_floating_point()}}
     if need_grad:
         for t in leaves.values():
             t.requires_grad_(True)
-    result = fn(q, k, v, **options, **tensors)
+    result = fn(q, k, v, **options, **case.tensor_options(tensors))
     outputs = list(result) if isinstance(result, tuple) else [result]
     grads: Dict[str, torch.Tensor] = {}
     if need_grad and outputs[0].requires_grad:  # a non-differentiable kernel output fails every grad check
@@ -170,16 +181,16 @@ def check_case(variant: Any, case: Any, *, dtype: torch.dtype = torch.float16,
 
     # the oracle sees exactly the rounded inputs the kernel sees
     (oq, ok_, ov), ot = fresh(low, t_low, torch.float64)
-    oracle, oracle_grads = _run(spec.reference, oq, ok_, ov, ot, options, make_grad, need_grad)
+    oracle, oracle_grads = _run(spec.reference, oq, ok_, ov, ot, options, make_grad, need_grad, case)
     (bq, bk, bv), bt = fresh(low, t_low)
-    baseline, baseline_grads = _run(spec.reference, bq, bk, bv, bt, options, make_grad, need_grad)
+    baseline, baseline_grads = _run(spec.reference, bq, bk, bv, bt, options, make_grad, need_grad, case)
 
     def kernel_fn(q, k, v, **kw):
         return attention(q, k, v, spec.name, backend, **kw)
 
     (kq, kk, kv), kt = fresh(low, t_low)
     with poison_outputs():
-        kernel, kernel_grads = _run(kernel_fn, kq, kk, kv, kt, options, make_grad, need_grad)
+        kernel, kernel_grads = _run(kernel_fn, kq, kk, kv, kt, options, make_grad, need_grad, case)
 
     for i, name in enumerate(["out"] + extra_names):
         _compare(report, name, kernel[i], baseline[i], oracle[i], forward_multiplier)
@@ -191,18 +202,48 @@ def check_case(variant: Any, case: Any, *, dtype: torch.dtype = torch.float16,
     return report
 
 
+def check_tiling(variant: Any, case: Any, tiling: Tuple[int, int], **kwargs: Any) -> Report:
+    """:func:`check_case` with every engine kernel forced to ``tiling`` = (BLOCK_M, BLOCK_N).
+
+    A tiling the kernel refuses for this case (e.g. a block mask whose block size it does
+    not divide) gives a report with ``refused`` set and no comparisons."""
+    from .dispatch import explain
+    from .registry import get_variant
+    from .kernels.engine import force_config
+
+    spec = get_variant(variant)
+    with force_config(*tiling):
+        dtype = kwargs.get("dtype", torch.float16)
+        q64, k64, v64, t64 = make_inputs(case, kwargs.get("device", "cpu"), kwargs.get("seed", 0))
+        options = dict(case.options, **case.tensor_options({n: _cast(t, dtype) for n, t in t64.items()}))
+        q, k, v = (x.to(dtype) for x in (q64, k64, v64))
+        blockers = explain(q, k, v, spec.name, "auto", **options).kernel_blockers
+        if blockers and kwargs.get("backend", "triton") == "triton":
+            return Report(spec.name, case.id, dtype, tiling=tuple(tiling), refused="; ".join(blockers))
+        report = check_case(spec, case, **kwargs)
+    report.tiling = tuple(tiling)
+    return report
+
+
 def check_variant(variant: Any, cases: Optional[Sequence[Any]] = None, *, dtype: torch.dtype = torch.float16,
                   device: Union[str, torch.device] = "cpu", backend: str = "triton", seed: int = 0,
-                  raise_on_failure: bool = True) -> List[Report]:
+                  tilings: Optional[Sequence[Tuple[int, int]]] = None, raise_on_failure: bool = True) -> List[Report]:
     """Check a variant's kernel on its registered examples (or ``cases``).
 
+    ``tilings``: (BLOCK_M, BLOCK_N) pairs (e.g. :data:`TILINGS`); every case is then run
+    once per tiling with the engine forced to it (a tiling the kernel refuses for a case
+    is reported, not failed). Without it the kernels use their own configuration.
     Raises AssertionError listing every failing comparison unless ``raise_on_failure=False``.
     """
     from .registry import get_variant
 
     spec = get_variant(variant)
-    reports = [check_case(spec, case, dtype=dtype, device=device, backend=backend, seed=seed)
-               for case in (cases if cases is not None else spec.examples())]
+    cases = list(cases if cases is not None else spec.examples())
+    kwargs = dict(dtype=dtype, device=device, backend=backend, seed=seed)
+    if tilings is None:
+        reports = [check_case(spec, case, **kwargs) for case in cases]
+    else:
+        reports = [check_tiling(spec, case, tiling, **kwargs) for tiling in tilings for case in cases]
     bad = [r for r in reports if not r.ok]
     if bad and raise_on_failure:
         raise AssertionError("\n".join(str(r) for r in bad))

@@ -7,8 +7,12 @@ head". The transposed lists (for every key block, the query blocks that list it)
 which the backward pass walks, are built once on first use and cached, as are the
 engine's block lists for ``causal=False`` and ``causal=True``.
 
-Inside a listed tile every (query, key) pair attends; the optional causal mask of
-:func:`attnkit.block_sparse_attention` is applied on top.
+A BlockMask may carry a ``mask_mod`` (an :class:`attnkit.MaskMod`), as FlexAttention's
+does: its lists are then split into *partial* tiles (``kv_num_blocks``/``kv_indices``,
+computed with the mask_mod) and *full* tiles (``full_kv_num_blocks``/``full_kv_indices``,
+computed whole), and the result is the exact token mask. :func:`create_block_mask`
+builds one from a mask_mod. Without a mask_mod every pair of a listed tile attends.
+The optional causal mask of :func:`attnkit.block_sparse_attention` applies on top.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..engine import dense_to_lists
+from ..engine import dense_to_lists, make_block_lists
+from ..mods import MaskMod, Problem
 
 BlockSize = Union[int, Sequence[int]]
 
@@ -54,14 +59,58 @@ def lists_to_dense(counts: torch.Tensor, index: torch.Tensor, num_cols: int) -> 
     return dense[..., :num_cols]
 
 
+def _checked_lists(count_name: str, index_name: str, kv_num_blocks: Any, kv_indices: Any, rows: int, cols: int
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validated int32 (counts, indices) and their boolean (Bm, Hm, R, C) tile map."""
+    for name, t, rank in ((count_name, kv_num_blocks, 3), (index_name, kv_indices, 4)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be an integer tensor, got {type(t).__name__}")
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor (int32), got {t.dtype}")
+        if t.dim() != rank:
+            raise ValueError(f"{name} must have rank {rank} ({'(B, H, R)' if rank == 3 else '(B, H, R, L)'}), "
+                             f"got shape {tuple(t.shape)}")
+    if kv_indices.shape[:3] != kv_num_blocks.shape:
+        raise ValueError(f"{index_name} {tuple(kv_indices.shape)} must be (B, H, R, L) with (B, H, R) = "
+                         f"{count_name}.shape {tuple(kv_num_blocks.shape)}")
+    if kv_indices.device != kv_num_blocks.device:
+        raise ValueError(f"{index_name} is on {kv_indices.device} but {count_name} is on {kv_num_blocks.device}")
+    if 0 in kv_num_blocks.shape[:2]:
+        raise ValueError(f"{count_name} must have batch and head dims >= 1, got {tuple(kv_num_blocks.shape)}")
+    if kv_num_blocks.shape[2] != rows:
+        raise ValueError(f"block sizes do not match the lists: the block size gives {rows} query blocks, but "
+                         f"{count_name} has {kv_num_blocks.shape[2]} rows")
+    # range checks on the values as given, before any narrowing cast
+    capacity = kv_indices.shape[-1]
+    counts64 = kv_num_blocks.long()
+    if counts64.numel() and (int(counts64.min()) < 0 or int(counts64.max()) > capacity):
+        raise ValueError(f"{count_name} holds counts in [{int(counts64.min())}, {int(counts64.max())}] but each "
+                         f"list of {index_name} has {capacity} entries; counts must be in [0, {capacity}]")
+    valid = torch.arange(capacity, device=kv_indices.device) < counts64[..., None]
+    used = kv_indices[valid].long()
+    if used.numel() and (int(used.min()) < 0 or int(used.max()) >= cols):
+        raise ValueError(f"{index_name} holds key block {int(used.min()) if int(used.min()) < 0 else int(used.max())}"
+                         f" out of range: there are {cols} key blocks (valid indices 0..{cols - 1})")
+    counts = kv_num_blocks.to(torch.int32).contiguous()
+    index = kv_indices.to(torch.int32).contiguous()
+    dense = lists_to_dense(counts, index, cols)
+    if int(dense.sum()) != int(counts.long().sum()):
+        raise ValueError(f"{index_name} lists the same key block twice in one row; each listed block must be distinct")
+    return counts, index, dense
+
+
 class BlockMask:
     """Block-sparsity structure of an attention problem (FlexAttention's canonical form).
 
     Attributes:
         kv_num_blocks: int32 (Bm, Hm, R): how many key blocks query block r lists;
-            Bm is 1 or the batch size, Hm is 1 or the number of query heads.
+            Bm is 1 or the batch size, Hm is 1 or the number of query heads. With a
+            ``mask_mod`` these are the partial tiles (computed with it).
         kv_indices: int32 (Bm, Hm, R, L): the listed key-block indices, in order
             (entries past the count are padding).
+        full_kv_num_blocks, full_kv_indices: the same for tiles computed whole without
+            the mask_mod (None when there are none).
+        mask_mod: the :class:`attnkit.MaskMod` of the partial tiles, or None.
         block_size: (BQ, BK), tokens per query block and per key block.
         seq_lens: (Nq, Nk), the sequence lengths the mask was built for;
             R = ceil(Nq / BQ) query blocks and C = ceil(Nk / BK) key blocks.
@@ -69,54 +118,42 @@ class BlockMask:
             (Bm, Hm, C, L'): for each key block, the query blocks that list it
             (built on first use, cached).
 
-    Build one with :meth:`from_dense`, :meth:`from_mask_fn`, :meth:`from_torch`,
-    the builders in :mod:`attnkit.patterns`, or the constructor from lists. The
-    constructor checks the lists (indices in range, counts within the list, no
-    repeated block in a row) and raises ValueError/TypeError naming the argument.
+    Build one with :func:`attnkit.create_block_mask` (exact, from a MaskMod),
+    :meth:`from_dense`, :meth:`from_mask_fn`, :meth:`from_torch`, the builders in
+    :mod:`attnkit.patterns`, or the constructor from lists. The constructor checks the
+    lists (indices in range, counts within the list, no repeated block in a row, no
+    tile both full and partial) and raises ValueError/TypeError naming the argument.
     """
 
     def __init__(self, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, block_size: BlockSize,
-                 seq_lens: Sequence[int]):
+                 seq_lens: Sequence[int], *, full_kv_num_blocks: Optional[torch.Tensor] = None,
+                 full_kv_indices: Optional[torch.Tensor] = None, mask_mod: Optional[MaskMod] = None):
         self.block_size = _pair("block_size", block_size)
         self.seq_lens = _pair("seq_lens", seq_lens)
-        for name, t, rank in (("kv_num_blocks", kv_num_blocks, 3), ("kv_indices", kv_indices, 4)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be an integer tensor, got {type(t).__name__}")
-            if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-                raise TypeError(f"{name} must be an integer tensor (int32), got {t.dtype}")
-            if t.dim() != rank:
-                raise ValueError(f"{name} must have rank {rank} ({'(B, H, R)' if rank == 3 else '(B, H, R, L)'}), "
-                                 f"got shape {tuple(t.shape)}")
-        if kv_indices.shape[:3] != kv_num_blocks.shape:
-            raise ValueError(f"kv_indices {tuple(kv_indices.shape)} must be (B, H, R, L) with (B, H, R) = "
-                             f"kv_num_blocks.shape {tuple(kv_num_blocks.shape)}")
-        if kv_indices.device != kv_num_blocks.device:
-            raise ValueError(f"kv_indices is on {kv_indices.device} but kv_num_blocks is on {kv_num_blocks.device}")
-        if 0 in kv_num_blocks.shape[:2]:
-            raise ValueError(f"kv_num_blocks must have batch and head dims >= 1, got {tuple(kv_num_blocks.shape)}")
+        if mask_mod is not None and not isinstance(mask_mod, MaskMod):
+            raise TypeError(f"mask_mod must be an attnkit.MaskMod, got {type(mask_mod).__name__}")
+        if (full_kv_num_blocks is None) != (full_kv_indices is None):
+            raise ValueError("full_kv_num_blocks and full_kv_indices must be given together")
         (bq, bk), (nq, nk) = self.block_size, self.seq_lens
         rows, cols = _cdiv(nq, bq), _cdiv(nk, bk)
-        if kv_num_blocks.shape[2] != rows:
-            raise ValueError(f"block sizes do not match the lists: seq_lens[0]={nq} with block_size[0]={bq} gives "
-                             f"{rows} query blocks, but kv_num_blocks has {kv_num_blocks.shape[2]} rows")
-        counts = kv_num_blocks.to(torch.int32)
-        index = kv_indices.to(torch.int32)
-        capacity = index.shape[-1]
-        if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > capacity):
-            raise ValueError(f"kv_num_blocks holds counts in [{int(counts.min())}, {int(counts.max())}] but each "
-                             f"list of kv_indices has {capacity} entries; counts must be in [0, {capacity}]")
-        valid = torch.arange(capacity, device=index.device) < counts[..., None]
-        used = index[valid]
-        if used.numel() and (int(used.min()) < 0 or int(used.max()) >= cols):
-            raise ValueError(f"kv_indices holds key block {int(used.min()) if int(used.min()) < 0 else int(used.max())}"
-                             f" out of range: seq_lens[1]={nk} with block_size[1]={bk} gives {cols} key blocks "
-                             f"(valid indices 0..{cols - 1})")
-        dense = lists_to_dense(counts, index, cols)
-        if int(dense.sum()) != int(counts.sum()):
-            raise ValueError("kv_indices lists the same key block twice in one row; each listed block must be distinct")
-        self.kv_num_blocks = counts.contiguous()
-        self.kv_indices = index.contiguous()
-        self._dense = dense
+        counts, index, dense = _checked_lists("kv_num_blocks", "kv_indices", kv_num_blocks, kv_indices, rows, cols)
+        full_dense = torch.zeros_like(dense)
+        self.full_kv_num_blocks = self.full_kv_indices = None
+        if full_kv_num_blocks is not None:
+            f_counts, f_index, full_dense = _checked_lists("full_kv_num_blocks", "full_kv_indices",
+                                                           full_kv_num_blocks, full_kv_indices, rows, cols)
+            if full_dense.shape[:2] != dense.shape[:2] or f_index.device != index.device:
+                raise ValueError(f"full_kv_num_blocks {tuple(f_counts.shape)} must match kv_num_blocks "
+                                 f"{tuple(counts.shape)} in shape and device")
+            if bool((full_dense & dense).any()):
+                raise ValueError("a tile is listed both as partial (kv_indices) and as full (full_kv_indices)")
+            self.full_kv_num_blocks, self.full_kv_indices = f_counts, f_index
+        self.kv_num_blocks = counts
+        self.kv_indices = index
+        self.mask_mod = mask_mod
+        self._partial = dense
+        self._full = full_dense
+        self._dense = dense | full_dense
         self._transposed: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self._engine_cache: Dict[Any, Any] = {}
         self._device_cache: Dict[torch.device, "BlockMask"] = {}
@@ -236,7 +273,7 @@ class BlockMask:
     def sparsity(self) -> float:
         """Percentage of the (R * BQ) x (C * BK) block grid that is skipped (FlexAttention's definition)."""
         bm, hm, rows, cols = self.shape
-        return 100.0 * (1.0 - int(self.kv_num_blocks.sum()) / (bm * hm * rows * cols))
+        return 100.0 * (1.0 - int(self._dense.sum()) / (bm * hm * rows * cols))
 
     def density(self) -> float:
         """Fraction of tiles computed, in [0, 1]."""
@@ -266,10 +303,14 @@ class BlockMask:
             return self
         if device not in self._device_cache:
             moved = BlockMask.__new__(BlockMask)
-            moved.block_size, moved.seq_lens = self.block_size, self.seq_lens
+            moved.block_size, moved.seq_lens, moved.mask_mod = self.block_size, self.seq_lens, self.mask_mod
             moved.kv_num_blocks = self.kv_num_blocks.to(device)
             moved.kv_indices = self.kv_indices.to(device)
-            moved._dense = self._dense.to(device)
+            moved.full_kv_num_blocks = moved.full_kv_indices = None
+            if self.full_kv_num_blocks is not None:
+                moved.full_kv_num_blocks = self.full_kv_num_blocks.to(device)
+                moved.full_kv_indices = self.full_kv_indices.to(device)
+            moved._partial, moved._full, moved._dense = (t.to(device) for t in (self._partial, self._full, self._dense))
             moved._transposed = None
             moved._engine_cache, moved._device_cache = {}, {}
             self._device_cache[device] = moved
@@ -280,10 +321,12 @@ class BlockMask:
 
         FlexAttention's semantics live in the ``mask_mod`` (its block lists only skip
         work), so the result carries a ``mask_mod`` that looks the tile up in this mask
-        (and applies the bottom-right causal mask when ``causal``): ``flex_attention(q, k,
-        v, block_mask=bm.to_torch(causal))`` equals ``block_sparse_attention(q, k, v, bm,
-        causal=causal)``. Tiles that need no token mask are FlexAttention "full" blocks.
-        Raises RuntimeError when this torch has no FlexAttention.
+        (and applies this mask's own mask_mod, through its PyTorch reference, and the
+        bottom-right causal mask when ``causal``): ``flex_attention(q, k, v,
+        block_mask=bm.to_torch(causal))`` equals ``block_sparse_attention(q, k, v, bm,
+        causal=causal)`` for Nq == Nk (torch's positions are top-left; they are shifted
+        to attnkit's bottom-right ones). Tiles that need no token mask are FlexAttention
+        "full" blocks. Raises RuntimeError when this torch has no FlexAttention.
         """
         try:
             from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
@@ -295,9 +338,15 @@ class BlockMask:
         tiles = self._dense
         per_batch, per_head = tiles.shape[0] > 1, tiles.shape[1] > 1
         offset = nk - nq
+        token_mask = None
+        if self.mask_mod is not None:
+            bm, hm = tiles.shape[:2]
+            token_mask = self.mask_mod.specialize(Problem("block_sparse", bm, hm, nq, nk, self.device))
 
         def mask_mod(b, h, q_idx, kv_idx):
             keep = tiles[b if per_batch else 0, h if per_head else 0, q_idx // bq, kv_idx // bk]
+            if token_mask is not None:
+                keep = keep & token_mask.apply(b, h, q_idx + offset, kv_idx)
             return keep & (kv_idx <= q_idx + offset) if causal else keep
 
         return FlexBlockMask.from_kv_blocks(*dense_to_lists(part, capacity=cols), *dense_to_lists(full, capacity=cols),
@@ -309,16 +358,23 @@ class BlockMask:
                 f"seq_lens={self.seq_lens}, sparsity={self.sparsity():.1f}%)")
 
     # ------------------------------------------------------------------ engine lists
-    def causal_split(self, causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    def causal_split(self, causal: bool, masked: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """Boolean (Bm, Hm, R, C) ``full`` and ``partial`` tiles for the engine.
 
-        Without causal every listed tile is full. With the bottom-right causal mask
-        (query i sees keys j <= i + Nk - Nq) a listed tile wholly below the diagonal is
-        full, one crossing it is partial (the kernel applies the causal token mask), and
-        one wholly above it is dropped.
+        Tiles listed as partial need this mask's mask_mod; the others are full. With
+        ``masked`` (another token mask applies on top, e.g. an explicit mask_mod) every
+        listed tile is partial. With the bottom-right causal mask (query i sees keys
+        j <= i + Nk - Nq) a full tile that crosses the diagonal becomes partial, and a
+        tile wholly above it is dropped.
         """
+        if self.mask_mod is None:
+            full, part = self._dense, torch.zeros_like(self._dense)
+        else:
+            full, part = self._full, self._partial
+        if masked:
+            full, part = torch.zeros_like(full), full | part
         if not causal:
-            return self._dense, torch.zeros_like(self._dense)
+            return full, part
         (bq, bk), (nq, nk) = self.block_size, self.seq_lens
         _, _, rows, cols = self.shape
         offset = nk - nq
@@ -329,21 +385,91 @@ class BlockMask:
         key_last = torch.clamp(key_first + bk, max=nk) - 1
         whole = key_last[None, :] <= row_first[:, None] + offset      # every row sees every key
         some = key_first[None, :] <= row_last[:, None] + offset       # some row sees some key
-        full = self._dense & whole
-        part = self._dense & some & ~whole
-        return full, part
+        return full & whole, (part & some) | (full & some & ~whole)
 
-    def engine_lists(self, causal: bool) -> Any:
-        """The engine's ``BlockLists`` for this mask (cached per ``causal``)."""
-        key = bool(causal)
+    def engine_lists(self, causal: bool, masked: bool = False) -> Any:
+        """The engine's ``BlockLists`` for this mask (cached per ``causal`` and ``masked``)."""
+        key = (bool(causal), bool(masked))
         if key not in self._engine_cache:
-            self._engine_cache[key] = make_block_lists(*self.block_size, *self.causal_split(key))
+            self._engine_cache[key] = make_block_lists(*self.block_size, *self.causal_split(*key))
         return self._engine_cache[key]
 
 
-def make_block_lists(block_q: int, block_k: int, full: torch.Tensor, part: torch.Tensor) -> Any:
-    """The engine's ``BlockLists`` from boolean (Bm, Hm, R, C) full and partial tiles."""
-    from ..kernels.engine import BlockLists
+def create_block_mask(mask_mod: MaskMod, B: Optional[int], H: Optional[int], Nq: int, Nk: int, *,
+                      block_size: BlockSize = 128, device: Union[str, torch.device, None] = None,
+                      chunk_elements: int = 1 << 24) -> BlockMask:
+    """A BlockMask whose tiles follow ``mask_mod`` exactly (FlexAttention's ``create_block_mask``).
 
-    lists = [dense_to_lists(m) for m in (full, part, full.transpose(-1, -2), part.transpose(-1, -2))]
-    return BlockLists(block_q, block_k, *(t for pair in lists for t in pair))
+    Tiles where the mask is False for every pair are dropped; tiles where it is True
+    for every pair are *full* (computed without the mask); the rest are *partial* and
+    carry ``mask_mod``, so attention with the result equals the exact token mask.
+
+    Args:
+        mask_mod: an :class:`attnkit.MaskMod` (e.g. ``attnkit.mods.causal()``).
+        B, H: batch size and number of query heads, or None for a mask shared by every
+            batch entry / head (the mask_mod then sees b = 0 / h = 0).
+        Nq, Nk: sequence lengths. Positions are attnkit's: query row i has ``q_idx = i +
+            Nk - Nq`` (FlexAttention's ``q_idx = i`` when Nq == Nk).
+        block_size: BQ or (BQ, BK) (the kernel needs multiples of 16).
+        device: where the mask lives; default the device of the mask_mod's tensors, else
+            CUDA when available, else CPU.
+        chunk_elements: token pairs evaluated at once (memory is bounded by this, never
+            Nq x Nk): the mask_mod's reference runs one chunk of tiles at a time.
+
+    Returns:
+        a :class:`BlockMask` with ``mask_mod`` set.
+
+    Examples::
+
+        >>> mask = attnkit.mods.and_masks(attnkit.mods.causal(), attnkit.mods.document(doc_ids))
+        >>> block_mask = attnkit.create_block_mask(mask, None, None, 4096, 4096, device="cuda")
+        >>> out = attnkit.flex_attention(q, k, v, block_mask=block_mask)
+    """
+    if not isinstance(mask_mod, MaskMod):
+        what = type(mask_mod).__name__
+        hint = " (a score modification cannot build a block mask)" if what.endswith("ScoreMod") else ""
+        raise TypeError(f"mask_mod must be an attnkit.MaskMod{hint}, got {what}")
+    bq, bk = _pair("block_size", block_size)
+    bm = 1 if B is None else B
+    hm = 1 if H is None else H
+    for name, val in (("B", bm), ("H", hm), ("Nq", Nq), ("Nk", Nk)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"{name} must be an int >= 1 (or None for B and H), got {val!r}")
+    if device is None:
+        device = mask_mod.tensors[0].device if mask_mod.tensors else (
+            "cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    mm = mask_mod.specialize(Problem("flex", bm, hm, Nq, Nk, device))
+    for i, t in enumerate(mm.tensors):
+        if t.device != device:
+            raise ValueError(f"mask_mod ({mm.name}): tensors[{i}] is on {t.device} but device is {device}")
+    rows, cols = _cdiv(Nq, bq), _cdiv(Nk, bk)
+    some = torch.zeros(bm, hm, rows, cols, dtype=torch.bool, device=device)
+    every = torch.zeros_like(some)
+    b = torch.arange(bm, device=device).view(-1, 1, 1, 1)
+    h = torch.arange(hm, device=device).view(1, -1, 1, 1)
+    per_pair = bm * hm
+    k_chunk = max(1, min(cols, math.isqrt(max(1, chunk_elements // per_pair)) // bk))
+    q_chunk = max(1, min(rows, chunk_elements // (per_pair * k_chunk * bk * bq)))
+    for r0 in range(0, rows, q_chunk):
+        nr = min(q_chunk, rows - r0)
+        q_rows = torch.arange(r0 * bq, (r0 + nr) * bq, device=device)
+        q_ok = q_rows < Nq
+        q_idx = q_rows.clamp(max=Nq - 1) + (Nk - Nq)
+        for c0 in range(0, cols, k_chunk):
+            nc = min(k_chunk, cols - c0)
+            k_rows = torch.arange(c0 * bk, (c0 + nc) * bk, device=device)
+            k_ok = k_rows < Nk
+            keep = mm.apply(b, h, q_idx.view(1, 1, -1, 1), k_rows.clamp(max=Nk - 1).view(1, 1, 1, -1))
+            keep = torch.broadcast_to(keep, (bm, hm, nr * bq, nc * bk))
+            valid = q_ok[:, None] & k_ok[None, :]
+            tiles = (keep & valid).view(bm, hm, nr, bq, nc, bk)
+            some[:, :, r0:r0 + nr, c0:c0 + nc] = tiles.any(dim=5).any(dim=3)
+            whole = (keep | ~valid).view(bm, hm, nr, bq, nc, bk)
+            every[:, :, r0:r0 + nr, c0:c0 + nc] = whole.all(dim=5).all(dim=3)
+    full = some & every
+    partial = some & ~every
+    counts, index = dense_to_lists(partial)
+    full_counts, full_index = dense_to_lists(full)
+    return BlockMask(counts, index, (bq, bk), (Nq, Nk), full_kv_num_blocks=full_counts, full_kv_indices=full_index,
+                     mask_mod=mask_mod)

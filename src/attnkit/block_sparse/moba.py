@@ -22,9 +22,8 @@ import torch
 
 from ..checks import Shapes, check_flag, check_int, check_qkv, check_scale
 from ..dispatch import attention
-from ..engine import fused_attention, head_dim_blockers
+from ..engine import Schedule, fused_attention, head_dim_blockers, make_block_lists
 from ..registry import Case, Variant, register_variant
-from .block_mask import make_block_lists
 from .reference import moba_reference
 from .variant import fixed_tile
 
@@ -140,7 +139,6 @@ def moba_tiles(sel: torch.Tensor, seqlen_q: int, seqlen_k: int, block_size: int,
 def moba_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int, top_k: int,
                 scale: Optional[float] = None, return_lse: bool = False):
     """The Triton path of :func:`moba_attention` (same arguments, no dispatch)."""
-    from ..kernels import engine
     from ..kernels import moba as kernels
 
     Nq, Nk = q.shape[2], k.shape[2]
@@ -148,8 +146,8 @@ def moba_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size
     bq, bk = list_block_sizes(block_size)
     full, part = moba_tiles(sel, Nq, Nk, block_size, bq, bk)
     lists = make_block_lists(bq, bk, full, part)
-    schedule = engine.Schedule(mask=kernels.moba_mask, lists=lists, mask_tensor=sel,
-                               mask_strides=(sel.stride(0), sel.stride(1)), mask_args=(block_size, sel.shape[-1]))
+    schedule = Schedule(mask=kernels.moba_mask, lists=lists,
+                        args=(sel, sel.stride(0), sel.stride(1), block_size, sel.shape[-1]))
     out, lse = fused_attention(q, k, v, schedule, sm_scale=check_scale(scale, q.shape[-1]))
     return (out, lse) if return_lse else out
 

@@ -12,27 +12,45 @@ from typing import Optional
 
 import torch
 
-from .._reference import expand_kv_heads, lse_dtype, map_query_chunks, softmax_attend
+from .._reference import (bind_score_mod, bottom_right, expand_kv_heads, lse_dtype, map_query_chunks, mod_positions,
+                          softmax_attend)
 from ..checks import check_scale
+from ..mods import MaskMod, Problem, ScoreMod
+from ..mods.core import check_mask_mod, check_score_mod
 from .block_mask import BlockMask
+
+
+def block_sparse_mods(q: torch.Tensor, k: torch.Tensor, block_mask: BlockMask, score_mod: Optional[ScoreMod],
+                      mask_mod: Optional[MaskMod]):
+    """(score mod, the block mask's own mask_mod, the explicit mask_mod) specialized to the call."""
+    if score_mod is None and mask_mod is None and block_mask.mask_mod is None:
+        return None, None, None
+    problem = Problem.of("block_sparse", q, k)
+    return (check_score_mod("score_mod", score_mod, problem),
+            check_mask_mod("block_mask.mask_mod", block_mask.mask_mod, problem),
+            check_mask_mod("mask_mod", mask_mod, problem))
 
 
 def block_sparse_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_mask: BlockMask,
                            causal: bool = False, scale: Optional[float] = None, softcap: Optional[float] = None,
+                           score_mod: Optional[ScoreMod] = None, mask_mod: Optional[MaskMod] = None,
                            return_lse: bool = False):
     """Block-sparse softmax attention, in the dtype of the inputs.
 
     q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> out (B, Hq, Nq, Dv)
-    [, lse (B, Hq, Nq)]. Query block r (rows r*BQ ... r*BQ + BQ - 1) attends every key
+    [, lse (B, Hq, Nq)]. Query block r (rows r*BQ ... r*BQ + BQ - 1) attends the keys
     of the key blocks ``block_mask`` lists for it (per batch entry and head, or shared
-    when the mask's dim is 1), intersected with the bottom-right causal mask when
-    ``causal``. A row that sees nothing has out 0 and lse -inf.
+    when the mask's dim is 1): every key of a full tile, and in a partial tile the keys
+    the mask's mask_mod allows; intersected with ``mask_mod`` and with the bottom-right
+    causal mask when ``causal``. A row that sees nothing has out 0 and lse -inf.
     """
     sm_scale = check_scale(scale, q.shape[-1])
     block_mask = block_mask.to(q.device)
-    Hq, Nq, Nk = q.shape[1], q.shape[2], k.shape[2]
+    score_mod, own_mask, extra_mask = block_sparse_mods(q, k, block_mask, score_mod, mask_mod)
+    B, Hq, Nq, Nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     bq, bk = block_mask.block_size
     tiles = block_mask.to_dense()  # (Bm, Hm, R, C) bool: R x C blocks, not tokens
+    partial = block_mask._partial if own_mask is not None else torch.zeros_like(tiles)
     k, v = expand_kv_heads(k, Hq), expand_kv_heads(v, Hq)
 
     def attend(q_block: torch.Tensor, first_row: int):
@@ -42,12 +60,18 @@ def block_sparse_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             blocks, listed = blocks.new_zeros(1), torch.zeros_like(listed)
         key_idx = (blocks[:, None] * bk + torch.arange(bk, device=q.device)).flatten()
         key_idx = key_idx[key_idx < Nk]
+        query_pos = bottom_right(first_row, q_block.shape[2], Nq, Nk, q.device)
+        positions = mod_positions(B, Hq, query_pos, key_idx)
         mask = listed[:, :, key_idx // bk][:, :, None, :]                # (Bm, Hm, 1, L)
-        if causal:  # bottom-right: query i sits at key position i + Nk - Nq
-            query_pos = torch.arange(first_row, first_row + q_block.shape[2], device=q.device) + (Nk - Nq)
+        if own_mask is not None:  # the block mask's mask_mod cuts its partial tiles only
+            cut = partial[:, :, first_row // bq][:, :, key_idx // bk][:, :, None, :]
+            mask = mask & (~cut | own_mask.apply(*positions))
+        if extra_mask is not None:
+            mask = mask & extra_mask.apply(*positions)
+        if causal:
             mask = mask & (key_idx[None, :] <= query_pos[:, None])
         return softmax_attend(q_block, k[:, :, key_idx], v[:, :, key_idx], scale=sm_scale, mask=mask,
-                              softcap=softcap)
+                              softcap=softcap, score_mod=bind_score_mod(score_mod, positions))
 
     out, lse = map_query_chunks(attend, q, bq)
     lse = lse.to(lse_dtype(q))

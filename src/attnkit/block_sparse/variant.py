@@ -13,12 +13,14 @@ import torch
 
 from ..checks import Shapes, check_flag, check_qkv, check_scale, check_softcap
 from ..dispatch import attention
-from ..engine import fused_attention, head_dim_blockers
+from ..engine import Schedule, fused_attention, head_dim_blockers
+from ..mods import MaskMod, ScoreMod, and_masks
 from ..registry import Case, Variant, register_variant
 from .block_mask import BlockMask
-from .reference import block_sparse_reference
+from .reference import block_sparse_mods, block_sparse_reference
 
-OPTIONS: Dict[str, Any] = dict(block_mask=None, causal=False, scale=None, softcap=None, return_lse=False)
+OPTIONS: Dict[str, Any] = dict(block_mask=None, causal=False, scale=None, softcap=None, score_mod=None,
+                               mask_mod=None, return_lse=False)
 #: the engine's smallest kernel tile; list block sizes must be multiples of it
 KERNEL_TILE = 16
 
@@ -50,6 +52,7 @@ def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[st
     check_flag("return_lse", options["return_lse"])
     check_scale(options["scale"], shapes.head_dim)
     check_softcap(options["softcap"])
+    block_sparse_mods(q, k, options["block_mask"], options["score_mod"], options["mask_mod"])
     return shapes
 
 
@@ -60,9 +63,10 @@ def fixed_tile() -> Optional[Dict[str, int]]:
     return configs.fixed_config()
 
 
-def kernel_support(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[str, Any]) -> List[str]:
-    reasons = head_dim_blockers(q, v)
-    bq, bk = options["block_mask"].block_size
+def list_tile_blockers(block_mask: BlockMask) -> List[str]:
+    """Reasons the engine's list mode cannot take this mask's block sizes (empty if it can)."""
+    reasons = []
+    bq, bk = block_mask.block_size
     if bq % KERNEL_TILE or bk % KERNEL_TILE:
         reasons.append(f"block_mask.block_size {(bq, bk)}: the kernel needs block sizes that are multiples of "
                        f"{KERNEL_TILE} (the smallest kernel tile)")
@@ -71,25 +75,34 @@ def kernel_support(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: D
         if tile is not None and (bq % tile["BLOCK_M"] or bk % tile["BLOCK_N"]):
             reasons.append(f"block_mask.block_size {(bq, bk)} is not a multiple of the fixed kernel tile "
                            f"(BLOCK_M={tile['BLOCK_M']}, BLOCK_N={tile['BLOCK_N']}); pick another with "
-                           "attnkit.kernels.engine.force_config")
+                           "attnkit.extension.force_config")
     return reasons
+
+
+def kernel_support(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[str, Any]) -> List[str]:
+    return head_dim_blockers(q, v) + list_tile_blockers(options["block_mask"])
 
 
 def block_sparse_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_mask: BlockMask,
                         causal: bool = False, scale: Optional[float] = None, softcap: Optional[float] = None,
+                        score_mod: Optional[ScoreMod] = None, mask_mod: Optional[MaskMod] = None,
                         return_lse: bool = False):
     """The Triton path of :func:`block_sparse_attention` (same arguments, no dispatch)."""
     from ..kernels import block_sparse as kernels
-    from ..kernels import engine
 
-    lists = block_mask.to(q.device).engine_lists(causal)
-    schedule = engine.Schedule(mask=kernels.block_sparse_mask, lists=lists)
-    out, lse = fused_attention(q, k, v, schedule, sm_scale=check_scale(scale, q.shape[-1]), softcap=softcap)
+    block_mask = block_mask.to(q.device)
+    score, own_mask, extra_mask = block_sparse_mods(q, k, block_mask, score_mod, mask_mod)
+    token_masks = [m for m in (own_mask, extra_mask) if m is not None]
+    schedule = Schedule(mask=kernels.block_sparse_causal_mask if causal else None,
+                        lists=block_mask.engine_lists(causal, masked=extra_mask is not None))
+    out, lse = fused_attention(q, k, v, schedule, sm_scale=check_scale(scale, q.shape[-1]), softcap=softcap,
+                               score_mod=score, mask_mod=and_masks(*token_masks) if token_masks else None)
     return (out, lse) if return_lse else out
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, *,
                            causal: bool = False, scale: Optional[float] = None, softcap: Optional[float] = None,
+                           score_mod: Optional[ScoreMod] = None, mask_mod: Optional[MaskMod] = None,
                            return_lse: bool = False, backend: str = "auto"):
     """Softmax attention over the tiles of a block mask.
 
@@ -102,6 +115,10 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
             j <= i + Nk - Nq) inside the listed tiles.
         scale: score scale, default 1/sqrt(D).
         softcap: if set, scores s become softcap * tanh(s / softcap) (after scaling).
+        score_mod: an :class:`attnkit.ScoreMod` applied to every computed score after the
+            softcap; see docs/mods.md.
+        mask_mod: an :class:`attnkit.MaskMod` intersected with the block mask (and with its
+            own mask_mod, if it carries one): every listed tile is then computed with it.
         return_lse: also return the log-sum-exp (B, Hq, Nq), float32, natural log.
         backend: "auto", "triton" or "reference" (see ``attnkit.explain``). The kernel
             needs block sizes that are multiples of 16; auto falls back to the
@@ -112,7 +129,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         that sees no key has out 0 and lse -inf (and zero gradients).
     """
     return attention(q, k, v, "block_sparse", backend, block_mask=block_mask, causal=causal, scale=scale,
-                     softcap=softcap, return_lse=return_lse)
+                     softcap=softcap, score_mod=score_mod, mask_mod=mask_mod, return_lse=return_lse)
 
 
 def _random_mask(batch: int, heads: int, nq: int, nk: int, block_size, density: float, seed: int,

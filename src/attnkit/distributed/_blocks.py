@@ -63,13 +63,13 @@ def block_backward(q, k, v, o, lse, do, delta, dlse, *, causal: bool, scale: flo
 
 def block_backward_kernel(q, k, v, o, lse, do, *, causal: bool, scale: float, softcap: Optional[float]) -> Grads:
     """The fused engine's backward with flash's schedule, run on the final o and lse."""
-    from ..kernels import engine, flash as flash_kernels
+    from ..flash import flash_schedule
+    from ..kernels import engine
 
-    schedule = engine.Schedule(mask=flash_kernels.flash_mask, kv_range=flash_kernels.flash_kv_range,
-                               q_range=flash_kernels.flash_q_range, mask_cfg=int(causal))
     q, k, v = (t.contiguous() for t in (q, k, v))
-    dq, dk, dv, _ = engine.attention_backward(do.to(q.dtype).contiguous(), q, k, v, o.to(q.dtype).contiguous(),
-                                              lse.float().contiguous(), schedule, sm_scale=scale, softcap=softcap)
+    dq, dk, dv, _, _ = engine.attention_backward(do.to(q.dtype).contiguous(), q, k, v, o.to(q.dtype).contiguous(),
+                                                 lse.float().contiguous(), flash_schedule(causal), sm_scale=scale,
+                                                 softcap=softcap)
     return dq.float(), dk.float(), dv.float()
 
 

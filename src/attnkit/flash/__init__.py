@@ -1,7 +1,8 @@
 """The flash variant: exact softmax attention (FlashAttention-2 algorithm on the fused engine).
 
 Options: bottom-right ``causal``, ``scale``, ``softcap``, learnable ``sink_logits``
-(gpt-oss), packed variable-length batches (``cu_seqlens_q/k``), ``return_lse``.
+(gpt-oss), ``alibi_slopes`` (FlashAttention's convention), any ``score_mod``, packed
+variable-length batches (``cu_seqlens_q/k``), ``return_lse``.
 """
 
 from __future__ import annotations
@@ -13,12 +14,21 @@ import torch
 from ..checks import (Shapes, check_cu_seqlens, check_flag, check_head_vector, check_qkv, check_scale,
                       check_softcap)
 from ..dispatch import attention
-from ..engine import fused_attention, head_dim_blockers
+from ..engine import Const, Schedule, fused_attention, head_dim_blockers
+from ..mods import ScoreMod
 from ..registry import Case, Variant, register_variant
-from .reference import flash_reference
+from .reference import flash_reference, flash_score_mod
 
-OPTIONS: Dict[str, Any] = dict(causal=False, scale=None, softcap=None, sink_logits=None, cu_seqlens_q=None,
-                               cu_seqlens_k=None, return_lse=False)
+OPTIONS: Dict[str, Any] = dict(causal=False, scale=None, softcap=None, sink_logits=None, alibi_slopes=None,
+                               score_mod=None, cu_seqlens_q=None, cu_seqlens_k=None, return_lse=False)
+
+
+def flash_schedule(causal: bool) -> Schedule:
+    """The engine schedule of dense (or bottom-right causal) attention."""
+    from ..kernels import flash as kernels
+
+    return Schedule(mask=kernels.flash_mask, kv_range=kernels.flash_kv_range, q_range=kernels.flash_q_range,
+                    args=(Const(int(causal)),))
 
 
 def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[str, Any]) -> Shapes:
@@ -41,6 +51,7 @@ def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[st
         if cu_q.numel() != cu_k.numel():
             raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
                              f"got {cu_q.numel() - 1} and {cu_k.numel() - 1}")
+    flash_score_mod(q, k, options["alibi_slopes"], options["score_mod"], cu_q, cu_k)
     return shapes
 
 
@@ -50,21 +61,21 @@ def kernel_support(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: D
 
 def flash_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                  scale: Optional[float] = None, softcap: Optional[float] = None,
-                 sink_logits: Optional[torch.Tensor] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
+                 sink_logits: Optional[torch.Tensor] = None, alibi_slopes: Optional[torch.Tensor] = None,
+                 score_mod: Optional[ScoreMod] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
                  cu_seqlens_k: Optional[torch.Tensor] = None, return_lse: bool = False):
     """The Triton path of :func:`flash_attention` (same arguments, no dispatch)."""
-    from ..kernels import engine, flash as flash_kernels
-
-    schedule = engine.Schedule(mask=flash_kernels.flash_mask, kv_range=flash_kernels.flash_kv_range,
-                               q_range=flash_kernels.flash_q_range, mask_cfg=int(causal))
-    out, lse = fused_attention(q, k, v, schedule, sm_scale=check_scale(scale, q.shape[-1]), softcap=softcap,
-                               sink_logits=sink_logits, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    mod = flash_score_mod(q, k, alibi_slopes, score_mod, cu_seqlens_q, cu_seqlens_k)
+    out, lse = fused_attention(q, k, v, flash_schedule(causal), sm_scale=check_scale(scale, q.shape[-1]),
+                               softcap=softcap, sink_logits=sink_logits, score_mod=mod, cu_seqlens_q=cu_seqlens_q,
+                               cu_seqlens_k=cu_seqlens_k)
     return (out, lse) if return_lse else out
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                     scale: Optional[float] = None, softcap: Optional[float] = None,
-                    sink_logits: Optional[torch.Tensor] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
+                    sink_logits: Optional[torch.Tensor] = None, alibi_slopes: Optional[torch.Tensor] = None,
+                    score_mod: Optional[ScoreMod] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
                     cu_seqlens_k: Optional[torch.Tensor] = None, return_lse: bool = False,
                     backend: str = "auto"):
     """Exact softmax attention.
@@ -76,18 +87,32 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         softcap: if set, scores s become softcap * tanh(s / softcap) (after scaling).
         sink_logits: (Hq,) learnable logit per head added to each row's softmax
             denominator, with no value (gpt-oss); differentiable.
+        alibi_slopes: (Hq,) or (B, Hq) float: adds -slope * |i + Nk - Nq - j| to the score
+            of query i and key j (FlashAttention's convention; after the softcap); may
+            require grad. Same as ``score_mod=attnkit.mods.alibi(alibi_slopes)``.
+        score_mod: an :class:`attnkit.ScoreMod` applied to every score after the softcap
+            (and after ALiBi when both are given); see docs/mods.md.
         cu_seqlens_q, cu_seqlens_k: (S + 1,) int32 offsets of S sequences packed along N
-            (B must be 1); each sequence attends only within itself.
+            (B must be 1); each sequence attends only within itself (mods see the
+            sequence index as ``b`` and positions from the sequence's start).
         return_lse: also return the log-sum-exp (B, Hq, Nq), float32, natural log
             (including the sink); -inf for a row that sees no key.
         backend: "auto", "triton" or "reference" (see ``attnkit.explain``).
 
     Returns:
         out (B, Hq, Nq, Dv) in q's dtype, or (out, lse) with ``return_lse``.
+
+    Examples::
+
+        >>> q = torch.randn(2, 8, 128, 64); k = torch.randn(2, 2, 128, 64); v = torch.randn(2, 2, 128, 64)
+        >>> attnkit.flash_attention(q, k, v, causal=True).shape
+        torch.Size([2, 8, 128, 64])
+        >>> slopes = attnkit.mods.alibi_slopes(8)
+        >>> out, lse = attnkit.flash_attention(q, k, v, causal=True, alibi_slopes=slopes, return_lse=True)
     """
     return attention(q, k, v, "flash", backend, causal=causal, scale=scale, softcap=softcap,
-                     sink_logits=sink_logits, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                     return_lse=return_lse)
+                     sink_logits=sink_logits, alibi_slopes=alibi_slopes, score_mod=score_mod,
+                     cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse)
 
 
 def _offsets(*lengths: int):

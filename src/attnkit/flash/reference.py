@@ -6,43 +6,85 @@ from typing import Optional
 
 import torch
 
-from .._reference import expand_kv_heads, lse_dtype, map_query_chunks, query_chunk_rows, softmax_attend
+from .._reference import (bind_score_mod, bottom_right, expand_kv_heads, lse_dtype, map_query_chunks, mod_positions,
+                          query_chunk_rows, softmax_attend)
 from ..checks import check_scale
+from ..mods import MaskMod, Problem, ScoreMod, alibi, chain_score_mods
+from ..mods.core import check_score_mod
 
 
-def flash_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                    scale: Optional[float] = None, softcap: Optional[float] = None,
-                    sink_logits: Optional[torch.Tensor] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
-                    cu_seqlens_k: Optional[torch.Tensor] = None, return_lse: bool = False):
-    """Softmax attention computed in the dtype of the inputs.
+def flash_score_mod(q: torch.Tensor, k: torch.Tensor, alibi_slopes: Optional[torch.Tensor],
+                    score_mod: Optional[ScoreMod], cu_seqlens_q: Optional[torch.Tensor] = None,
+                    cu_seqlens_k: Optional[torch.Tensor] = None) -> Optional[ScoreMod]:
+    """The score mod a flash call runs: ALiBi (from ``alibi_slopes``), then ``score_mod``,
+    specialized to the call; None when neither is given. Raises on bad input."""
+    if alibi_slopes is None and score_mod is None:
+        return None
+    problem = Problem.of("flash", q, k, cu_seqlens_q, cu_seqlens_k)
+    parts = []
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, torch.Tensor) or not alibi_slopes.is_floating_point():
+            got = alibi_slopes.dtype if isinstance(alibi_slopes, torch.Tensor) else type(alibi_slopes).__name__
+            raise TypeError(f"alibi_slopes must be a floating tensor (Hq,) or (B, Hq), got {got}")
+        if alibi_slopes.device != q.device:
+            raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {q.device}")
+        if alibi_slopes.dim() not in (1, 2):
+            raise ValueError(f"alibi_slopes must have shape (Hq,) or (B, Hq), got {tuple(alibi_slopes.shape)}")
+        parts.append(check_score_mod("alibi_slopes", alibi(alibi_slopes), problem))
+    if score_mod is not None:
+        parts.append(check_score_mod("score_mod", score_mod, problem))
+    return chain_score_mods(*parts)
 
-    q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> out (B, Hq, Nq, Dv)
-    [, lse (B, Hq, Nq)]. Causal is bottom-right aligned. Packed sequences (B = 1,
-    ``cu_seqlens_q/k``) are run one at a time. Memory: O(chunk * Nk) per step.
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, sm_scale: float,
+                    softcap: Optional[float] = None, sink_logits: Optional[torch.Tensor] = None,
+                    score_mod: Optional[ScoreMod] = None, mask_mod: Optional[MaskMod] = None, first_batch: int = 0):
+    """Dense softmax attention of one (B, H, N, D) problem, chunked over queries: -> (out, lse).
+
+    Optional bottom-right ``causal`` mask, and already specialized mods;
+    ``first_batch`` is the index mods see for batch entry 0 (a packed sequence's index).
     """
-    if cu_seqlens_q is not None:
-        outs, lses = [], []
-        bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-        for (q0, q1), (k0, k1) in zip(zip(bounds_q, bounds_q[1:]), zip(bounds_k, bounds_k[1:])):
-            o, l = flash_reference(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], causal=causal, scale=scale,
-                                   softcap=softcap, sink_logits=sink_logits, return_lse=True)
-            outs.append(o)
-            lses.append(l)
-        out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
-        return (out, lse) if return_lse else out
-
-    sm_scale = check_scale(scale, q.shape[-1])
-    Hq, Nq, Nk = q.shape[1], q.shape[2], k.shape[2]
+    B, Hq, Nq, Nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     k, v = expand_kv_heads(k, Hq), expand_kv_heads(v, Hq)
     key_pos = torch.arange(Nk, device=q.device)
 
     def attend(q_chunk: torch.Tensor, first_row: int):
-        mask = None
-        if causal:  # bottom-right: query i sits at key position i + Nk - Nq
-            query_pos = torch.arange(first_row, first_row + q_chunk.shape[2], device=q.device) + (Nk - Nq)
-            mask = key_pos[None, :] <= query_pos[:, None]
-        return softmax_attend(q_chunk, k, v, scale=sm_scale, mask=mask, softcap=softcap, sink_logits=sink_logits)
+        query_pos = bottom_right(first_row, q_chunk.shape[2], Nq, Nk, q.device)
+        positions = mod_positions(B, Hq, query_pos, key_pos, first_batch=first_batch)
+        mask = key_pos[None, :] <= query_pos[:, None] if causal else None
+        if mask_mod is not None:
+            keep = mask_mod.apply(*positions)
+            mask = keep if mask is None else keep & mask
+        return softmax_attend(q_chunk, k, v, scale=sm_scale, mask=mask, softcap=softcap, sink_logits=sink_logits,
+                              score_mod=bind_score_mod(score_mod, positions))
 
-    out, lse = map_query_chunks(attend, q, query_chunk_rows(q.shape[0] * Hq, Nk))
+    return map_query_chunks(attend, q, query_chunk_rows(B * Hq, Nk))
+
+
+def flash_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                    scale: Optional[float] = None, softcap: Optional[float] = None,
+                    sink_logits: Optional[torch.Tensor] = None, alibi_slopes: Optional[torch.Tensor] = None,
+                    score_mod: Optional[ScoreMod] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
+                    cu_seqlens_k: Optional[torch.Tensor] = None, return_lse: bool = False):
+    """Softmax attention computed in the dtype of the inputs.
+
+    q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> out (B, Hq, Nq, Dv)
+    [, lse (B, Hq, Nq)]. Causal is bottom-right aligned. Scores: scale, softcap, then
+    ALiBi and the score mod. Packed sequences (B = 1, ``cu_seqlens_q/k``) are run one
+    at a time. Memory: O(chunk * Nk) per step.
+    """
+    sm_scale = check_scale(scale, q.shape[-1])
+    mod = flash_score_mod(q, k, alibi_slopes, score_mod, cu_seqlens_q, cu_seqlens_k)
+    options = dict(causal=causal, sm_scale=sm_scale, softcap=softcap, sink_logits=sink_logits, score_mod=mod)
+    if cu_seqlens_q is not None:
+        outs, lses = [], []
+        bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        for seq, ((q0, q1), (k0, k1)) in enumerate(zip(zip(bounds_q, bounds_q[1:]), zip(bounds_k, bounds_k[1:]))):
+            o, l = dense_attention(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], first_batch=seq, **options)
+            outs.append(o)
+            lses.append(l)
+        out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+    else:
+        out, lse = dense_attention(q, k, v, **options)
     lse = lse.to(lse_dtype(q))
     return (out, lse) if return_lse else out

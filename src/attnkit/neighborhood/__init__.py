@@ -16,11 +16,13 @@ import torch
 from ..checks import Shapes, check_flag, check_qkv, check_scale, check_tensor
 from ..dispatch import attention
 from ..engine import head_dim_blockers
+from ..mods import ScoreMod
 from ..registry import Case, Variant, register_variant
 from .geometry import normalize
-from .reference import neighborhood_reference
+from .reference import neighborhood_reference, neighborhood_score_mod
 
-OPTIONS: Dict[str, Any] = dict(kernel_size=None, dilation=1, causal=False, stride=1, scale=None, return_lse=False)
+OPTIONS: Dict[str, Any] = dict(kernel_size=None, dilation=1, causal=False, stride=1, scale=None, score_mod=None,
+                               return_lse=False)
 
 
 def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[str, Any]) -> Shapes:
@@ -35,9 +37,10 @@ def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[st
                          f"{tuple(k.shape[2:-1])}")
     if options["kernel_size"] is None:
         raise TypeError("neighborhood attention needs kernel_size (an int or one int per spatial axis)")
-    normalize(tuple(q.shape[2:-1]), options["kernel_size"], options["dilation"], options["causal"],
-              options["stride"])
+    axes = normalize(tuple(q.shape[2:-1]), options["kernel_size"], options["dilation"], options["causal"],
+                     options["stride"])
     check_scale(options["scale"], shapes.head_dim)
+    neighborhood_score_mod(q, k, axes, options["score_mod"])
     check_flag("return_lse", options["return_lse"])
     return shapes
 
@@ -50,19 +53,22 @@ def kernel_support(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: D
 def neighborhood_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                         kernel_size: Union[int, Sequence[int]], dilation: Union[int, Sequence[int]] = 1,
                         causal: Union[bool, Sequence[bool]] = False, stride: Union[int, Sequence[int]] = 1,
-                        scale: Optional[float] = None, return_lse: bool = False):
+                        scale: Optional[float] = None, score_mod: Optional[ScoreMod] = None,
+                        return_lse: bool = False):
     """The Triton path of :func:`neighborhood_attention` (same arguments, no dispatch)."""
     from .fused import fused_neighborhood
 
     axes = normalize(tuple(q.shape[2:-1]), kernel_size, dilation, causal, stride)
-    out, lse = fused_neighborhood(q, k, v, axes, check_scale(scale, q.shape[-1]))
+    out, lse = fused_neighborhood(q, k, v, axes, check_scale(scale, q.shape[-1]),
+                                  neighborhood_score_mod(q, k, axes, score_mod))
     return (out, lse) if return_lse else out
 
 
 def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                            kernel_size: Union[int, Sequence[int]], dilation: Union[int, Sequence[int]] = 1,
                            causal: Union[bool, Sequence[bool]] = False, stride: Union[int, Sequence[int]] = 1,
-                           scale: Optional[float] = None, return_lse: bool = False, backend: str = "auto"):
+                           scale: Optional[float] = None, score_mod: Optional[ScoreMod] = None,
+                           return_lse: bool = False, backend: str = "auto"):
     """Neighborhood attention (NATTEN semantics) over 1 to 3 spatial axes.
 
     Each query attends to the keys of its neighborhood: the product over spatial axes
@@ -86,6 +92,9 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             where each query still sees no key after itself). stride == kernel_size
             gives blocked (HaloNet/Swin-style) attention.
         scale: score scale, default 1/sqrt(D).
+        score_mod: an :class:`attnkit.ScoreMod` applied to every neighbour's score; it sees
+            flat row-major token indices over ``spatial`` as ``q_idx``/``kv_idx`` (e.g.
+            ``attnkit.mods.relative_position_bias_2d(rpb, kernel_size)``, NATTEN's rpb).
         return_lse: also return the log-sum-exp (B, Hq, *spatial), float32, natural log.
         backend: "auto", "triton" or "reference" (see ``attnkit.explain``).
 
@@ -93,7 +102,7 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         out (B, Hq, *spatial, Dv) in q's dtype, or (out, lse) with ``return_lse``.
     """
     return attention(q, k, v, "neighborhood", backend, kernel_size=kernel_size, dilation=dilation, causal=causal,
-                     stride=stride, scale=scale, return_lse=return_lse)
+                     stride=stride, scale=scale, score_mod=score_mod, return_lse=return_lse)
 
 
 def examples() -> List[Case]:

@@ -20,6 +20,8 @@ How a call runs:
 4. **Token mask.** ``attnkit.kernels.neighborhood.neighborhood_mask`` reads per
    permuted query its per-axis window and per permuted key its per-axis coordinate
    from an int32 table.
+5. **Mod positions.** Score mods see the original head and flat row-major token
+   indices: ``neighborhood_positions`` maps a permuted slot back through the gather table.
 
 Plans (permutation, lists, table) are built once per geometry and device and cached.
 """
@@ -35,7 +37,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..engine import dense_to_lists, fused_attention
+from ..engine import BlockLists, Const, Schedule, dense_to_lists, fused_attention
+from ..mods import ScoreMod
 from .geometry import AxisParams, dilation_classes, window_bounds
 
 #: Tile volumes tried, with a cost factor for the lower throughput of small tiles (GPU).
@@ -161,8 +164,16 @@ class ClassPlan:
     groups: int               # dilation groups folded into the head dimension
     tokens: int               # permuted (tile-padded) tokens per group
     gather: torch.Tensor      # (groups, tokens) int64: original flat token of each permuted slot (0 for padding)
-    schedule: object          # attnkit.kernels.engine.Schedule
+    gather32: torch.Tensor    # the same, int32, for the kernel's mod positions
+    lists: BlockLists
+    table: torch.Tensor       # int32 (3 * ndim, tokens): windows and coordinates (kernels/neighborhood.py)
     tile: Tuple[int, ...]
+
+    def schedule(self, heads: int) -> Schedule:
+        from ..kernels import neighborhood as kernels
+
+        return Schedule(mask=kernels.neighborhood_mask, lists=self.lists, positions=kernels.neighborhood_positions,
+                        args=(self.table, self.tokens, Const(self.table.shape[0] // 3), self.gather32, heads))
 
 
 @dataclass(frozen=True)
@@ -182,8 +193,6 @@ def _unravel(index: torch.Tensor, shape: Sequence[int]) -> List[torch.Tensor]:
 def _class_plan(spatial: Sequence[int], axes: Sequence[AxisParams], group_lens: Sequence[int],
                 group_ids: Sequence[Sequence[int]], interpret: bool, device: torch.device
                 ) -> Tuple[ClassPlan, torch.Tensor, torch.Tensor]:
-    from ..kernels import engine, neighborhood as na_kernels
-
     ndim = len(axes)
     tile = choose_tile_shape(group_lens, axes, interpret)
     grid = [-(-Lg // t) for Lg, t in zip(group_lens, tile)]
@@ -212,9 +221,7 @@ def _class_plan(spatial: Sequence[int], axes: Sequence[AxisParams], group_lens: 
     def dev(x: torch.Tensor) -> torch.Tensor:
         return x.to(device)[None, None].contiguous()
 
-    lists = engine.BlockLists(volume, volume, *(dev(x) for x in kv), *(dev(x) for x in qt))
-    schedule = engine.Schedule(mask=na_kernels.neighborhood_mask, lists=lists, mask_cfg=ndim,
-                               mask_tensor=table.to(device), mask_strides=(0, 0), mask_args=(tokens, 0))
+    lists = BlockLists(volume, volume, *(dev(x) for x in kv), *(dev(x) for x in qt))
 
     # original flat index of every (group, permuted slot)
     combos = list(itertools.product(*group_ids))
@@ -224,7 +231,8 @@ def _class_plan(spatial: Sequence[int], axes: Sequence[AxisParams], group_lens: 
         for a, (axis, g) in enumerate(zip(axes, combo)):
             flat = flat * spatial[a] + coord[a] * axis.dilation + g
         gather[gi] = torch.where(real, flat, 0)
-    plan = ClassPlan(len(combos), tokens, gather.to(device), schedule, tile)
+    plan = ClassPlan(len(combos), tokens, gather.to(device), gather.to(torch.int32).to(device).contiguous(), lists,
+                     table.to(device).contiguous(), tile)
     return plan, gather, real
 
 
@@ -276,9 +284,10 @@ def _from_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def fused_neighborhood(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, axes: Sequence[AxisParams],
-                       sm_scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+                       sm_scale: float, score_mod: Optional[ScoreMod] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """q (B, Hq, *spatial, D), k (B, Hkv, *spatial, D), v (B, Hkv, *spatial, Dv) ->
-    out (B, Hq, *spatial, Dv) and lse (B, Hq, *spatial) float32; differentiable in q, k, v."""
+    out (B, Hq, *spatial, Dv) and lse (B, Hq, *spatial) float32; differentiable in q, k, v
+    (and in the score mod's learnable tensors). ``score_mod`` is already specialized."""
     spatial = tuple(q.shape[2:-1])
     B, Hq, Hkv, D, Dv = q.shape[0], q.shape[1], k.shape[1], q.shape[-1], v.shape[-1]
     N = math.prod(spatial)
@@ -287,7 +296,7 @@ def fused_neighborhood(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, axes: 
     outs, lses = [], []
     for cls in plan.classes:
         o, l = fused_attention(_to_groups(qf, cls.gather), _to_groups(kf, cls.gather), _to_groups(vf, cls.gather),
-                               cls.schedule, sm_scale=sm_scale)
+                               cls.schedule(Hq), sm_scale=sm_scale, score_mod=score_mod)
         outs.append(_from_groups(o, cls.groups))
         lses.append(_from_groups(l, cls.groups))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

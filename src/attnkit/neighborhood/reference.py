@@ -12,9 +12,23 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from .._reference import expand_kv_heads, lse_dtype, map_query_chunks, query_chunk_rows, softmax_attend
+from .._reference import (bind_score_mod, expand_kv_heads, lse_dtype, map_query_chunks, mod_positions,
+                          query_chunk_rows, softmax_attend)
 from ..checks import check_scale
+from ..mods import Problem, ScoreMod
+from ..mods.core import check_score_mod
 from .geometry import AxisParams, neighbor_table, normalize
+
+
+def neighborhood_score_mod(q: torch.Tensor, k: torch.Tensor, axes: Sequence[AxisParams],
+                           score_mod: Optional[ScoreMod]) -> Optional[ScoreMod]:
+    """``score_mod`` checked and specialized to the call's geometry (None stays None)."""
+    if score_mod is None:
+        return None
+    problem = Problem.of("neighborhood", q, k, spatial=tuple(a.length for a in axes),
+                         dilation=tuple(a.dilation for a in axes), kernel_size=tuple(a.kernel for a in axes),
+                         stride=tuple(a.stride for a in axes))
+    return check_score_mod("score_mod", score_mod, problem)
 
 
 @functools.lru_cache(maxsize=32)
@@ -25,14 +39,17 @@ def _cached_table(axes: Tuple[AxisParams, ...], device: str) -> Tuple[torch.Tens
 def neighborhood_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                            kernel_size: Union[int, Sequence[int]], dilation: Union[int, Sequence[int]] = 1,
                            causal: Union[bool, Sequence[bool]] = False, stride: Union[int, Sequence[int]] = 1,
-                           scale: Optional[float] = None, return_lse: bool = False):
+                           scale: Optional[float] = None, score_mod: Optional[ScoreMod] = None,
+                           return_lse: bool = False):
     """Neighborhood attention computed in the dtype of the inputs.
 
     q (B, Hq, *spatial, D), k (B, Hkv, *spatial, D), v (B, Hkv, *spatial, Dv) ->
-    out (B, Hq, *spatial, Dv) [, lse (B, Hq, *spatial)].
+    out (B, Hq, *spatial, Dv) [, lse (B, Hq, *spatial)]. A score mod sees flat
+    row-major token indices, with kv_idx (1, 1, M, K): the K neighbours of each query.
     """
     spatial = tuple(q.shape[2:-1])
     axes = normalize(spatial, kernel_size, dilation, causal, stride)
+    score_mod = neighborhood_score_mod(q, k, axes, score_mod)
     sm_scale = check_scale(scale, q.shape[-1])
     B, Hq, D, Dv = q.shape[0], q.shape[1], q.shape[-1], v.shape[-1]
     N = q[0, 0, ..., 0].numel()
@@ -43,11 +60,16 @@ def neighborhood_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     vf = expand_kv_heads(v.reshape(B, v.shape[1], N, Dv), Hq)
 
     def attend(q_chunk: torch.Tensor, first_row: int):
-        rows = slice(first_row, first_row + q_chunk.shape[2])
+        M = q_chunk.shape[2]
+        rows = slice(first_row, first_row + M)
         nb = idx[rows]                                   # (M, K)
         k_nb, v_nb = kf[:, :, nb], vf[:, :, nb]          # (B, H, M, K, D)
+        mod = bind_score_mod(score_mod, mod_positions(B, Hq, torch.arange(first_row, first_row + M, device=q.device),
+                                                      nb))
+        # scores are (B, H, M, 1, K) here (one query per neighbour list); mods see (B, H, M, K)
+        flat_mod = None if mod is None else (lambda s: mod(s.squeeze(3)).unsqueeze(3))
         out, lse = softmax_attend(q_chunk.unsqueeze(3), k_nb, v_nb, scale=sm_scale,
-                                  mask=valid[rows].unsqueeze(1))  # q (B, H, M, 1, D), mask (M, 1, K)
+                                  mask=valid[rows].unsqueeze(1), score_mod=flat_mod)  # q (B, H, M, 1, D), mask (M, 1, K)
         return out.squeeze(3), lse.squeeze(3)
 
     out, lse = map_query_chunks(attend, qf, query_chunk_rows(B * Hq, K * max(D, Dv)))

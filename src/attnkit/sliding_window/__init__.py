@@ -17,12 +17,14 @@ import torch
 
 from ..checks import Shapes, check_flag, check_head_vector, check_qkv, check_scale, check_softcap
 from ..dispatch import attention
-from ..engine import fused_attention, head_dim_blockers
+from ..engine import Schedule, fused_attention, head_dim_blockers
+from ..mods import ScoreMod
 from ..registry import Case, Variant, register_variant
-from .reference import sliding_window_reference
+from .reference import sliding_window_reference, sliding_window_score_mod
 from .window import bounded, check_sinks, head_windows
 
-OPTIONS: Dict[str, Any] = dict(window=None, sinks=0, scale=None, softcap=None, sink_logits=None, return_lse=False)
+OPTIONS: Dict[str, Any] = dict(window=None, sinks=0, scale=None, softcap=None, sink_logits=None, score_mod=None,
+                               return_lse=False)
 
 
 def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[str, Any]) -> Shapes:
@@ -36,6 +38,7 @@ def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[st
     check_softcap(options["softcap"])
     if options["sink_logits"] is not None:
         check_head_vector("sink_logits", options["sink_logits"], shapes.heads_q, q)
+    sliding_window_score_mod(q, k, options["score_mod"])
     return shapes
 
 
@@ -46,37 +49,38 @@ def kernel_support(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: D
     return reasons
 
 
-def make_schedule(window: Any, sinks: int, heads_q: int, seqlen_q: int, seqlen_k: int, device: torch.device):
-    """The engine Schedule of a window: uniform windows go in the scalar slots, per-head
-    windows in an int32 (Hq, 2) tensor (see kernels/sliding_window.py for the layout)."""
-    from ..kernels import engine, sliding_window as sw
+def make_schedule(window: Any, sinks: int, heads_q: int, seqlen_q: int, seqlen_k: int,
+                  device: torch.device) -> Schedule:
+    """The engine Schedule of a window: one window for all heads travels as two ints, per-head
+    windows as an int32 (Hq, 2) tensor (see kernels/sliding_window.py)."""
+    from ..kernels import sliding_window as sw
 
     windows = [(bounded(l, seqlen_q, seqlen_k), bounded(r, seqlen_q, seqlen_k))
                for l, r in head_windows(window, heads_q)]
     sinks = min(sinks, seqlen_k)
-    common = dict(mask=sw.sliding_window_mask, kv_range=sw.sliding_window_kv_range, q_range=sw.sliding_window_q_range)
+    hooks = dict(mask=sw.sliding_window_mask, kv_range=sw.sliding_window_kv_range, q_range=sw.sliding_window_q_range)
     if len(set(windows)) == 1:
         left, right = windows[0]
-        return engine.Schedule(**common, mask_cfg=0, mask_strides=(sinks, 0), mask_args=(left, right))
+        return Schedule(**hooks, args=(sinks, left, right, None))
     table = torch.tensor(windows, dtype=torch.int32, device=device).contiguous()
-    return engine.Schedule(**common, mask_cfg=1, mask_tensor=table, mask_strides=(sinks, table.stride(0)),
-                           mask_args=(0, 0))
+    return Schedule(**hooks, args=(sinks, 0, 0, table))
 
 
 def sliding_window_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window, sinks: int = 0,
                           scale: Optional[float] = None, softcap: Optional[float] = None,
-                          sink_logits: Optional[torch.Tensor] = None, return_lse: bool = False):
+                          sink_logits: Optional[torch.Tensor] = None, score_mod: Optional[ScoreMod] = None,
+                          return_lse: bool = False):
     """The Triton path of :func:`sliding_window_attention` (same arguments, no dispatch)."""
     schedule = make_schedule(window, sinks, q.shape[1], q.shape[2], k.shape[2], q.device)
     out, lse = fused_attention(q, k, v, schedule, sm_scale=check_scale(scale, q.shape[-1]), softcap=softcap,
-                               sink_logits=sink_logits)
+                               sink_logits=sink_logits, score_mod=sliding_window_score_mod(q, k, score_mod))
     return (out, lse) if return_lse else out
 
 
 def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window, sinks: int = 0,
                              scale: Optional[float] = None, softcap: Optional[float] = None,
-                             sink_logits: Optional[torch.Tensor] = None, return_lse: bool = False,
-                             backend: str = "auto"):
+                             sink_logits: Optional[torch.Tensor] = None, score_mod: Optional[ScoreMod] = None,
+                             return_lse: bool = False, backend: str = "auto"):
     """Sliding-window softmax attention with attention sinks and per-head windows.
 
     Query i sits at key position p = i + Nk - Nq (bottom-right aligned, as FlashAttention)
@@ -97,6 +101,8 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         softcap: if set, scores s become softcap * tanh(s / softcap) (after scaling).
         sink_logits: (Hq,) learnable logit per head added to each row's softmax
             denominator with no value (gpt-oss); differentiable. Unrelated to ``sinks``.
+        score_mod: an :class:`attnkit.ScoreMod` applied to every visible score after the
+            softcap (e.g. ``attnkit.mods.alibi(slopes)``); see docs/mods.md.
         return_lse: also return the log-sum-exp (B, Hq, Nq), float32, natural log;
             -inf for a row that sees no key (its output is 0).
         backend: "auto", "triton" or "reference" (see ``attnkit.explain``).
@@ -105,7 +111,7 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         out (B, Hq, Nq, Dv) in q's dtype, or (out, lse) with ``return_lse``.
     """
     return attention(q, k, v, "sliding_window", backend, window=window, sinks=sinks, scale=scale, softcap=softcap,
-                     sink_logits=sink_logits, return_lse=return_lse)
+                     sink_logits=sink_logits, score_mod=score_mod, return_lse=return_lse)
 
 
 def _per_head(rows):

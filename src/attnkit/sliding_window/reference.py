@@ -13,9 +13,19 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 
-from .._reference import expand_kv_heads, lse_dtype, map_query_chunks, query_chunk_rows, softmax_attend
+from .._reference import (bind_score_mod, bottom_right, expand_kv_heads, lse_dtype, map_query_chunks, mod_positions,
+                          query_chunk_rows, softmax_attend)
 from ..checks import check_scale
+from ..mods import Problem, ScoreMod
+from ..mods.core import check_score_mod
 from .window import head_windows
+
+
+def sliding_window_score_mod(q: torch.Tensor, k: torch.Tensor, score_mod: Optional[ScoreMod]) -> Optional[ScoreMod]:
+    """``score_mod`` checked and specialized to the call (None stays None)."""
+    if score_mod is None:
+        return None
+    return check_score_mod("score_mod", score_mod, Problem.of("sliding_window", q, k))
 
 
 def visible_keys(first_row: int, rows: int, seqlen_q: int, seqlen_k: int, left: int, right: int, sinks: int,
@@ -47,23 +57,29 @@ def visible_keys(first_row: int, rows: int, seqlen_q: int, seqlen_k: int, left: 
 
 
 def _one_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int, right: int, sinks: int,
-                sm_scale: float, softcap: Optional[float], sink_logits: Optional[torch.Tensor]):
-    """Heads that share one window. q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv)."""
+                sm_scale: float, softcap: Optional[float], sink_logits: Optional[torch.Tensor],
+                score_mod: Optional[ScoreMod], heads: torch.Tensor):
+    """Heads ``heads`` (their indices among the query heads), which share one window.
+    q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv)."""
     Nq, Nk = q.shape[2], k.shape[2]
     span = min(Nk, (Nk if left < 0 else left) + (Nk if right < 0 else right) + 1) + min(sinks, Nk)
     rows = min(query_chunk_rows(q.shape[0] * q.shape[1], 2 * span), max(16, span))
 
     def attend(q_chunk: torch.Tensor, first_row: int):
         key_index, mask = visible_keys(first_row, q_chunk.shape[2], Nq, Nk, left, right, sinks, q.device)
+        b, _, q_idx, kv_idx = mod_positions(q.shape[0], 1, bottom_right(first_row, q_chunk.shape[2], Nq, Nk, q.device),
+                                            key_index)
+        mod = bind_score_mod(score_mod, (b, heads.view(1, -1, 1, 1), q_idx, kv_idx))
         return softmax_attend(q_chunk, k.index_select(2, key_index), v.index_select(2, key_index),
-                              scale=sm_scale, mask=mask, softcap=softcap, sink_logits=sink_logits)
+                              scale=sm_scale, mask=mask, softcap=softcap, sink_logits=sink_logits, score_mod=mod)
 
     return map_query_chunks(attend, q, rows)
 
 
 def sliding_window_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window, sinks: int = 0,
                              scale: Optional[float] = None, softcap: Optional[float] = None,
-                             sink_logits: Optional[torch.Tensor] = None, return_lse: bool = False):
+                             sink_logits: Optional[torch.Tensor] = None, score_mod: Optional[ScoreMod] = None,
+                             return_lse: bool = False):
     """Sliding-window softmax attention computed in the dtype of the inputs.
 
     q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv); ``window`` an int, a pair
@@ -73,6 +89,7 @@ def sliding_window_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     sm_scale = check_scale(scale, q.shape[-1])
     Hq = q.shape[1]
     windows = head_windows(window, Hq)
+    score_mod = sliding_window_score_mod(q, k, score_mod)
     k, v = expand_kv_heads(k, Hq), expand_kv_heads(v, Hq)
 
     groups: Dict[Tuple[int, int], List[int]] = {}
@@ -80,13 +97,15 @@ def sliding_window_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         groups.setdefault(w, []).append(h)
     if len(groups) == 1:
         (left, right), = groups
-        out, lse = _one_window(q, k, v, left, right, sinks, sm_scale, softcap, sink_logits)
+        out, lse = _one_window(q, k, v, left, right, sinks, sm_scale, softcap, sink_logits, score_mod,
+                               torch.arange(Hq, device=q.device))
     else:
         outs, lses, order = [], [], []
         for (left, right), heads in groups.items():
             idx = torch.tensor(heads, device=q.device)
             o, l = _one_window(q.index_select(1, idx), k.index_select(1, idx), v.index_select(1, idx), left, right,
-                               sinks, sm_scale, softcap, None if sink_logits is None else sink_logits[idx])
+                               sinks, sm_scale, softcap, None if sink_logits is None else sink_logits[idx],
+                               score_mod, idx)
             outs.append(o)
             lses.append(l)
             order += heads

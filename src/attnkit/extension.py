@@ -1,0 +1,133 @@
+"""Everything a third party needs to write a softmax variant with a Triton kernel, in one module.
+
+A softmax variant is a block schedule plus a token mask on attnkit's fused engine
+(docs/extending.md walks through a complete out-of-tree variant,
+examples/chunked_attention.py):
+
+* kernel side — ``@triton.jit`` hooks that the engine calls, with the variant's own
+  arguments after the fixed ones:
+
+  - ``kv_range(start_m, BLOCK_M, BLOCK_N, b, h, seqlen_q, seqlen_k, *args)`` -> a tuple of
+    ``(lo, hi)`` key-block ranges, the first visited without the mask (full blocks),
+    the others with it; ``q_range`` the same per key block for the dK/dV pass;
+  - ``mask(q_pos, k_pos, b, h, seqlen_q, seqlen_k, *args)`` -> bool tile;
+
+  or per-query-block lists of key blocks (:class:`BlockLists`, :func:`make_block_lists`);
+* host side — a :class:`Schedule` naming the hooks and ``args`` (tensors, ints, floats,
+  :class:`Const`), run by :func:`fused_attention` (forward, LSE, both backward passes,
+  GQA, softcap, sink logits, score and mask mods, varlen);
+* reference side — :func:`softmax_attend`, :func:`map_query_chunks`,
+  :func:`expand_kv_heads`, :func:`mod_positions`, :func:`bind_score_mod`;
+* registration — :func:`softmax_variant` builds a :class:`Variant` with the options every
+  softmax variant shares (``scale``, ``softcap``, ``score_mod``, ``return_lse``) and their
+  checks; :func:`attnkit.testing.check_variant` then checks the kernel against the
+  reference, and :func:`force_config` / ``check_variant(tilings=...)`` under several tilings.
+
+Importing this module does not import triton.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
+
+import torch
+
+from ._reference import (bind_score_mod, bottom_right, expand_kv_heads, lse_dtype, map_query_chunks, mod_positions,
+                         query_chunk_rows, softmax_attend)
+from .checks import (Shapes, check_flag, check_head_vector, check_int, check_qkv, check_scale, check_softcap,
+                     check_tensor)
+from .dispatch import attention, explain
+from .engine import (MAX_HEAD_DIM, BlockLists, Const, Schedule, dense_to_lists, fused_attention, head_dim_blockers,
+                     make_block_lists)
+from .mods import MaskMod, Problem, ScoreMod
+from .mods.core import check_mask_mod, check_score_mod
+from .registry import Case, Variant, get_variant, register_variant, unregister_variant
+from .testing import TILINGS, check_case, check_variant
+
+#: the options every softmax variant built by :func:`softmax_variant` has, with their defaults
+SOFTMAX_OPTIONS: Dict[str, Any] = dict(scale=None, softcap=None, score_mod=None, return_lse=False)
+
+
+@contextlib.contextmanager
+def force_config(block_m: int, block_n: int) -> Iterator[None]:
+    """Run every fused-engine kernel with these block sizes inside the ``with`` block (tests
+    use it to cover several tilings; without it kernels autotune on a GPU and use 32 x 16
+    under the interpreter). Block sizes are powers of two >= 16."""
+    for name, val in (("block_m", block_m), ("block_n", block_n)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 16 or val & (val - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {val!r}")
+    from .kernels.engine import force_config as engine_force_config
+
+    with engine_force_config(block_m, block_n):
+        yield
+
+
+def softmax_score_mod(variant: str, q: torch.Tensor, k: torch.Tensor, score_mod: Any) -> Optional[ScoreMod]:
+    """``score_mod`` checked and specialized for a (B, H, N, D) call of ``variant`` (None stays None)."""
+    if score_mod is None:
+        return None
+    return check_score_mod("score_mod", score_mod, Problem.of(variant, q, k))
+
+
+def softmax_variant(name: str, *, reference: Callable[..., Any], kernel: Optional[Callable[..., Any]],
+                    options: Optional[Mapping[str, Any]] = None,
+                    validate: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Dict[str, Any]], None]] = None,
+                    kernel_support: Optional[Callable[..., List[str]]] = None,
+                    examples: Callable[[], Sequence[Case]] = lambda: (), doc: str = "",
+                    demo: Optional[Callable[[int, int, int, int], Case]] = None, register: bool = True,
+                    replace: bool = False) -> Variant:
+    """A softmax :class:`Variant` with the shared defaults, registered unless ``register=False``.
+
+    The variant gets the options of :data:`SOFTMAX_OPTIONS` (``scale``, ``softcap``,
+    ``score_mod``, ``return_lse``) on top of its own ``options``, the shared checks (q, k,
+    v shapes, scale, softcap, score_mod, return_lse) before its own ``validate(q, k, v,
+    options)``, the engine's head-dim limit before its own ``kernel_support``, and the
+    LSE as extra output. ``reference`` and ``kernel`` take ``(q, k, v, **options)`` with
+    every option, and return out or (out, lse) with ``return_lse``.
+
+    Example::
+
+        attnkit.extension.softmax_variant("chunked", reference=chunked_reference, kernel=chunked_kernel,
+                                          options={"chunk_size": None}, validate=check_chunk_size,
+                                          examples=lambda: [attnkit.Case((1, 2, 64, 32), (1, 2, 64, 32),
+                                                                         (1, 2, 64, 32), {"chunk_size": 16})])
+    """
+    own = dict(options or {})
+    clash = sorted(set(own) & set(SOFTMAX_OPTIONS))
+    if clash:
+        raise ValueError(f"options {clash} are shared softmax options; softmax_variant adds them itself")
+
+    def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts: Dict[str, Any]) -> Shapes:
+        shapes = check_qkv(q, k, v)
+        check_scale(opts["scale"], shapes.head_dim)
+        check_softcap(opts["softcap"])
+        check_flag("return_lse", opts["return_lse"])
+        softmax_score_mod(name, q, k, opts["score_mod"])
+        if validate is not None:
+            validate(q, k, v, opts)
+        return shapes
+
+    def support(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts: Dict[str, Any]) -> List[str]:
+        reasons = head_dim_blockers(q, v)
+        if kernel_support is not None:
+            reasons += list(kernel_support(q, k, v, opts))
+        return reasons
+
+    variant = Variant(name=name, reference=reference, kernel=kernel, options={**own, **SOFTMAX_OPTIONS},
+                      validate=check, kernel_support=support, extra_outputs={"return_lse": "lse"},
+                      examples=examples, status={"reference": True, "forward": kernel is not None,
+                                                 "backward": kernel is not None},
+                      doc=doc, demo=demo)
+    return register_variant(variant, replace=replace) if register else variant
+
+
+__all__ = [
+    "BlockLists", "Case", "Const", "MAX_HEAD_DIM", "MaskMod", "Problem", "SOFTMAX_OPTIONS", "Schedule", "ScoreMod",
+    "Shapes", "TILINGS", "Variant", "attention", "bind_score_mod", "bottom_right", "check_case", "check_flag",
+    "check_head_vector", "check_int", "check_mask_mod", "check_qkv", "check_scale", "check_score_mod",
+    "check_softcap", "check_tensor", "check_variant", "dense_to_lists", "expand_kv_heads", "explain",
+    "force_config", "fused_attention", "get_variant", "head_dim_blockers", "lse_dtype", "make_block_lists",
+    "map_query_chunks", "mod_positions", "query_chunk_rows", "register_variant", "softmax_attend",
+    "softmax_score_mod", "softmax_variant", "unregister_variant",
+]

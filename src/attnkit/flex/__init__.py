@@ -1,0 +1,152 @@
+"""The flex variant: FlexAttention's interface on attnkit's engine.
+
+``flex_attention(q, k, v, score_mod=None, mask_mod=None, block_mask=None)``: any
+:class:`attnkit.ScoreMod` and :class:`attnkit.MaskMod`, and a :class:`attnkit.BlockMask`
+(usually from :func:`attnkit.create_block_mask`) whose listed tiles are the only ones
+computed: full tiles without the mask, partial tiles with the mask_mod it carries, so
+the result is the exact token mask. Without a block mask every tile is visited (the
+mask_mod, if any, applies everywhere). An explicit ``mask_mod`` is intersected with
+the block mask's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from ..block_sparse.block_mask import BlockMask, create_block_mask
+from ..block_sparse.variant import block_sparse_kernel, check_block_mask, list_tile_blockers
+from ..checks import check_scale
+from ..dispatch import attention
+from ..engine import Const, Schedule, fused_attention
+from ..extension import softmax_variant
+from ..mods import MaskMod, Problem, ScoreMod
+from ..mods.core import check_mask_mod, check_score_mod
+from ..registry import Case
+from .reference import flex_reference
+
+
+def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[str, Any]) -> None:
+    from ..checks import check_qkv
+
+    shapes = check_qkv(q, k, v)
+    if options["block_mask"] is not None:
+        check_block_mask(options["block_mask"], shapes)
+    flex_mask_mod(q, k, options["mask_mod"])
+
+
+def flex_mask_mod(q: torch.Tensor, k: torch.Tensor, mask_mod: Any) -> Optional[MaskMod]:
+    """``mask_mod`` checked and specialized for the call (None stays None)."""
+    if mask_mod is None:
+        return None
+    return check_mask_mod("mask_mod", mask_mod, Problem.of("flex", q, k))
+
+
+def _kernel_support(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[str, Any]) -> List[str]:
+    return list_tile_blockers(options["block_mask"]) if options["block_mask"] is not None else []
+
+
+def flex_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, score_mod: Optional[ScoreMod] = None,
+                mask_mod: Optional[MaskMod] = None, block_mask: Optional[BlockMask] = None,
+                scale: Optional[float] = None, softcap: Optional[float] = None, return_lse: bool = False):
+    """The Triton path of :func:`flex_attention` (same arguments, no dispatch)."""
+    if block_mask is not None:
+        return block_sparse_kernel(q, k, v, block_mask=block_mask, scale=scale, softcap=softcap,
+                                   score_mod=score_mod, mask_mod=mask_mod, return_lse=return_lse)
+    from ..kernels import flash as kernels
+
+    mask = flex_mask_mod(q, k, mask_mod)
+    problem = Problem.of("flex", q, k)
+    # no block mask: every key block, full without a mask_mod, partial with one
+    if mask is None:
+        schedule = Schedule(kv_range=kernels.flash_kv_range, q_range=kernels.flash_q_range, args=(Const(0),))
+    else:
+        schedule = Schedule(kv_range=kernels.masked_kv_range, q_range=kernels.masked_q_range, args=(Const(0),))
+    out, lse = fused_attention(q, k, v, schedule, sm_scale=check_scale(scale, q.shape[-1]), softcap=softcap,
+                               score_mod=check_score_mod("score_mod", score_mod, problem), mask_mod=mask)
+    return (out, lse) if return_lse else out
+
+
+def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod: Optional[ScoreMod] = None,
+                   mask_mod: Optional[MaskMod] = None, block_mask: Optional[BlockMask] = None, *,
+                   scale: Optional[float] = None, return_lse: bool = False, backend: str = "auto",
+                   softcap: Optional[float] = None):
+    """FlexAttention on attnkit's engine: softmax attention with a score mod, a mask mod and a block mask.
+
+    Scores: s = scale * q.k, then ``softcap`` (if given), then ``score_mod``; a pair
+    attends iff its tile is listed in ``block_mask`` (and, in a partial tile, the block
+    mask's mask_mod allows it) and ``mask_mod`` allows it. Positions are attnkit's:
+    query row i has ``q_idx = i + Nk - Nq`` (FlexAttention's ``i`` when Nq == Nk).
+
+    Args:
+        q: (B, Hq, Nq, D). k: (B, Hkv, Nk, D). v: (B, Hkv, Nk, Dv); Hkv divides Hq (GQA).
+        score_mod: an :class:`attnkit.ScoreMod` (e.g. ``attnkit.mods.alibi(slopes)``); its
+            learnable tensors get gradients.
+        mask_mod: an :class:`attnkit.MaskMod` (e.g. ``attnkit.mods.causal()``). Without a
+            block mask it is evaluated on every tile; build a block mask with
+            :func:`attnkit.create_block_mask` so that empty tiles are skipped.
+        block_mask: an :class:`attnkit.BlockMask` with seq_lens (Nq, Nk), or None (dense).
+        scale: score scale, default 1/sqrt(D).
+        return_lse: also return the log-sum-exp (B, Hq, Nq), float32, natural log; -inf
+            (and output 0) for a row that sees no key.
+        backend: "auto", "triton" or "reference" (see ``attnkit.explain``).
+        softcap: scores s become softcap * tanh(s / softcap) before the score_mod.
+
+    Returns:
+        out (B, Hq, Nq, Dv) in q's dtype, or (out, lse) with ``return_lse``.
+
+    Examples::
+
+        >>> q, k, v = (torch.randn(1, 4, 256, 64) for _ in range(3))
+        >>> causal = attnkit.mods.causal()
+        >>> block_mask = attnkit.create_block_mask(causal, None, None, 256, 256, block_size=64, device="cpu")
+        >>> slopes = attnkit.mods.alibi_slopes(4)
+        >>> out = attnkit.flex_attention(q, k, v, score_mod=attnkit.mods.alibi(slopes), block_mask=block_mask)
+        >>> out.shape
+        torch.Size([1, 4, 256, 64])
+    """
+    return attention(q, k, v, "flex", backend, score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask,
+                     scale=scale, softcap=softcap, return_lse=return_lse)
+
+
+def _slopes(heads: int):
+    return lambda g: 0.3 + torch.rand(heads, generator=g, dtype=torch.float64)
+
+
+def _table(*shape: int):
+    return lambda g: 0.5 * torch.randn(*shape, generator=g, dtype=torch.float64)
+
+
+def _docs(*lengths: int):
+    return lambda g: torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+
+
+def examples() -> List[Case]:
+    from .. import mods
+
+    def document_mask(t: Dict[str, torch.Tensor], n: int, block: int) -> Dict[str, Any]:
+        mask = mods.and_masks(mods.causal(), mods.document(t["docs"]))
+        return {"block_mask": create_block_mask(mask, None, None, n, n, block_size=block, device=t["docs"].device)}
+
+    return [
+        Case((1, 4, 70, 32), (1, 2, 70, 32), (1, 2, 70, 32), tensors={"slopes": _slopes(4)},
+             build=lambda t: {"score_mod": mods.alibi(t["slopes"]), "mask_mod": mods.causal()},
+             name="alibi_causal_gqa_learnable"),
+        Case((1, 2, 100, 40), (1, 2, 100, 40), (1, 2, 100, 40), tensors={"docs": _docs(21, 40, 7, 32)},
+             build=lambda t: document_mask(t, 100, 32), name="document_in_block_boundaries_d40"),
+        Case((2, 2, 45, 16), (2, 1, 61, 16), (2, 1, 61, 24), tensors={"table": _table(2, 32)},
+             build=lambda t: {"score_mod": mods.relative_position_bias(t["table"], bidirectional=False),
+                              "mask_mod": mods.causal()}, name="t5_decoder_nq<nk_mqa_learnable"),
+        Case((1, 2, 33, 16), (1, 2, 33, 16), (1, 2, 33, 16), {"softcap": 4.0}, tensors={"bias": _table(1, 2, 33)},
+             build=lambda t: {"score_mod": mods.chain_score_mods(mods.key_bias(t["bias"]), mods.softcap(2.0)),
+                              "mask_mod": mods.prefix_lm(9)}, name="key_bias_then_softcap_prefix_lm"),
+    ]
+
+
+VARIANT = softmax_variant(
+    "flex", reference=flex_reference, kernel=flex_kernel,
+    options=dict(mask_mod=None, block_mask=None), validate=_validate, kernel_support=_kernel_support,
+    examples=examples, doc="FlexAttention's interface: score_mod, mask_mod, block_mask (exact token masks)")
+
+__all__ = ["create_block_mask", "flex_attention", "flex_reference", "flex_kernel"]
