@@ -88,6 +88,10 @@ def _spatial(x):
 
 # built once, outside the compiled region, as a model would
 BLOCK_MASK = attnkit.BlockMask.from_dense(torch.ones(1, 1, 2, 2, dtype=torch.bool, device=DEVICE), 32, (64, 64))
+DOCS = torch.repeat_interleave(torch.arange(3), torch.tensor([20, 30, 14])).to(DEVICE)
+DOC_MASK = attnkit.create_block_mask(attnkit.mods.and_masks(attnkit.mods.causal(), attnkit.mods.document(DOCS)),
+                                     None, None, 64, 64, block_size=32, device=DEVICE)
+SLOPES = torch.tensor([0.25, 0.5], device=DEVICE, requires_grad=True)
 
 # Variant calls documented (docs/integrations.md) to compile with fullgraph=True.
 COMPILES = {
@@ -104,6 +108,12 @@ COMPILES = {
     ("moba", "reference"): lambda q, k, v, b: attnkit.moba_attention(q, k, v, block_size=16, top_k=2, backend=b),
     ("neighborhood", "reference"): lambda q, k, v, b: attnkit.neighborhood_attention(
         _spatial(q), _spatial(k), _spatial(v), kernel_size=3, backend=b),
+    ("flash_alibi", "triton"): lambda q, k, v, b: attnkit.flash_attention(q, k, v, causal=True, alibi_slopes=SLOPES,
+                                                                          backend=b),
+    ("flex", "reference"): lambda q, k, v, b: attnkit.flex_attention(
+        q, k, v, score_mod=attnkit.mods.alibi(SLOPES), mask_mod=attnkit.mods.causal(), backend=b),
+    ("flex", "triton"): lambda q, k, v, b: attnkit.flex_attention(
+        q, k, v, score_mod=attnkit.mods.alibi(SLOPES), block_mask=DOC_MASK, backend=b),
 }
 
 

@@ -113,25 +113,50 @@ class Schedule:
 
 
 class _HookTable:
-    """@triton.jit hooks by identity, so a custom op can carry them as strings."""
+    """Hooks by identity, so a custom op can carry them as strings.
+
+    A hook is a @triton.jit function (keyed by the object: two functions with the same
+    name are two hooks), an import path (keyed by the path), or a tuple spec of a
+    generated hook (keyed by its parts). ``get`` materializes it, once, where the kernel
+    launches.
+    """
 
     def __init__(self) -> None:
         self._by_key: Dict[str, Any] = {}
         self._keys: Dict[int, str] = {}
+        self._built: Dict[str, Any] = {}
 
-    def key(self, fn: Any) -> str:
-        if fn is None:
+    def key(self, spec: Any) -> str:
+        if spec is None:
             return ""
-        key = self._keys.get(id(fn))
-        if key is None:
-            inner = getattr(fn, "fn", fn)
-            key = f"{getattr(inner, '__module__', '?')}.{getattr(inner, '__qualname__', '?')}#{len(self._by_key)}"
-            self._keys[id(fn)] = key
-            self._by_key[key] = fn  # a strong reference: the id is never reused while the key exists
+        if isinstance(spec, str):
+            key = "path:" + spec
+        elif isinstance(spec, tuple):
+            key = "(" + ",".join(self.key(p) if not isinstance(p, (int, bool)) else repr(p) for p in _flatten(spec)) + ")"
+        else:
+            key = self._keys.get(id(spec))
+            if key is None:
+                inner = getattr(spec, "fn", spec)
+                key = f"{getattr(inner, '__module__', '?')}.{getattr(inner, '__qualname__', '?')}#{len(self._keys)}"
+                self._keys[id(spec)] = key
+        self._by_key.setdefault(key, spec)  # a strong reference: an id is never reused while its key exists
         return key
 
     def get(self, key: str) -> Any:
-        return self._by_key[key] if key else None
+        if not key:
+            return None
+        if key not in self._built:
+            from .mods.core import materialize
+
+            self._built[key] = materialize(self._by_key[key])
+        return self._built[key]
+
+
+def _flatten(spec: tuple) -> List[Any]:
+    out: List[Any] = []
+    for part in spec:
+        out.extend(_flatten(part) if isinstance(part, tuple) else [part])
+    return out
 
 
 HOOKS = _HookTable()

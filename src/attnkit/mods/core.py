@@ -33,6 +33,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..checks import constant_under_compile
+
 __all__ = ["MaskMod", "Problem", "ScoreMod", "and_masks", "chain_score_mods", "check_mask_mod", "check_score_mod",
            "or_masks"]
 
@@ -126,15 +128,19 @@ def _check_tensors(owner: str, tensors: Any) -> Tuple[torch.Tensor, ...]:
 
 def _hook_name(fn: Any) -> str:
     if isinstance(fn, str):
-        return fn.split(":")[1]
+        return fn.rsplit(":", 1)[-1]
     inner = getattr(fn, "fn", fn)
     return getattr(inner, "__name__", type(fn).__name__)
 
 
 @dataclass(frozen=True)
 class ModKernel:
-    """What the engine launches for a mod: its resolved @triton.jit hooks and tensors.
+    """What the engine launches for a mod: its hooks and tensors.
 
+    A hook is a *spec*: a @triton.jit function, an import path "module:function", or a
+    tuple describing a generated combination of hooks (and_masks, chain_score_mods).
+    Specs are resolved by :func:`materialize` where the kernel launches (inside the
+    custom op, so torch.compile never traces an import or a code generation).
     ``tensor_grads`` is None unless some tensor needs a gradient; ``needs_grad`` says,
     per tensor, whether the Triton backward must produce its gradient.
     """
@@ -198,7 +204,7 @@ class ScoreMod:
     def __init__(self, kernel: Any, reference: Callable[..., torch.Tensor], *, tensors: Sequence[torch.Tensor] = (),
                  derivative: Any = None, name: Optional[str] = None, tensor_grads: Any = None,
                  specialize: Optional[Callable[[Problem], "ScoreMod"]] = None):
-        owner = f"ScoreMod({name or _hook_name(kernel) if kernel is not None else name})"
+        owner = f"ScoreMod({name or _hook_name(kernel)})"
         self.kernel = _check_hook(owner, "kernel", kernel, optional=False)
         if not callable(reference):
             raise TypeError(f"{owner}: reference must be a callable (score, b, h, q_idx, kv_idx, *tensors) -> score, "
@@ -232,7 +238,7 @@ class ScoreMod:
         return self.reference(score, b, h, q_idx, kv_idx, *self.tensors)
 
     def kernel_view(self) -> ModKernel:
-        """Resolve the hooks for a launch; TypeError when a tensor needs a gradient the mod cannot give."""
+        """The hooks and tensors of a launch; TypeError when a tensor needs a gradient the mod cannot give."""
         owner = f"ScoreMod({self.name})"
         needs = tuple(t.is_floating_point() and t.requires_grad and torch.is_grad_enabled() for t in self.tensors)
         grads = None
@@ -242,9 +248,8 @@ class ScoreMod:
                 raise TypeError(f"{owner}: tensors{names} require grad but the mod has no tensor_grads kernel, so the "
                                 "Triton backward cannot produce their gradients; pass tensor_grads= (see docs/mods.md) "
                                 "or detach them")
-            grads = resolve_hook(owner, "tensor_grads", self.tensor_grads)
-        return ModKernel(resolve_hook(owner, "kernel", self.kernel), self.tensors,
-                         resolve_hook(owner, "derivative", self.derivative), grads, needs if grads else ())
+            grads = self.tensor_grads
+        return ModKernel(self.kernel, self.tensors, self.derivative, grads, needs if grads else ())
 
     def __repr__(self) -> str:
         kind = "additive" if self.additive else "non-additive"
@@ -272,7 +277,7 @@ class MaskMod:
 
     def __init__(self, kernel: Any, reference: Callable[..., torch.Tensor], *, tensors: Sequence[torch.Tensor] = (),
                  name: Optional[str] = None, specialize: Optional[Callable[[Problem], "MaskMod"]] = None):
-        owner = f"MaskMod({name or _hook_name(kernel) if kernel is not None else name})"
+        owner = f"MaskMod({name or _hook_name(kernel)})"
         self.kernel = _check_hook(owner, "kernel", kernel, optional=False)
         if not callable(reference):
             raise TypeError(f"{owner}: reference must be a callable (b, h, q_idx, kv_idx, *tensors) -> bool, "
@@ -302,7 +307,7 @@ class MaskMod:
         return keep
 
     def kernel_view(self) -> ModKernel:
-        return ModKernel(resolve_hook(f"MaskMod({self.name})", "kernel", self.kernel), self.tensors)
+        return ModKernel(self.kernel, self.tensors)
 
     def __repr__(self) -> str:
         return f"MaskMod({self.name}, tensors={[tuple(t.shape) for t in self.tensors]})"
@@ -412,8 +417,8 @@ class _CombinedMask(MaskMod):
 
     def kernel_view(self) -> ModKernel:
         parts = tuple(m.kernel_view() for m in self.masks)
-        kernel = _combined_mask_kernel(self.op, tuple(p.kernel for p in parts), tuple(len(p.tensors) for p in parts))
-        return ModKernel(kernel, self.tensors)
+        spec = ("masks", self.op, tuple(p.kernel for p in parts), tuple(len(p.tensors) for p in parts))
+        return ModKernel(spec, self.tensors)
 
 
 def _combine_masks(op: str, masks: Sequence[MaskMod]) -> MaskMod:
@@ -423,6 +428,23 @@ def _combine_masks(op: str, masks: Sequence[MaskMod]) -> MaskMod:
     if not masks:
         raise ValueError(f"{op}_masks needs at least one MaskMod")
     return masks[0] if len(masks) == 1 else _CombinedMask(op, masks)
+
+
+def materialize(spec: Any, owner: str = "mod") -> Any:
+    """The @triton.jit function behind a hook spec (see :class:`ModKernel`); None stays None."""
+    if spec is None or not isinstance(spec, (str, tuple)):
+        return spec
+    if isinstance(spec, str):
+        return resolve_hook(owner, "kernel", spec)
+    if spec[0] == "masks":
+        _, op, kernels, arities = spec
+        return _combined_mask_kernel(op, tuple(materialize(k) for k in kernels), arities)
+    if spec[0] == "chain":
+        _, which, kernels, derivatives, grads, arities, needs = spec
+        built = _chained_score_kernels(*(tuple(materialize(h) for h in hooks) for hooks in (kernels, derivatives, grads)),
+                                       arities, needs)
+        return built[which]
+    raise TypeError(f"{owner}: unknown hook spec {spec!r}")
 
 
 def and_masks(*masks: MaskMod) -> MaskMod:
@@ -518,12 +540,11 @@ class _ChainedScoreMod(ScoreMod):
     def kernel_view(self) -> ModKernel:
         views = [m.kernel_view() for m in self.mods]
         needs = tuple(tuple(v.needs_grad) if v.needs_grad else (False,) * len(v.tensors) for v in views)
-        kernel, derivative, grads = _chained_score_kernels(
-            tuple(v.kernel for v in views), tuple(v.derivative for v in views),
-            tuple(v.tensor_grads for v in views), tuple(len(v.tensors) for v in views), needs)
+        parts = (tuple(v.kernel for v in views), tuple(v.derivative for v in views),
+                 tuple(v.tensor_grads for v in views), tuple(len(v.tensors) for v in views), needs)
         flat_needs = tuple(n for part in needs for n in part)
-        return ModKernel(kernel, self.tensors, derivative if not self.additive else None,
-                         grads if any(flat_needs) else None, flat_needs if any(flat_needs) else ())
+        return ModKernel(("chain", 0) + parts, self.tensors, None if self.additive else ("chain", 1) + parts,
+                         ("chain", 2) + parts if any(flat_needs) else None, flat_needs if any(flat_needs) else ())
 
 
 def chain_score_mods(*mods: ScoreMod) -> ScoreMod:
