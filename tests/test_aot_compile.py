@@ -3,7 +3,9 @@
 The interpreter that runs the kernel tests on CPU skips Triton's GPU compile rules; this
 test records one launch per distinct code path (kernel, jit hooks, flags) of every
 variant's float16 examples and compiles it to a cubin with the ptxas inside the triton
-wheel (tools/aot_compile.py; run it with ``--configs all`` for every autotune config)."""
+wheel, config after config of its autotune table until one does not spill registers:
+every code path must have a spill-free config for the GPU's prune filter to keep
+(tools/aot_compile.py; run it with ``--configs all`` for every autotune config)."""
 
 import os
 import pathlib
@@ -27,8 +29,22 @@ def _nvidia_backend_available() -> bool:
 def test_every_kernel_code_path_compiles_for_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "aot_compile.py"), "--dedupe", "--configs", "first",
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "aot_compile.py"), "--dedupe", "--configs", "first-clean",
                              "--dtypes", "float16", "--launches", str(tmp_path / "launches.pkl")],
                             capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert "0 failures" in result.stdout
+
+
+def test_prune_filter_drops_spilling_configs():
+    """On a GPU the prune filter measures each config's spills; here a fake measurement."""
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    from attnkit.kernels.engine import configs
+
+    table = configs.autotune_configs("fwd")
+    spills = {id(c): (64 if c.kwargs["BLOCK_M"] == 128 else 0) for c in table}
+    kept = configs.without_spills(table, lambda c: spills[id(c)])
+    assert kept and all(c.kwargs["BLOCK_M"] != 128 for c in kept)
+    assert [c for c in table if c in kept] == kept  # order kept
+    worst = configs.without_spills(table[:2], lambda c: 10 if c is table[0] else 20)
+    assert worst == [table[0]]  # everything spills: the least-spilling one stays

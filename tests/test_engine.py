@@ -109,3 +109,64 @@ def test_autotune_prune_keeps_valid_configs(kind, head_dim, precision, lists):
             assert lists[0] % bm == 0 and lists[1] % bn == 0
         elem = 4 if precision == "ieee" else 2
         assert elem * (bm * head_dim + cfg.num_stages * bn * 2 * head_dim) <= 200 * 1024 or (bm, bn) == (16, 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# The schedule checker catches wrong schedules; a mask_mod applies in full blocks by default.
+# ---------------------------------------------------------------------------------------------
+def causal_mask(Nq, Nk):
+    return torch.arange(Nk)[None, :] <= torch.arange(Nq)[:, None] + (Nk - Nq)
+
+
+def test_check_schedule_accepts_right_and_rejects_wrong_schedules():
+    from attnkit.flash import flash_schedule
+    from attnkit.testing import check_schedule
+
+    check_schedule(flash_schedule(True), causal_mask(45, 70), tilings=[(16, 16), (32, 16)], tight=True)
+    check_schedule(flash_schedule(False), torch.ones(45, 70, dtype=torch.bool), tilings=[(16, 32)], tight=True)
+    first_keys = torch.arange(70)[None, :].expand(45, 70) < 48   # keys 48.. never visible: dense visits too much
+    with pytest.raises(AssertionError, match="is visited without a visible pair"):
+        check_schedule(flash_schedule(False), first_keys, tilings=[(16, 16)])
+    with pytest.raises(AssertionError, match="holds a visible pair but is not visited"):
+        check_schedule(flash_schedule(True), torch.ones(40, 40, dtype=torch.bool), tilings=[(16, 16)])
+    with pytest.raises(AssertionError, match="full segment but some of its pairs are masked"):
+        check_schedule(flash_schedule(False), torch.ones(40, 40, dtype=torch.bool).tril(10), tilings=[(16, 16)])
+    with pytest.raises(AssertionError, match="not in the full segment"):  # causal diagonal visited masked: fine ...
+        check_schedule(Schedule(kv_range=flash_kernels.masked_kv_range, q_range=flash_kernels.masked_q_range,
+                                args=(Const(0),)), torch.ones(32, 32, dtype=torch.bool), tilings=[(16, 16)],
+                       tight=True)  # ... but not tight
+
+
+def test_check_schedule_on_block_lists():
+    from attnkit.testing import check_schedule
+
+    lists = causal_lists(70, 90, 32, 16)
+    check_schedule(Schedule(mask=flash_kernels.flash_mask, lists=lists, args=(Const(1),)), causal_mask(70, 90))
+    with pytest.raises(AssertionError, match="listed"):
+        check_schedule(Schedule(mask=flash_kernels.flash_mask, lists=lists, args=(Const(1),)),
+                       torch.ones(70, 90, dtype=torch.bool))
+
+
+def test_mask_mod_applies_in_full_blocks_unless_told_otherwise():
+    """A dense schedule (every block full) with a causal mask_mod gives causal attention."""
+    q, k, v = (torch.randn(1, 2, 40, 16, device=DEVICE) for _ in range(3))
+    dense = Schedule(mask=flash_kernels.flash_mask, kv_range=flash_kernels.flash_kv_range,
+                     q_range=flash_kernels.flash_q_range, args=(Const(0),))
+    out, _ = fused_attention(q, k, v, dense, sm_scale=0.25, mask_mod=attnkit.mods.causal())
+    ref = attnkit.flash_attention(q, k, v, causal=True, scale=0.25, backend="reference")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    skipped, _ = fused_attention(q, k, v, dense, sm_scale=0.25, mask_mod=attnkit.mods.causal(),
+                                 mask_mod_in_full_blocks=False)
+    assert (skipped - ref).abs().max() > 0.1  # the caller promised full blocks need no mask: it is not applied
+
+
+def test_tiling_sweep_raises_when_the_kernel_cannot_run_at_all(monkeypatch):
+    """A sweep never passes on nothing: a kernel blocker independent of the tiling is an error."""
+    from attnkit.testing import check_variant
+
+    case = attnkit.get_variant("flash").examples()[0]
+    big = attnkit.Case((1, 1, 16, 300), (1, 1, 16, 300), (1, 1, 16, 300), name="head_dim_300")
+    with pytest.raises(ValueError, match="cannot run case 'head_dim_300' at any tiling"):
+        check_variant("flash", [big], dtype=torch.float32, device=DEVICE, tilings=[(16, 16)])
+    reports = check_variant("flash", [case], dtype=torch.float32, device=DEVICE, tilings=[(16, 16)])
+    assert reports[0].ok and reports[0].comparisons

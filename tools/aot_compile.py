@@ -9,11 +9,12 @@ shapes, types, register and shared-memory limits). This tool closes part of that
 2. ``compile``: in a process without the interpreter, rebuild each launch for a CUDA
    target (default sm_90, Hopper) and compile it to a cubin with the ptxas that ships in
    the triton wheel — once per autotune config of the engine's tables — and check the
-   shared memory each needs against the target's limit and ptxas's report of register
-   spills (a config that spills is a failure: it only costs autotuning time).
+   shared memory each needs against the target's limit, and read ptxas's count of register
+   spills. On a GPU the prune filter drops every config that spills; here a launch fails
+   when none of its kept configs is spill-free.
 
-    python tools/aot_compile.py                 # both steps, every variant, sm_90
-    python tools/aot_compile.py --variants flash --configs first
+    python tools/aot_compile.py                 # both steps, every variant, sm_90, every kept config
+    python tools/aot_compile.py --dedupe --configs first-clean   # what CI runs
 
 A cubin is not a correctness proof (only a GPU run is), but a kernel that does not
 compile here will not compile on the GPU either.
@@ -220,7 +221,9 @@ def _spills(log: str) -> int:
     return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", log))
 
 
-def compile_all(in_path: str, arch: int, which: str, dedupe: bool = False, allow_spills: bool = False) -> int:
+def compile_all(in_path: str, arch: int, which: str, dedupe: bool = False) -> int:
+    """Compile the recorded launches; returns 1 when a launch fails to compile, exceeds
+    shared memory, or (modes "all" and "first-clean") keeps no spill-free config."""
     import contextlib
     import io
 
@@ -239,10 +242,10 @@ def compile_all(in_path: str, arch: int, which: str, dedupe: bool = False, allow
     failures, spills, done = [], [], 0
     start = time.perf_counter()
     for entry in launches:
-        if entry["name"] in ("attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel"):
-            variants = _engine_configs(entry, which)
-        else:
-            variants = [{"num_warps": entry["num_warps"]}]
+        engine = entry["name"] in ("attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel")
+        variants = _engine_configs(entry, "first" if which == "first" else "all") if engine else \
+            [{"num_warps": entry["num_warps"]}]
+        clean = 0
         for cfg in variants:
             options = {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
             overrides = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
@@ -252,34 +255,43 @@ def compile_all(in_path: str, arch: int, which: str, dedupe: bool = False, allow
                 log = io.StringIO()
                 with contextlib.redirect_stdout(log):
                     kernel = triton.compile(src, target=target, options=options)
-                smem = kernel.metadata.shared
-                if smem > SMEM_LIMIT.get(arch, 227 * 1024):
-                    failures.append(f"{label}: needs {smem} bytes of shared memory")
-                spilled = _spills(log.getvalue())
-                if spilled:
-                    spills.append(f"{label}: {spilled} bytes of register spill stores")
                 done += 1
             except Exception as exc:  # report every failure (its root cause), keep going
                 failures.append(f"{label}: {_root_cause(exc)}")
+                continue
+            smem = kernel.metadata.shared
+            if smem > SMEM_LIMIT.get(arch, 227 * 1024):
+                failures.append(f"{label}: needs {smem} bytes of shared memory")
+            spilled = _spills(log.getvalue())
+            if spilled:  # on a GPU the prune filter drops this config
+                spills.append(f"{label}: {spilled} bytes of register spill stores")
+            else:
+                clean += 1
+                if which == "first-clean":
+                    break
+        if engine and which != "first" and clean == 0:
+            failures.append(f"{entry['name']} {_launch_label(entry)}: every kept config spills "
+                            "(the prune filter would keep the least-spilling one)")
     print(f"compiled {done} kernel configs for sm_{arch} in {time.perf_counter() - start:.0f} s; "
-          f"{len(failures)} failures; {len(spills)} spilling")
+          f"{len(failures)} failures; {len(spills)} spilling configs (dropped by the prune filter on a GPU)")
     for line in failures:
         print("  FAILED", line)
     for line in spills:
         print("  SPILLS", line)
-    return 1 if failures or (spills and not allow_spills) else 0
+    return 1 if failures else 0
 
 
 def main(argv: List[str] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default="all")
     parser.add_argument("--arch", type=int, default=90)
-    parser.add_argument("--configs", choices=("all", "first"), default="all",
-                        help="engine autotune configs to compile: all kept by the prune filter, or the first")
+    parser.add_argument("--configs", choices=("all", "first-clean", "first"), default="all",
+                        help="engine autotune configs to compile: every one the static prune filter keeps "
+                             "(spilling ones are reported: the GPU filter drops them), the kept ones in order "
+                             "until one does not spill, or only the first")
     parser.add_argument("--dtypes", default="float16,float32", help="input dtypes of the recorded examples")
     parser.add_argument("--dedupe", action="store_true",
                         help="compile one launch per distinct code path (kernel, hooks, flags, dtype)")
-    parser.add_argument("--allow-spills", action="store_true", help="report register spills without failing")
     parser.add_argument("--step", choices=("both", "record", "compile"), default="both")
     parser.add_argument("--launches", default=None, help="the recorded launches (pickle)")
     args = parser.parse_args(argv)
@@ -292,15 +304,14 @@ def main(argv: List[str] = None) -> int:
                args.dtypes.split(","))
         return 0
     if args.step == "compile":
-        return compile_all(path, args.arch, args.configs, args.dedupe, args.allow_spills)
+        return compile_all(path, args.arch, args.configs, args.dedupe)
     env = dict(os.environ, TRITON_INTERPRET="1")
     base = [sys.executable, os.path.abspath(__file__), "--variants", args.variants, "--launches", path,
             "--dtypes", args.dtypes]
     subprocess.run(base + ["--step", "record"], check=True, env=env)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     return subprocess.run(base + ["--step", "compile", "--arch", str(args.arch), "--configs", args.configs]
-                          + (["--dedupe"] if args.dedupe else []) + (["--allow-spills"] if args.allow_spills else []),
-                          env=env).returncode
+                          + (["--dedupe"] if args.dedupe else []), env=env).returncode
 
 
 if __name__ == "__main__":

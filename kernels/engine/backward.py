@@ -25,8 +25,7 @@ from .common import LOG2E, block_index, load_tile, mod_positions, scores, segmen
 def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
                  offs_n, offs_d, offs_dv, lo, hi, INDEX, seq, sm_scale, softcap, VARIANT_ARGS, SCORE_ARGS, MASK_ARGS,
                  VARIANT_MASK: tl.constexpr, POSITIONS: tl.constexpr, SCORE_MOD: tl.constexpr,
-                 SCORE_DERIV: tl.constexpr, MASK_MOD: tl.constexpr, MASKED: tl.constexpr, LIST: tl.constexpr,
-                 SUB: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                 SCORE_DERIV: tl.constexpr, MASK_MOD: tl.constexpr, LIST: tl.constexpr, SUB: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                  CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
                  HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One segment of the dK/dV pass: query blocks lo .. hi - 1 against this program's keys."""
@@ -50,7 +49,7 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm,
         s_t, s_in_t, t_t = scores(qk_t, offs_m[None, :], offs_n[:, None], seq, sm_scale, softcap, VARIANT_ARGS,
                                   SCORE_ARGS, POSITIONS, SCORE_MOD, HAS_SOFTCAP)
         p_t = tl.math.exp2(s_t - lse[None, :])
-        if MASKED and (VARIANT_MASK is not None or MASK_MOD is not None):
+        if VARIANT_MASK is not None or MASK_MOD is not None:
             keep = token_mask(offs_m[None, :], offs_n[:, None], seq, VARIANT_ARGS, MASK_ARGS, VARIANT_MASK,
                               POSITIONS, MASK_MOD)
             p_t = tl.where(keep, p_t, 0.0)
@@ -85,7 +84,7 @@ def attn_bwd_dkdv_kernel(
     sm_scale, softcap,
     VARIANT_ARGS, LISTS, SCORE_ARGS, MASK_ARGS,
     RANGE_FN: tl.constexpr, VARIANT_MASK: tl.constexpr, POSITIONS: tl.constexpr,
-    SCORE_MOD: tl.constexpr, SCORE_DERIV: tl.constexpr, MASK_MOD: tl.constexpr,
+    SCORE_MOD: tl.constexpr, SCORE_DERIV: tl.constexpr, MASK_MOD: tl.constexpr, MASK_FULL_BLOCKS: tl.constexpr,
     LIST_BQ: tl.constexpr, LIST_BK: tl.constexpr,
     VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -130,8 +129,9 @@ def attn_bwd_dkdv_kernel(
                 dk, dv = _dkdv_blocks(
                     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
                     offs_n, offs_d, offs_dv, ranges[seg][0], ranges[seg][1], index[seg if LIST else 0], seq,
-                    sm_scale, softcap, VARIANT_ARGS, SCORE_ARGS, MASK_ARGS, VARIANT_MASK, POSITIONS, SCORE_MOD,
-                    SCORE_DERIV, MASK_MOD, seg > 0, LIST, SUB, BLOCK_M, HEAD_DIM, HEAD_DIM_V,
+                    sm_scale, softcap, VARIANT_ARGS, SCORE_ARGS, MASK_ARGS, VARIANT_MASK if seg > 0 else None,
+                    POSITIONS, SCORE_MOD, SCORE_DERIV, MASK_MOD if seg > 0 or MASK_FULL_BLOCKS else None,
+                    LIST, SUB, BLOCK_M, HEAD_DIM, HEAD_DIM_V,
                     CHECK_M, CHECK_N, PAD_D, PAD_DV, HAS_SOFTCAP, DOT_PRECISION)
         dk = dk * sm_scale
         mask_nd = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
@@ -147,7 +147,7 @@ def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs
                lo, hi, INDEX, seq, sm_scale, softcap, VARIANT_ARGS, SCORE_ARGS, SCORE_GRADS, MASK_ARGS,
                VARIANT_MASK: tl.constexpr, POSITIONS: tl.constexpr, SCORE_MOD: tl.constexpr,
                SCORE_DERIV: tl.constexpr, SCORE_GRADS_FN: tl.constexpr, MASK_MOD: tl.constexpr,
-               MASKED: tl.constexpr, LIST: tl.constexpr, SUB: tl.constexpr, BLOCK_N: tl.constexpr,
+               LIST: tl.constexpr, SUB: tl.constexpr, BLOCK_N: tl.constexpr,
                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
                PAD_D: tl.constexpr, PAD_DV: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One segment of the dQ pass: key blocks lo .. hi - 1 against this program's queries."""
@@ -163,7 +163,7 @@ def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs
         s, s_in, t = scores(qk, offs_m[:, None], offs_n[None, :], seq, sm_scale, softcap, VARIANT_ARGS, SCORE_ARGS,
                             POSITIONS, SCORE_MOD, HAS_SOFTCAP)
         p = tl.math.exp2(s - lse[:, None])
-        if MASKED and (VARIANT_MASK is not None or MASK_MOD is not None):
+        if VARIANT_MASK is not None or MASK_MOD is not None:
             keep = token_mask(offs_m[:, None], offs_n[None, :], seq, VARIANT_ARGS, MASK_ARGS, VARIANT_MASK,
                               POSITIONS, MASK_MOD)
             p = tl.where(keep, p, 0.0)
@@ -199,7 +199,7 @@ def attn_bwd_dq_kernel(
     VARIANT_ARGS, LISTS, SCORE_ARGS, SCORE_GRADS, MASK_ARGS,
     RANGE_FN: tl.constexpr, VARIANT_MASK: tl.constexpr, POSITIONS: tl.constexpr,
     SCORE_MOD: tl.constexpr, SCORE_DERIV: tl.constexpr, SCORE_GRADS_FN: tl.constexpr, MASK_MOD: tl.constexpr,
-    LIST_BQ: tl.constexpr, LIST_BK: tl.constexpr,
+    MASK_FULL_BLOCKS: tl.constexpr, LIST_BQ: tl.constexpr, LIST_BK: tl.constexpr,
     VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -242,8 +242,9 @@ def attn_bwd_dq_kernel(
         for seg in tl.static_range(len(ranges)):
             dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, offs_dv,
                             ranges[seg][0], ranges[seg][1], index[seg if LIST else 0], seq, sm_scale, softcap,
-                            VARIANT_ARGS, SCORE_ARGS, SCORE_GRADS, MASK_ARGS, VARIANT_MASK, POSITIONS, SCORE_MOD,
-                            SCORE_DERIV, SCORE_GRADS_FN, MASK_MOD, seg > 0, LIST, SUB, BLOCK_N, HEAD_DIM,
+                            VARIANT_ARGS, SCORE_ARGS, SCORE_GRADS, MASK_ARGS, VARIANT_MASK if seg > 0 else None,
+                            POSITIONS, SCORE_MOD, SCORE_DERIV, SCORE_GRADS_FN,
+                            MASK_MOD if seg > 0 or MASK_FULL_BLOCKS else None, LIST, SUB, BLOCK_N, HEAD_DIM,
                             HEAD_DIM_V, CHECK_M, CHECK_N, PAD_D, PAD_DV, HAS_SOFTCAP, DOT_PRECISION)
         dq = dq * sm_scale
         tl.store(DQ + tb * stride_dqb + off_h.to(tl.int64) * stride_dqh + (q_row + offs_m[:, None]) * stride_dqm

@@ -1,33 +1,47 @@
 """Autotune tables of the engine, with a prune filter (as in the Triton tutorials).
 
-On a GPU every kernel autotunes over a small table, pruned by head dim, shared
-memory and (for block lists) by divisibility of the list's block sizes. Under the
-interpreter autotuning is meaningless and slow, so one fixed small config is used;
-tests can force another with :func:`force_config`.
+On a GPU every kernel autotunes over a small table. The prune filter drops, before
+anything is timed, the configs that do not fit the problem — list block sizes they do
+not divide, shared memory, large tiles at head dims above 128 — and then every config
+whose compiled kernel spills registers (ptxas's count, read from the binary: register
+pressure depends on the head dim, the dtype and the hooks, a score mod's included, so
+it is measured, not guessed). Under the interpreter autotuning is meaningless and slow,
+so one fixed small config is used; tests can force another with :func:`force_config`.
+
+The tables hold 8-warp tiles next to the 4-warp ones: at head dim 128 on sm_90 the
+backward's 4-warp tiles all spill (its dK/dV accumulators and resident K/V take most of
+a thread's 255 registers), while 8-warp tiles of the same size do not
+(tools/aot_compile.py measures it; see docs/performance.md).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, List, Optional
+import functools
+import warnings
+from typing import Any, Dict, Iterator, List, Optional
 
 import triton
 
 from ..common import INTERPRET
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages)
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). The order does not affect the choice (every
+# kept config is timed); configs that rarely spill come first, so that the compile check
+# (tools/aot_compile.py --configs first-clean) finds a spill-free one quickly.
 _FWD = [
-    (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4),
+    (64, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4),
     (64, 64, 4, 3), (64, 32, 4, 4), (64, 128, 4, 2), (32, 32, 4, 2), (16, 16, 4, 2),
 ]
 # dK/dV pass: BLOCK_N keys owned by the program, BLOCK_M queries per step.
 _DKDV = [
-    (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 2), (16, 16, 4, 2),
+    (64, 32, 8, 2), (32, 32, 8, 2), (16, 64, 8, 2), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3),
+    (64, 64, 4, 3), (16, 64, 4, 2), (32, 32, 4, 2), (16, 16, 4, 2),
 ]
 # dQ pass: BLOCK_M queries owned, BLOCK_N keys per step.
 _DQ = [
-    (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3), (64, 16, 4, 2), (16, 16, 4, 2),
+    (64, 64, 8, 2), (64, 32, 8, 2), (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3),
+    (64, 16, 4, 2), (32, 32, 4, 2), (16, 16, 4, 2),
 ]
 TABLES = {"fwd": _FWD, "dkdv": _DKDV, "dq": _DQ}
 
@@ -60,7 +74,9 @@ def _smem_bytes(block_m: int, block_n: int, stages: int, block_d: int, block_dv:
     return elem * (block_m * block_d + stages * block_n * (block_d + block_dv))
 
 
-def prune(configs: List[triton.Config], named_args: Dict, **kwargs) -> List[triton.Config]:
+def prune(configs: List[triton.Config], named_args: Dict, kernel: Any = None, **kwargs) -> List[triton.Config]:
+    """The configs worth timing for this launch: those that fit (see the module docstring),
+    then, on a GPU (``kernel`` given), those whose compiled kernel does not spill."""
     args = dict(named_args)
     args.update(kwargs)
     block_d, block_dv = args["BLOCK_D"], args["BLOCK_DV"]
@@ -80,7 +96,32 @@ def prune(configs: List[triton.Config], named_args: Dict, **kwargs) -> List[trit
     if not kept:  # always leave something that fits
         small = [c for c in configs if c.kwargs["BLOCK_M"] <= 16 and c.kwargs["BLOCK_N"] <= 16]
         kept = small[:1] or configs[-1:]
+    if kernel is not None and not INTERPRET:
+        kept = without_spills(kept, functools.partial(spilled_bytes, kernel, args))
     return kept
+
+
+def spilled_bytes(kernel: Any, args: Dict, config: triton.Config) -> int:
+    """Bytes of registers a config's compiled kernel spills (compiles it: only on a GPU;
+    the autotuner would compile it anyway, and the binary is cached for the timing).
+    If Triton's API does not give the count, 0: the config is kept and timed as before."""
+    try:
+        compiled = kernel.warmup(grid=(1,), **args, **config.all_kwargs())
+        if hasattr(compiled, "result"):  # asynchronous compilation
+            compiled = compiled.result()
+        compiled._init_handles()
+        return int(compiled.n_spills)
+    except Exception as exc:  # a compile error surfaces when the autotuner runs the config
+        warnings.warn(f"attnkit: could not read the register spills of {config} ({type(exc).__name__}: {exc}); "
+                      "keeping it", stacklevel=2)
+        return 0
+
+
+def without_spills(configs: List[triton.Config], spills: Any) -> List[triton.Config]:
+    """The configs for which ``spills(config)`` is 0; if every one spills, the one that spills least."""
+    counted = [(spills(cfg), i, cfg) for i, cfg in enumerate(configs)]
+    clean = [cfg for n, _, cfg in counted if n == 0]
+    return clean or [min(counted)[2]]
 
 
 def zero_tensor_grads(nargs: Dict) -> None:

@@ -12,7 +12,9 @@ own runtime arguments passed as tuples):
   variant's token mask inside partial blocks (or None);
 * ``POSITIONS(...)`` -> (b, h, q_idx, kv_idx): the positions mods see (None: bottom-right);
 * ``SCORE_MOD(score, b, h, q_idx, kv_idx, *SCORE_ARGS)`` -> score (or None);
-* ``MASK_MOD(b, h, q_idx, kv_idx, *MASK_ARGS)`` -> bool, in partial blocks (or None).
+* ``MASK_MOD(b, h, q_idx, kv_idx, *MASK_ARGS)`` -> bool (or None): in partial blocks, and
+  in full blocks too unless MASK_FULL_BLOCKS is False (the schedule's full blocks were
+  built from this mask_mod, as create_block_mask's are).
 
 Constexprs: HEAD_DIM/HEAD_DIM_V are the real head dims and BLOCK_D/BLOCK_DV their
 power-of-two tiles; EVEN_M/EVEN_N drop row/key bounds checks when the lengths are
@@ -31,11 +33,12 @@ from .common import LN2, block_index, load_tile, scores, segments, sequence_boun
 def _forward_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, offs_dv,
                     lo, hi, INDEX, seq, sm_scale, softcap, VARIANT_ARGS, SCORE_ARGS, MASK_ARGS,
                     VARIANT_MASK: tl.constexpr, POSITIONS: tl.constexpr, SCORE_MOD: tl.constexpr,
-                    MASK_MOD: tl.constexpr, MASKED: tl.constexpr, LIST: tl.constexpr, SUB: tl.constexpr,
+                    MASK_MOD: tl.constexpr, LIST: tl.constexpr, SUB: tl.constexpr,
                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                     CHECK_N: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
                     HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One segment: the online-softmax update over key blocks lo .. hi - 1."""
+    """One segment: the online-softmax update over key blocks lo .. hi - 1, with the token
+    masks this segment needs (None for a hook it does not apply)."""
     seqlen_k = seq[3]
     for it in range(lo, hi):
         offs_n = block_index(it, INDEX, LIST, SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -44,7 +47,7 @@ def _forward_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s, _, _ = scores(qk, offs_m[:, None], offs_n[None, :], seq, sm_scale, softcap, VARIANT_ARGS, SCORE_ARGS,
                          POSITIONS, SCORE_MOD, HAS_SOFTCAP)
-        if MASKED and (VARIANT_MASK is not None or MASK_MOD is not None):
+        if VARIANT_MASK is not None or MASK_MOD is not None:
             keep = token_mask(offs_m[:, None], offs_n[None, :], seq, VARIANT_ARGS, MASK_ARGS, VARIANT_MASK,
                               POSITIONS, MASK_MOD)
             s = tl.where(keep, s, float("-inf"))
@@ -76,7 +79,7 @@ def attn_fwd_kernel(
     sm_scale, softcap,
     VARIANT_ARGS, LISTS, SCORE_ARGS, MASK_ARGS,
     RANGE_FN: tl.constexpr, VARIANT_MASK: tl.constexpr, POSITIONS: tl.constexpr,
-    SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr,
+    SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, MASK_FULL_BLOCKS: tl.constexpr,
     LIST_BQ: tl.constexpr, LIST_BK: tl.constexpr,
     VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -119,12 +122,13 @@ def attn_fwd_kernel(
         seq = (off_b, off_h, seqlen_q, seqlen_k)
         ranges, index = segments(start_m // LIST_BQ, start_m, BLOCK_M, BLOCK_N, seq, RANGE_FN, LISTS, VARIANT_ARGS,
                                  SUB)
-        for seg in tl.static_range(len(ranges)):
+        for seg in tl.static_range(len(ranges)):  # segment 0: full blocks; the others: partial blocks
             acc, l_i, m_i = _forward_blocks(
                 acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, offs_dv,
                 ranges[seg][0], ranges[seg][1], index[seg if LIST else 0], seq, sm_scale, softcap,
-                VARIANT_ARGS, SCORE_ARGS, MASK_ARGS, VARIANT_MASK, POSITIONS, SCORE_MOD, MASK_MOD,
-                seg > 0, LIST, SUB, BLOCK_N, HEAD_DIM, HEAD_DIM_V, CHECK_N, PAD_D, PAD_DV, HAS_SOFTCAP, DOT_PRECISION)
+                VARIANT_ARGS, SCORE_ARGS, MASK_ARGS, VARIANT_MASK if seg > 0 else None, POSITIONS, SCORE_MOD,
+                MASK_MOD if seg > 0 or MASK_FULL_BLOCKS else None,
+                LIST, SUB, BLOCK_N, HEAD_DIM, HEAD_DIM_V, CHECK_N, PAD_D, PAD_DV, HAS_SOFTCAP, DOT_PRECISION)
 
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)

@@ -3,6 +3,7 @@ arguments and launches the forward and the two backward passes."""
 
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Tuple
 
 import torch
@@ -49,6 +50,7 @@ def _hook_meta(schedule: Schedule, score: Optional[ModKernel], mask: Optional[Mo
     return dict(RANGE_FN=None if lists is not None else (schedule.q_range if transposed else schedule.kv_range),
                 VARIANT_MASK=schedule.mask, POSITIONS=schedule.positions,
                 SCORE_MOD=score.kernel if score else None, MASK_MOD=mask.kernel if mask else None,
+                MASK_FULL_BLOCKS=bool(mask.full_blocks) if mask else False,
                 LIST_BQ=lists.block_q if lists is not None else 1, LIST_BK=lists.block_k if lists is not None else 1)
 
 
@@ -62,8 +64,9 @@ def _launch(kernel, tuned, grid_rows: int, grid_cols: int, grid_block: str, args
 
 
 def _tuned(kernel, kind: str):
+    prune = functools.partial(configs.prune, kernel=kernel)  # the kernel lets the filter measure spills
     return triton.autotune(configs.autotune_configs(kind), key=configs.AUTOTUNE_KEY,
-                           prune_configs_by={"early_config_prune": configs.prune})(kernel)
+                           prune_configs_by={"early_config_prune": prune})(kernel)
 
 
 _fwd_tuned = _tuned(attn_fwd_kernel, "fwd")

@@ -130,7 +130,7 @@ def run(variants: Sequence[str], batch: int, heads: int, seqlen: int, head_dim: 
                 q, k, v, tensors = make_inputs(case, device)
                 q, k, v = (x.to(dtype).requires_grad_(True) for x in (q, k, v))
                 tensors = {n: (t.to(dtype) if t.is_floating_point() else t) for n, t in tensors.items()}
-                opts = dict(case.options, **tensors)
+                opts = dict(case.options, **case.tensor_options(tensors))
 
                 def forward():
                     with torch.no_grad():

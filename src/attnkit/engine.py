@@ -88,11 +88,18 @@ class Schedule:
     Attributes:
         mask: ``@triton.jit (q_pos, k_pos, b, h, seqlen_q, seqlen_k, *args) -> bool`` applied
             inside partial blocks (``q_pos``/``k_pos`` are tile rows/columns of the tensors;
-            ``b`` the batch entry or packed sequence, ``h`` the query head), or None.
+            ``b`` the batch entry or packed sequence, ``h`` the query head), or None. It must
+            be pointwise: the dK/dV pass hands it transposed tiles (``q_pos`` [1, BLOCK_M],
+            ``k_pos`` [BLOCK_N, 1]). Rows past seqlen_q and keys past seqlen_k are masked by
+            the engine itself.
         kv_range: range mode: ``@triton.jit (start_m, BLOCK_M, BLOCK_N, b, h, seqlen_q,
             seqlen_k, *args)`` returning a tuple of ``(lo, hi)`` key-block ranges for the
             query rows ``[start_m, start_m + BLOCK_M)``: the first range is visited without
-            the token mask (full blocks), every other one with it (partial blocks).
+            the token mask (full blocks: every pair visible), every other one with it
+            (partial blocks). Ranges must not overlap and must cover every block with a
+            visible pair; their number is fixed at compile time (a ``(0, 0)`` range is
+            empty). :func:`attnkit.testing.check_schedule` checks all of this against a
+            dense mask.
         q_range: the transposed range function (query blocks per key block ``start_n``)
             for the dK/dV pass, same convention.
         lists: list mode: the :class:`BlockLists` (then ``kv_range``/``q_range`` are unused).
@@ -226,10 +233,11 @@ def _encode(schedule: Schedule, score: Optional[ModKernel], mask: Optional[ModKe
         lists = schedule.lists.tensors()
     needs = list(score.needs_grad) if score else []
     return (hooks, kinds, arg_tensors, ints, floats, lists, list(score.tensors) if score else [],
-            list(mask.tensors) if mask else [], needs)
+            list(mask.tensors) if mask else [], needs, mask.full_blocks if mask else True)
 
 
-def _decode(hooks: str, kinds: str, arg_tensors, ints, floats, lists, score_tensors, mask_tensors, needs):
+def _decode(hooks: str, kinds: str, arg_tensors, ints, floats, lists, score_tensors, mask_tensors, needs,
+            mask_full: bool = True):
     mask_fn, kv_range, q_range, positions, s_kernel, s_deriv, s_grads, m_kernel = (
         HOOKS.get(k) for k in hooks.split("|"))
     block_lists = None
@@ -239,7 +247,7 @@ def _decode(hooks: str, kinds: str, arg_tensors, ints, floats, lists, score_tens
     schedule = Schedule(mask=mask_fn, kv_range=kv_range, q_range=q_range, lists=block_lists,
                         args=_unpack_args(kinds, arg_tensors, ints, floats), positions=positions)
     score = ModKernel(s_kernel, tuple(score_tensors), s_deriv, s_grads, tuple(needs)) if s_kernel else None
-    mask = ModKernel(m_kernel, tuple(mask_tensors)) if m_kernel else None
+    mask = ModKernel(m_kernel, tuple(mask_tensors), full_blocks=mask_full) if m_kernel else None
     return schedule, score, mask
 
 
@@ -255,10 +263,11 @@ def _launcher():
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink_logits: Optional[torch.Tensor],
             hooks: str, kinds: str, arg_tensors: List[torch.Tensor], ints: List[int], floats: List[float],
             lists: List[torch.Tensor], score_tensors: List[torch.Tensor], mask_tensors: List[torch.Tensor],
-            needs: List[bool], sm_scale: float, softcap: Optional[float], cu_q: Optional[torch.Tensor],
-            cu_k: Optional[torch.Tensor], max_q: int, max_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+            needs: List[bool], mask_full: bool, sm_scale: float, softcap: Optional[float],
+            cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tensor], max_q: int, max_k: int
+            ) -> Tuple[torch.Tensor, torch.Tensor]:
     schedule, score, mask = _decode(hooks, kinds, arg_tensors, ints, floats, lists, score_tensors, mask_tensors,
-                                    needs)
+                                    needs, mask_full)
     sink = None if sink_logits is None else sink_logits.float().contiguous()
     return _launcher().attention_forward(
         q, k, v, schedule, sm_scale=sm_scale, softcap=softcap, sink_logits=sink, score_mod=score, mask_mod=mask,
@@ -267,7 +276,7 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink_logits: Opti
 
 @_fwd_op.register_fake
 def _(q, k, v, sink_logits, hooks, kinds, arg_tensors, ints, floats, lists, score_tensors, mask_tensors, needs,
-      sm_scale, softcap, cu_q, cu_k, max_q, max_k):
+      mask_full, sm_scale, softcap, cu_q, cu_k, max_q, max_k):
     out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
     return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
 
@@ -276,11 +285,11 @@ def _(q, k, v, sink_logits, hooks, kinds, arg_tensors, ints, floats, lists, scor
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
             lse: torch.Tensor, hooks: str, kinds: str, arg_tensors: List[torch.Tensor], ints: List[int],
             floats: List[float], lists: List[torch.Tensor], score_tensors: List[torch.Tensor],
-            mask_tensors: List[torch.Tensor], needs: List[bool], sm_scale: float, softcap: Optional[float],
-            cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tensor], max_q: int, max_k: int
-            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+            mask_tensors: List[torch.Tensor], needs: List[bool], mask_full: bool, sm_scale: float,
+            softcap: Optional[float], cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tensor], max_q: int,
+            max_k: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor]]:
     schedule, score, mask = _decode(hooks, kinds, arg_tensors, ints, floats, lists, score_tensors, mask_tensors,
-                                    needs)
+                                    needs, mask_full)
     dq, dk, dv, delta, tensor_grads = _launcher().attention_backward(
         do, q, k, v, o, lse, schedule, sm_scale=sm_scale, softcap=softcap, score_mod=score, mask_mod=mask,
         cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k)
@@ -289,7 +298,7 @@ def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 @_bwd_op.register_fake
 def _(do, q, k, v, o, lse, hooks, kinds, arg_tensors, ints, floats, lists, score_tensors, mask_tensors, needs,
-      sm_scale, softcap, cu_q, cu_k, max_q, max_k):
+      mask_full, sm_scale, softcap, cu_q, cu_k, max_q, max_k):
     grads = [torch.empty_like(t) for t, n in zip(score_tensors, needs) if n]
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             q.new_empty(q.shape[:-1], dtype=torch.float32), grads)
@@ -297,12 +306,12 @@ def _(do, q, k, v, o, lse, hooks, kinds, arg_tensors, ints, floats, lists, score
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, sink_logits, hooks, kinds, arg_tensors, ints, floats, lists, score_tensors, mask_tensors, needs,
-     sm_scale, softcap, cu_q, cu_k, max_q, max_k) = inputs
+     mask_full, sm_scale, softcap, cu_q, cu_k, max_q, max_k) = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, sink_logits, cu_q, cu_k, *arg_tensors, *lists, *score_tensors,
                           *mask_tensors)
     ctx.sizes = (len(arg_tensors), len(lists), len(score_tensors), len(mask_tensors))
-    ctx.params = (hooks, kinds, ints, floats, needs, sm_scale, softcap, max_q, max_k)
+    ctx.params = (hooks, kinds, ints, floats, needs, mask_full, sm_scale, softcap, max_q, max_k)
     ctx.mark_non_differentiable(lse)
 
 
@@ -312,10 +321,10 @@ def _backward(ctx, do, _dlse):
     arg_tensors, rest = rest[:n_args], rest[n_args:]
     lists, rest = rest[:n_lists], rest[n_lists:]
     score_tensors, mask_tensors = rest[:n_score], rest[n_score:n_score + n_mask]
-    hooks, kinds, ints, floats, needs, sm_scale, softcap, max_q, max_k = ctx.params
+    hooks, kinds, ints, floats, needs, mask_full, sm_scale, softcap, max_q, max_k = ctx.params
     dq, dk, dv, delta, tensor_grads = _bwd_op(do.contiguous(), q, k, v, o, lse, hooks, kinds, list(arg_tensors),
                                               ints, floats, list(lists), list(score_tensors), list(mask_tensors),
-                                              needs, sm_scale, softcap, cu_q, cu_k, max_q, max_k)
+                                              needs, mask_full, sm_scale, softcap, cu_q, cu_k, max_q, max_k)
     d_sink = None
     if sink_logits is not None and ctx.needs_input_grad[3]:
         # d sink_h = -sum_rows P_sink * rowsum(dO * O), with P_sink = exp(sink_h - lse)
@@ -330,7 +339,7 @@ def _backward(ctx, do, _dlse):
 
     return (dq, dk, dv, d_sink, None, None, [None] * len(arg_tensors), numbers(ints), numbers(floats),
             [None] * len(lists), d_score, [None] * len(mask_tensors), numbers(needs), None, None, None, None, None,
-            None)
+            None, None)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -368,6 +377,7 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule: Schedule, *, sm_scale: float,
                     softcap: Optional[float] = None, sink_logits: Optional[torch.Tensor] = None,
                     score_mod: Optional[ScoreMod] = None, mask_mod: Optional[MaskMod] = None,
+                    mask_mod_in_full_blocks: bool = True,
                     cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
                     max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
                     ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -379,10 +389,12 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule:
         sm_scale: the score scale.
         softcap: scores s become softcap * tanh(s / softcap) (before the score mod).
         sink_logits: (Hq,) per-head logit in each row's denominator (differentiable).
-        score_mod, mask_mod: already specialized mods (see :mod:`attnkit.mods`); the
-            mask_mod applies in the schedule's partial blocks only, so a schedule must
-            list as partial every block the mask_mod can cut. Tensors of the score mod
-            that require grad get their gradients from the Triton backward.
+        score_mod, mask_mod: already specialized mods (see :mod:`attnkit.mods`). Tensors
+            of the score mod that require grad get their gradients from the Triton backward.
+        mask_mod_in_full_blocks: the mask_mod also runs in the schedule's full blocks
+            (default, always right). Pass False only when the schedule's full blocks were
+            built from this very mask_mod, so it is True on every pair of them (a block mask
+            from create_block_mask): then full blocks run without it.
         cu_seqlens_q, cu_seqlens_k: (S + 1,) int32 offsets of a packed batch (B = 1); the
             longest lengths are computed from them unless given.
 
@@ -395,7 +407,9 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule:
         max_k = max_seqlen_k if max_seqlen_k is not None else int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     score = score_mod.kernel_view() if score_mod is not None else None
-    mask = mask_mod.kernel_view() if mask_mod is not None else None
-    hooks, kinds, arg_tensors, ints, floats, lists, score_tensors, mask_tensors, needs = _encode(schedule, score, mask)
-    return _fwd_op(q, k, v, sink_logits, hooks, kinds, arg_tensors, ints, floats, lists, score_tensors, mask_tensors,
-                   needs, sm_scale, softcap, cu_seqlens_q, cu_seqlens_k, max_q, max_k)
+    mask = None
+    if mask_mod is not None:
+        view = mask_mod.kernel_view()
+        mask = ModKernel(view.kernel, view.tensors, full_blocks=bool(mask_mod_in_full_blocks))
+    return _fwd_op(q, k, v, sink_logits, *_encode(schedule, score, mask), sm_scale, softcap, cu_seqlens_q,
+                   cu_seqlens_k, max_q, max_k)

@@ -17,11 +17,15 @@ examples/chunked_attention.py):
   :class:`Const`), run by :func:`fused_attention` (forward, LSE, both backward passes,
   GQA, softcap, sink logits, score and mask mods, varlen);
 * reference side — :func:`softmax_attend`, :func:`map_query_chunks`,
-  :func:`expand_kv_heads`, :func:`mod_positions`, :func:`bind_score_mod`;
+  :func:`query_chunk_rows`, :func:`expand_kv_heads`, :func:`bottom_right`,
+  :func:`mod_positions`, :func:`bind_score_mod`, :func:`lse_dtype`;
 * registration — :func:`softmax_variant` builds a :class:`Variant` with the options every
   softmax variant shares (``scale``, ``softcap``, ``score_mod``, ``return_lse``) and their
-  checks; :func:`attnkit.testing.check_variant` then checks the kernel against the
-  reference, and :func:`force_config` / ``check_variant(tilings=...)`` under several tilings.
+  checks;
+* checks — :func:`check_schedule` compares a schedule with the dense mask it stands for,
+  tile by tile and under several tilings; :func:`check_variant` compares the kernel with
+  the reference (forward, LSE, gradients), under several tilings with ``tilings=TILINGS``;
+  :func:`force_config` fixes the kernel tile.
 
 Importing this module does not import triton.
 """
@@ -43,7 +47,7 @@ from .engine import (MAX_HEAD_DIM, BlockLists, Const, Schedule, dense_to_lists, 
 from .mods import MaskMod, Problem, ScoreMod
 from .mods.core import check_mask_mod, check_score_mod
 from .registry import Case, Variant, get_variant, register_variant, unregister_variant
-from .testing import TILINGS, check_case, check_variant
+from .testing import TILINGS, check_case, check_schedule, check_variant, schedule_segments
 
 #: the options every softmax variant built by :func:`softmax_variant` has, with their defaults
 SOFTMAX_OPTIONS: Dict[str, Any] = dict(scale=None, softcap=None, score_mod=None, return_lse=False)
@@ -125,6 +129,7 @@ def softmax_variant(name: str, *, reference: Callable[..., Any], kernel: Optiona
 __all__ = [
     "BlockLists", "Case", "Const", "MAX_HEAD_DIM", "MaskMod", "Problem", "SOFTMAX_OPTIONS", "Schedule", "ScoreMod",
     "Shapes", "TILINGS", "Variant", "attention", "bind_score_mod", "bottom_right", "check_case", "check_flag",
+    "check_schedule", "schedule_segments",
     "check_head_vector", "check_int", "check_mask_mod", "check_qkv", "check_scale", "check_score_mod",
     "check_softcap", "check_tensor", "check_variant", "dense_to_lists", "expand_kv_heads", "explain",
     "force_config", "fused_attention", "get_variant", "head_dim_blockers", "lse_dtype", "make_block_lists",

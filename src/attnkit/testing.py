@@ -150,7 +150,11 @@ def _run(fn, q, k, v, tensors, options, make_grad, need_grad, case):
 def check_case(variant: Any, case: Any, *, dtype: torch.dtype = torch.float16,
                device: Union[str, torch.device] = "cpu", backend: str = "triton", seed: int = 0,
                forward_multiplier: float = 2.0, backward_multiplier: float = 3.0) -> Report:
-    """Compare ``backend`` against the float64 reference on one Case; returns a Report (no raise)."""
+    """Compare ``backend`` against the float64 reference on one Case; returns a Report.
+
+    A mismatch is a failing comparison in the report, not an exception; a backend that
+    cannot run these inputs at all (``backend="triton"`` with a kernel blocker) raises the
+    ValueError of :func:`attnkit.attention`, which lists every reason."""
     from .dispatch import attention
     from .registry import get_variant
 
@@ -206,19 +210,26 @@ def check_tiling(variant: Any, case: Any, tiling: Tuple[int, int], **kwargs: Any
     """:func:`check_case` with every engine kernel forced to ``tiling`` = (BLOCK_M, BLOCK_N).
 
     A tiling the kernel refuses for this case (e.g. a block mask whose block size it does
-    not divide) gives a report with ``refused`` set and no comparisons."""
+    not divide) gives a report with ``refused`` set and no comparisons. A kernel that
+    cannot run the case under any tiling (CPU tensors without the interpreter, an
+    unsupported head dim, ...) raises ValueError: a sweep never passes on nothing."""
     from .dispatch import explain
     from .registry import get_variant
     from .kernels.engine import force_config
 
     spec = get_variant(variant)
+    dtype = kwargs.get("dtype", torch.float16)
+    q64, k64, v64, t64 = make_inputs(case, kwargs.get("device", "cpu"), kwargs.get("seed", 0))
+    options = dict(case.options, **case.tensor_options({n: _cast(t, dtype) for n, t in t64.items()}))
+    q, k, v = (x.to(dtype) for x in (q64, k64, v64))
+    triton_backend = kwargs.get("backend", "triton") == "triton"
+    anyway = explain(q, k, v, spec.name, "auto", **options).kernel_blockers
+    if anyway and triton_backend:
+        raise ValueError(f"the {spec.name!r} kernel cannot run case {case.id!r} at any tiling:\n  - "
+                         + "\n  - ".join(anyway))
     with force_config(*tiling):
-        dtype = kwargs.get("dtype", torch.float16)
-        q64, k64, v64, t64 = make_inputs(case, kwargs.get("device", "cpu"), kwargs.get("seed", 0))
-        options = dict(case.options, **case.tensor_options({n: _cast(t, dtype) for n, t in t64.items()}))
-        q, k, v = (x.to(dtype) for x in (q64, k64, v64))
         blockers = explain(q, k, v, spec.name, "auto", **options).kernel_blockers
-        if blockers and kwargs.get("backend", "triton") == "triton":
+        if blockers and triton_backend:
             return Report(spec.name, case.id, dtype, tiling=tuple(tiling), refused="; ".join(blockers))
         report = check_case(spec, case, **kwargs)
     report.tiling = tuple(tiling)
@@ -248,3 +259,110 @@ def check_variant(variant: Any, cases: Optional[Sequence[Any]] = None, *, dtype:
     if bad and raise_on_failure:
         raise AssertionError("\n".join(str(r) for r in bad))
     return reports
+
+
+def check_schedule(schedule: Any, mask: torch.Tensor, *, tilings: Sequence[Tuple[int, int]] = TILINGS,
+                   tight: bool = False) -> None:
+    """Check a range-mode or list-mode schedule against the dense token mask it stands for.
+
+    For every tile of every tiling (and the transposed schedule of the dK/dV pass): a
+    block is visited iff it holds a visible pair, no block is visited twice, and every
+    block of segment 0 (visited without the mask) is visible on every real pair. Raises
+    AssertionError describing the first violation.
+
+    Args:
+        schedule: an ``attnkit.extension.Schedule``; range functions are run with batch
+            index 0 and head h for every head of ``mask`` (through a probe kernel: set
+            ``TRITON_INTERPRET=1`` before triton is imported to run it on a CPU). Its
+            tensor arguments must be on the device the probe runs on (CPU under the
+            interpreter).
+        mask: bool (Nq, Nk) or (H, Nq, Nk): True where query row i sees key j (rows in
+            the tensors' order, i.e. before the bottom-right offset).
+        tilings: (BLOCK_M, BLOCK_N) pairs to check (list mode uses the lists' own blocks).
+        tight: also require every block whose pairs are all visible to be in segment 0
+            (so the mask never runs where it cannot cut anything).
+
+    Example::
+
+        mask = (torch.arange(64)[None, :] <= torch.arange(64)[:, None])        # causal
+        attnkit.testing.check_schedule(attnkit.flash.flash_schedule(True), mask)
+    """
+    if mask.dim() == 2:
+        mask = mask[None]
+    if mask.dtype != torch.bool or mask.dim() != 3:
+        raise ValueError(f"mask must be a bool tensor (Nq, Nk) or (H, Nq, Nk), got {mask.dtype} {tuple(mask.shape)}")
+    mask = mask.cpu()
+    if schedule.lists is not None:
+        _check_lists(schedule.lists, mask)
+        return
+    for bm, bn in tilings:
+        for transposed in (False, True):
+            segments = schedule_segments(schedule, mask.shape[0], mask.shape[1], mask.shape[2], bm, bn, transposed)
+            _check_segments(segments, mask, bm, bn, transposed, tight)
+
+
+def schedule_segments(schedule: Any, heads: int, nq: int, nk: int, bm: int, bn: int, transposed: bool = False) -> List:
+    """The segments a range-mode schedule returns for every tile: a nested list [head][program]
+    of 8 (lo, hi) pairs (unused ones (0, 0)); programs are query blocks of ``bm`` rows, or
+    key blocks of ``bn`` keys when ``transposed``. Runs the probe kernel (see check_schedule)."""
+    import triton
+
+    from .kernels.engine.launch import _variant_args
+    from .kernels.engine.probe import schedule_probe_kernel
+
+    device = next((a.device for a in schedule.args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+    programs = triton.cdiv(nk, bn) if transposed else triton.cdiv(nq, bm)
+    out = torch.zeros((heads, programs, 8, 2), dtype=torch.int32, device=device)
+    fn = schedule.q_range if transposed else schedule.kv_range
+    schedule_probe_kernel[(programs, heads)](out, nq, nk, _variant_args(schedule), programs, RANGE_FN=fn,
+                                             MAX_SEGMENTS=8, TRANSPOSED=transposed, BLOCK_M=bm, BLOCK_N=bn)
+    return out.cpu().tolist()
+
+
+def _tile(mask: torch.Tensor, h: int, qb: int, kb: int, bm: int, bn: int) -> torch.Tensor:
+    return mask[min(h, mask.shape[0] - 1), qb * bm:(qb + 1) * bm, kb * bn:(kb + 1) * bn]
+
+
+def _check_segments(segments: List, mask: torch.Tensor, bm: int, bn: int, transposed: bool, tight: bool) -> None:
+    nq, nk = mask.shape[1:]
+    n_other = -(-nq // bm) if transposed else -(-nk // bn)
+    what = "dK/dV (transposed) schedule" if transposed else "forward schedule"
+    for h, per_head in enumerate(segments):
+        for own, segs in enumerate(per_head):
+            sets = [set(range(lo, hi)) for lo, hi in segs]
+            visited = set().union(*sets)
+            where = f"{what}, tile {bm}x{bn}, head {h}, {'key' if transposed else 'query'} block {own}"
+            assert sum(map(len, sets)) == len(visited), f"{where}: segments overlap: {segs}"
+            assert all(0 <= b < n_other for b in visited), f"{where}: block out of range in {segs}"
+            for other in range(n_other):
+                qb, kb = (other, own) if transposed else (own, other)
+                tile = _tile(mask, h, qb, kb, bm, bn)
+                assert bool(tile.any()) == (other in visited), \
+                    f"{where}: block {other} {'is visited without a visible pair' if other in visited else 'holds a visible pair but is not visited'}"
+                assert other not in sets[0] or bool(tile.all()), \
+                    f"{where}: block {other} is in the full segment but some of its pairs are masked"
+                assert not tight or other in sets[0] or not bool(tile.all()), \
+                    f"{where}: block {other} is visible on every pair but is not in the full segment"
+
+
+def _check_lists(lists: Any, mask: torch.Tensor) -> None:
+    from .block_sparse.block_mask import lists_to_dense
+
+    bq, bk = lists.block_q, lists.block_k
+    nq, nk = mask.shape[1:]
+    rows, cols = -(-nq // bq), -(-nk // bk)
+    full = lists_to_dense(lists.kv_full_count.cpu(), lists.kv_full_index.cpu(), cols)
+    part = lists_to_dense(lists.kv_part_count.cpu(), lists.kv_part_index.cpu(), cols)
+    t_full = lists_to_dense(lists.q_full_count.cpu(), lists.q_full_index.cpu(), rows)
+    t_part = lists_to_dense(lists.q_part_count.cpu(), lists.q_part_index.cpu(), rows)
+    for h in range(max(mask.shape[0], full.shape[1])):
+        f, p = full[0, min(h, full.shape[1] - 1)], part[0, min(h, part.shape[1] - 1)]
+        assert not bool((f & p).any()), f"head {h}: a block is listed both full and partial"
+        assert torch.equal(t_full[0, min(h, t_full.shape[1] - 1)], f.T) and \
+            torch.equal(t_part[0, min(h, t_part.shape[1] - 1)], p.T), f"head {h}: transposed lists differ"
+        for r in range(rows):
+            for c in range(cols):
+                tile = _tile(mask, h, r, c, bq, bk)
+                listed = bool(f[r, c] or p[r, c])
+                assert bool(tile.any()) == listed, f"head {h}: tile ({r}, {c}) listed={listed} but visible={bool(tile.any())}"
+                assert not bool(f[r, c]) or bool(tile.all()), f"head {h}: tile ({r}, {c}) is full but partly masked"

@@ -95,8 +95,11 @@ def block_sparse_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bl
     token_masks = [m for m in (own_mask, extra_mask) if m is not None]
     schedule = Schedule(mask=kernels.block_sparse_causal_mask if causal else None,
                         lists=block_mask.engine_lists(causal, masked=extra_mask is not None))
+    # full tiles of a block mask are whole by definition: its mask_mod (and an explicit one,
+    # which turns every listed tile partial) runs in partial tiles only
     out, lse = fused_attention(q, k, v, schedule, sm_scale=check_scale(scale, q.shape[-1]), softcap=softcap,
-                               score_mod=score, mask_mod=and_masks(*token_masks) if token_masks else None)
+                               score_mod=score, mask_mod=and_masks(*token_masks) if token_masks else None,
+                               mask_mod_in_full_blocks=False)
     return (out, lse) if return_lse else out
 
 

@@ -144,9 +144,29 @@ def examples() -> List[Case]:
     ]
 
 
+def demo(batch: int, heads: int, seqlen: int, head_dim: int) -> Case:
+    """Causal attention over three packed documents (boundaries inside tiles) with ALiBi."""
+    from .. import mods
+
+    block = 64 if seqlen >= 256 else 32
+    lengths = [seqlen // 5 + 3, seqlen // 2 - 5]
+    lengths.append(seqlen - sum(lengths))
+
+    def build(t: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+        mask = mods.and_masks(mods.causal(), mods.document(t["docs"]))
+        return {"score_mod": mods.alibi(t["slopes"]),
+                "block_mask": create_block_mask(mask, None, None, seqlen, seqlen, block_size=block,
+                                                device=t["docs"].device)}
+
+    shape = (batch, heads, seqlen, head_dim)
+    return Case(shape, shape, shape, tensors={"docs": _docs(*lengths), "slopes": _slopes(heads)}, build=build,
+                name=f"document_alibi_n{seqlen}")
+
+
 VARIANT = softmax_variant(
     "flex", reference=flex_reference, kernel=flex_kernel,
     options=dict(mask_mod=None, block_mask=None), validate=_validate, kernel_support=_kernel_support,
-    examples=examples, doc="FlexAttention's interface: score_mod, mask_mod, block_mask (exact token masks)")
+    examples=examples, demo=demo,
+    doc="FlexAttention's interface: score_mod, mask_mod, block_mask (exact token masks)")
 
 __all__ = ["create_block_mask", "flex_attention", "flex_reference", "flex_kernel"]

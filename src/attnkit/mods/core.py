@@ -150,6 +150,8 @@ class ModKernel:
     derivative: Any = None
     tensor_grads: Any = None
     needs_grad: Tuple[bool, ...] = ()
+    #: a mask: applied in the schedule's full blocks too (False only when those were built from it)
+    full_blocks: bool = True
 
 
 class ScoreMod:
