@@ -8,7 +8,7 @@ i + seqlen_k - seqlen_q and sees keys j <= that. It takes no arguments.
 """
 
 import triton
-import triton.language as tl
+import triton.language as tl  # noqa: F401  (Triton requires it in a @triton.jit function's globals)
 
 
 @triton.jit

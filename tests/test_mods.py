@@ -17,7 +17,6 @@ import triton.language as tl
 import attnkit
 from attnkit import Case, mods
 from attnkit.block_sparse.block_mask import lists_to_dense
-from attnkit.extension import TILINGS
 from attnkit.testing import check_case, check_variant
 
 from conftest import DEVICE, DTYPES
@@ -416,6 +415,9 @@ def test_redefined_mod_runs_its_new_code(tmp_path, monkeypatch):
         outs.append(attnkit.flex_attention(q, k, v, score_mod=mod, backend="triton"))
         ref = attnkit.flex_attention(q, k, v, score_mod=mod, backend="reference")
         torch.testing.assert_close(outs[-1], ref, rtol=1e-5, atol=1e-5)
+        by_path = attnkit.ScoreMod("notebook_cell:bias_kernel", cell.bias_reference)  # the same key both times
+        torch.testing.assert_close(attnkit.flex_attention(q, k, v, score_mod=by_path, backend="triton"), ref,
+                                   rtol=1e-5, atol=1e-5)
     assert (outs[0] - outs[1]).abs().max() > 1e-2
 
 

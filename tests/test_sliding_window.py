@@ -122,7 +122,7 @@ SCHEDULE_PARAMS = [
 def test_schedule_is_exact_and_tight(Nq, Nk, windows, sinks, bm, bn):
     Hq = len(windows)
     window = windows[0] if Hq == 1 else torch.tensor(windows, dtype=torch.int32)
-    schedule = make_schedule(window, sinks, Hq, Nq, Nk, torch.device("cpu"))
+    schedule = make_schedule(window, sinks, Hq, Nq, Nk, torch.device(DEVICE))
     assert (schedule.args[3] is None) == (Hq == 1)  # per-head windows travel as a tensor
     check_schedule(schedule, dense_mask(Hq, Nq, Nk, windows, sinks), tilings=[(bm, bn)])
 
@@ -131,7 +131,7 @@ def test_schedule_cost_is_linear_in_n():
     """Key blocks visited per query block stay ~ (W + S) / BLOCK_N + 2 however long N is."""
     bm = bn = 16
     for n in (256, 1024):
-        schedule = make_schedule(64, 16, 1, n, n, torch.device("cpu"))
+        schedule = make_schedule(64, 16, 1, n, n, torch.device(DEVICE))
         segments = schedule_segments(schedule, 1, n, n, bm, bn)[0]
         counts = [sum(hi - lo for lo, hi in segs) for segs in segments]
         assert max(counts) <= (64 + 16) // bn + 2, counts

@@ -25,7 +25,8 @@ from .common import LOG2E, block_index, load_tile, mod_positions, scores, segmen
 def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
                  offs_n, offs_d, offs_dv, lo, hi, INDEX, seq, sm_scale, softcap, VARIANT_ARGS, SCORE_ARGS, MASK_ARGS,
                  VARIANT_MASK: tl.constexpr, POSITIONS: tl.constexpr, SCORE_MOD: tl.constexpr,
-                 SCORE_DERIV: tl.constexpr, MASK_MOD: tl.constexpr, LIST: tl.constexpr, SUB: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                 SCORE_DERIV: tl.constexpr, MASK_MOD: tl.constexpr, LIST: tl.constexpr, SUB: tl.constexpr,
+                 BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                  CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
                  HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One segment of the dK/dV pass: query blocks lo .. hi - 1 against this program's keys."""

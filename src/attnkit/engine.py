@@ -123,15 +123,14 @@ class _HookTable:
     """Hooks by identity, so a custom op can carry them as strings.
 
     A hook is a @triton.jit function (keyed by the object: two functions with the same
-    name are two hooks), an import path (keyed by the path), or a tuple spec of a
-    generated hook (keyed by its parts). ``get`` materializes it, once, where the kernel
-    launches.
+    name are two hooks), an import path (keyed by the path, and resolved again at every
+    launch, so a reloaded module runs its new code), or a tuple spec of a generated hook
+    (keyed by its parts). ``get`` materializes it where the kernel launches.
     """
 
     def __init__(self) -> None:
         self._by_key: Dict[str, Any] = {}
         self._keys: Dict[int, str] = {}
-        self._built: Dict[str, Any] = {}
 
     def key(self, spec: Any) -> str:
         if spec is None:
@@ -139,7 +138,8 @@ class _HookTable:
         if isinstance(spec, str):
             key = "path:" + spec
         elif isinstance(spec, tuple):
-            key = "(" + ",".join(self.key(p) if not isinstance(p, (int, bool)) else repr(p) for p in _flatten(spec)) + ")"
+            parts = (repr(p) if isinstance(p, (int, bool)) else self.key(p) for p in _flatten(spec))
+            key = "(" + ",".join(parts) + ")"
         else:
             key = self._keys.get(id(spec))
             if key is None:
@@ -152,11 +152,9 @@ class _HookTable:
     def get(self, key: str) -> Any:
         if not key:
             return None
-        if key not in self._built:
-            from .mods.core import materialize
+        from .mods.core import materialize  # cheap: generated hooks are cached by their parts
 
-            self._built[key] = materialize(self._by_key[key])
-        return self._built[key]
+        return materialize(self._by_key[key])
 
 
 def _flatten(spec: tuple) -> List[Any]:
@@ -348,7 +346,8 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------- public helpers
 
 def dense_to_lists(dense: torch.Tensor, capacity: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Block lists from a tile map: boolean (..., R, C) -> counts int32 (..., R) and indices int32 (..., R, L), ascending.
+    """Block lists from a tile map: boolean (..., R, C) -> counts int32 (..., R) and indices
+    int32 (..., R, L), ascending.
 
     L is ``capacity`` or the largest count (at least 1, so no list is zero-sized);
     entries past a row's count are 0 and never read.

@@ -76,7 +76,7 @@ def softmax_score_mod(variant: str, q: torch.Tensor, k: torch.Tensor, score_mod:
 
 def softmax_variant(name: str, *, reference: Callable[..., Any], kernel: Optional[Callable[..., Any]],
                     options: Optional[Mapping[str, Any]] = None,
-                    validate: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Dict[str, Any]], None]] = None,
+                    validate: Optional[Callable[..., None]] = None,
                     kernel_support: Optional[Callable[..., List[str]]] = None,
                     examples: Callable[[], Sequence[Case]] = lambda: (), doc: str = "",
                     demo: Optional[Callable[[int, int, int, int], Case]] = None, register: bool = True,

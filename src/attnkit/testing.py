@@ -272,10 +272,9 @@ def check_schedule(schedule: Any, mask: torch.Tensor, *, tilings: Sequence[Tuple
 
     Args:
         schedule: an ``attnkit.extension.Schedule``; range functions are run with batch
-            index 0 and head h for every head of ``mask`` (through a probe kernel: set
-            ``TRITON_INTERPRET=1`` before triton is imported to run it on a CPU). Its
-            tensor arguments must be on the device the probe runs on (CPU under the
-            interpreter).
+            index 0 and head h for every head of ``mask`` (through a probe kernel, on the
+            device of the schedule's tensor arguments, else on CUDA when present, else
+            on the CPU, which needs ``TRITON_INTERPRET=1`` set before triton is imported).
         mask: bool (Nq, Nk) or (H, Nq, Nk): True where query row i sees key j (rows in
             the tensors' order, i.e. before the bottom-right offset).
         tilings: (BLOCK_M, BLOCK_N) pairs to check (list mode uses the lists' own blocks).
@@ -310,7 +309,10 @@ def schedule_segments(schedule: Any, heads: int, nq: int, nk: int, bm: int, bn: 
     from .kernels.engine.launch import _variant_args
     from .kernels.engine.probe import schedule_probe_kernel
 
-    device = next((a.device for a in schedule.args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+    from .dispatch import interpreter_enabled
+
+    native = "cuda" if torch.cuda.is_available() and not interpreter_enabled() else "cpu"
+    device = next((a.device for a in schedule.args if isinstance(a, torch.Tensor)), torch.device(native))
     programs = triton.cdiv(nk, bn) if transposed else triton.cdiv(nq, bm)
     out = torch.zeros((heads, programs, 8, 2), dtype=torch.int32, device=device)
     fn = schedule.q_range if transposed else schedule.kv_range
@@ -337,8 +339,9 @@ def _check_segments(segments: List, mask: torch.Tensor, bm: int, bn: int, transp
             for other in range(n_other):
                 qb, kb = (other, own) if transposed else (own, other)
                 tile = _tile(mask, h, qb, kb, bm, bn)
-                assert bool(tile.any()) == (other in visited), \
-                    f"{where}: block {other} {'is visited without a visible pair' if other in visited else 'holds a visible pair but is not visited'}"
+                problem = "is visited without a visible pair" if other in visited else \
+                    "holds a visible pair but is not visited"
+                assert bool(tile.any()) == (other in visited), f"{where}: block {other} {problem}"
                 assert other not in sets[0] or bool(tile.all()), \
                     f"{where}: block {other} is in the full segment but some of its pairs are masked"
                 assert not tight or other in sets[0] or not bool(tile.all()), \
@@ -364,5 +367,6 @@ def _check_lists(lists: Any, mask: torch.Tensor) -> None:
             for c in range(cols):
                 tile = _tile(mask, h, r, c, bq, bk)
                 listed = bool(f[r, c] or p[r, c])
-                assert bool(tile.any()) == listed, f"head {h}: tile ({r}, {c}) listed={listed} but visible={bool(tile.any())}"
+                assert bool(tile.any()) == listed, \
+                    f"head {h}: tile ({r}, {c}) listed={listed} but visible={bool(tile.any())}"
                 assert not bool(f[r, c]) or bool(tile.all()), f"head {h}: tile ({r}, {c}) is full but partly masked"

@@ -28,12 +28,10 @@ import itertools
 import linecache
 import sys
 import textwrap
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
-
-from ..checks import constant_under_compile
 
 __all__ = ["MaskMod", "Problem", "ScoreMod", "and_masks", "chain_score_mods", "check_mask_mod", "check_score_mod",
            "or_masks"]
@@ -443,8 +441,8 @@ def materialize(spec: Any, owner: str = "mod") -> Any:
         return _combined_mask_kernel(op, tuple(materialize(k) for k in kernels), arities)
     if spec[0] == "chain":
         _, which, kernels, derivatives, grads, arities, needs = spec
-        built = _chained_score_kernels(*(tuple(materialize(h) for h in hooks) for hooks in (kernels, derivatives, grads)),
-                                       arities, needs)
+        parts = (tuple(materialize(h) for h in hooks) for hooks in (kernels, derivatives, grads))
+        built = _chained_score_kernels(*parts, arities, needs)
         return built[which]
     raise TypeError(f"{owner}: unknown hook spec {spec!r}")
 

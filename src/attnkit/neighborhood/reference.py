@@ -68,8 +68,9 @@ def neighborhood_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                                                       nb))
         # scores are (B, H, M, 1, K) here (one query per neighbour list); mods see (B, H, M, K)
         flat_mod = None if mod is None else (lambda s: mod(s.squeeze(3)).unsqueeze(3))
-        out, lse = softmax_attend(q_chunk.unsqueeze(3), k_nb, v_nb, scale=sm_scale,
-                                  mask=valid[rows].unsqueeze(1), score_mod=flat_mod)  # q (B, H, M, 1, D), mask (M, 1, K)
+        # q (B, H, M, 1, D), mask (M, 1, K)
+        out, lse = softmax_attend(q_chunk.unsqueeze(3), k_nb, v_nb, scale=sm_scale, mask=valid[rows].unsqueeze(1),
+                                  score_mod=flat_mod)
         return out.squeeze(3), lse.squeeze(3)
 
     out, lse = map_query_chunks(attend, qf, query_chunk_rows(B * Hq, K * max(D, Dv)))
