@@ -256,6 +256,14 @@ def test_bad_block_masks():
         BlockMask(ones, torch.tensor([[[[5], [0]]]], dtype=torch.int32), 16, (32, 32))
     with pytest.raises(ValueError, match="out of range"):
         BlockMask(ones, torch.tensor([[[[-1], [0]]]], dtype=torch.int32), 16, (32, 32))
+    with pytest.raises(ValueError, match=f"key block {2 ** 32} out of range"):  # checked before the int32 cast
+        BlockMask(ones, torch.tensor([[[[2 ** 32], [0]]]], dtype=torch.int64), 16, (32, 32))
+    with pytest.raises(ValueError, match="listed both as partial"):
+        BlockMask(ones, torch.zeros(1, 1, 2, 1, dtype=torch.int32), 16, (32, 32),
+                  full_kv_num_blocks=ones, full_kv_indices=torch.zeros(1, 1, 2, 1, dtype=torch.int32),
+                  mask_mod=attnkit.mods.causal())
+    with pytest.raises(TypeError, match="mask_mod must be an attnkit.MaskMod"):
+        BlockMask(ones, torch.zeros(1, 1, 2, 1, dtype=torch.int32), 16, (32, 32), mask_mod=attnkit.mods.softcap(2.0))
     with pytest.raises(ValueError, match="counts must be in"):
         BlockMask(ones * 2, torch.zeros(1, 1, 2, 1, dtype=torch.int32), 16, (32, 32))
     with pytest.raises(ValueError, match="same key block twice"):

@@ -131,7 +131,7 @@ MOD_CASES = [
                           name="rpb_2d_dilated_mqa")),
     ("flex", Case((1, 2, 113, 40), (1, 2, 113, 40), (1, 2, 113, 40), tensors={"docs": docs_of(113, 20, 45, 9)},
                   build=lambda t: doc_block_mask(t, 113, global_tokens=3), name="document_global_tokens_n113")),
-    ("flex", Case((1, 2, 203, 16), (1, 2, 203, 16), (1, 2, 203, 16),
+    ("flex", Case((1, 1, 203, 16), (1, 1, 203, 16), (1, 1, 203, 16),
                   build=lambda t: {"mask_mod": mods.sliding_window(20, 5)}, name="sliding_window_mask_n203")),
     ("flex", Case((2, 2, 45, 16), (2, 2, 70, 16), (2, 2, 70, 16), tensors={"prefix": lambda g: torch.tensor([9, 40])},
                   build=lambda t: {"block_mask": attnkit.create_block_mask(
