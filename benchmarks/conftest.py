@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmark suites (DESIGN.md §6).
+"""Shared pieces of the benchmark suites (docs/performance.md, Method).
 
 On a GPU every case is timed with CUDA events through ``triton.testing.do_bench``
 (warm-up, median of many runs) and the result, with TFLOP/s counted over the pairs

@@ -1,6 +1,6 @@
 """Block schedule and token mask of the sliding_window variant (range mode of the fused engine).
 
-Semantics (DESIGN.md §4): with ``offset = seqlen_k - seqlen_q`` query row i sits at key
+Semantics (docs/sliding_window.md): with ``offset = seqlen_k - seqlen_q`` query row i sits at key
 position p = i + offset and sees key j iff
 
     j <= p + right  and  (j >= p - left  or  j < sinks).

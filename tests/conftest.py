@@ -14,7 +14,7 @@ if not NATIVE:
 import pytest  # noqa: E402
 
 DEVICE = "cuda" if NATIVE else "cpu"
-# The interpreter computes tl.dot on bfloat16 wrongly (DESIGN.md §5): bf16 only natively.
+# The interpreter computes tl.dot on bfloat16 wrongly (docs/index.md, Testing): bf16 only natively.
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if NATIVE else [])
 
 

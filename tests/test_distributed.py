@@ -4,7 +4,7 @@ single-process result, forward and gradients.
 Each world size (2 and 4 ranks) is ONE spawned gloo group on 127.0.0.1 that runs every
 check in ``CHECKS`` and writes its outcome per check; the pytest tests then report the
 checks one by one. Start-up (importing torch in W processes) dominates the time, so
-checks are batched. Workers end as DESIGN.md §5 says (barrier, destroy the group,
+checks are batched. Workers end as docs/distributed.md says (barrier, destroy the group,
 ``os._exit(0)``); the parent kills any worker still alive at the deadline.
 """
 

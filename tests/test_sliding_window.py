@@ -22,7 +22,7 @@ DTYPE_IDS = lambda d: str(d).replace("torch.", "")  # noqa: E731
 
 
 def dense_mask(Hq, Nq, Nk, windows, sinks):
-    """(Hq, Nq, Nk) boolean mask straight from DESIGN.md §4 (tests only: it is N x N)."""
+    """(Hq, Nq, Nk) boolean mask straight from the definition in docs/sliding_window.md (tests only: it is N x N)."""
     p = torch.arange(Nq)[:, None] + (Nk - Nq)
     j = torch.arange(Nk)[None, :]
     masks = []

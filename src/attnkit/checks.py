@@ -1,4 +1,4 @@
-"""Input checks shared by every variant (DESIGN.md §3).
+"""Input checks shared by every variant (docs/index.md, The interface).
 
 Every public op validates its tensors here, so that each variant reports a bad
 argument with the same words: a ``ValueError`` or ``TypeError`` that names the

@@ -1,4 +1,4 @@
-"""Verification harness: check a kernel against its reference (DESIGN.md §5).
+"""Verification harness: check a kernel against its reference (docs/index.md, Testing).
 
 The oracle is the variant's reference run in float64 on the same (rounded) inputs.
 A kernel passes when, for every output and gradient, its relative error against

@@ -1,6 +1,6 @@
 """The sliding_window variant: local softmax attention with attention sinks and per-head windows.
 
-FlashAttention window semantics (DESIGN.md §4): ``window=(left, right)`` inclusive and
+FlashAttention window semantics (docs/sliding_window.md): ``window=(left, right)`` inclusive and
 bottom-right aligned, -1 unbounded; ``window=W`` means (W - 1, 0); ``sinks=S`` keeps the
 first S keys visible (StreamingLLM) subject only to the right edge; ``window`` as an int
 tensor (Hq, 2) gives every query head its own window in one launch (DuoAttention, MoA).
