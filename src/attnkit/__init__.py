@@ -20,6 +20,7 @@ from .block_sparse import BlockMask, block_sparse_attention, moba_attention, pat
 from .neighborhood import neighborhood_attention  # noqa: E402
 from .linear import feature_maps, lightning_attention, lightning_slopes, linear_attention  # noqa: E402
 from .flex import create_block_mask, flex_attention  # noqa: E402
+from .decode import decode_attention  # noqa: E402
 
 from . import extension, nn  # noqa: E402
 
@@ -27,7 +28,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BlockMask", "Case", "Explanation", "MaskMod", "ScoreMod", "SlidingWindowCache", "Variant", "attention",
-    "block_sparse_attention", "checks", "create_block_mask", "explain", "extension", "feature_maps",
+    "block_sparse_attention", "checks", "create_block_mask", "decode_attention", "explain", "extension",
+    "feature_maps",
     "flash_attention", "flex_attention", "get_variant", "lightning_attention", "lightning_slopes",
     "linear_attention", "list_variants", "merge_attention", "moba_attention", "mods", "neighborhood_attention",
     "nn", "patterns", "register_variant", "scaled_dot_product_attention", "sdpa_route",

@@ -27,8 +27,8 @@ def expand_kv_heads(x: torch.Tensor, heads_q: int) -> torch.Tensor:
 
 def softmax_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
                    mask: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
-                   sink_logits: Optional[torch.Tensor] = None,
-                   score_mod: Optional[ScoreFn] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                   sink_logits: Optional[torch.Tensor] = None, score_mod: Optional[ScoreFn] = None,
+                   return_probs: bool = False):
     """Exact softmax attention on one block of queries.
 
     q: (B, H, M, D), k: (B, H, L, D), v: (B, H, L, Dv); ``mask`` is boolean,
@@ -59,7 +59,7 @@ def softmax_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: 
     if sink_logits is not None:
         p = p[..., :-1]
     out = torch.matmul(p.to(v.dtype), v)
-    return out, lse
+    return (out, lse, p) if return_probs else (out, lse)
 
 
 def query_chunk_rows(batch_heads: int, keys: int, budget: int = 1 << 23) -> int:

@@ -13,14 +13,12 @@ from ..mods import MaskMod, Problem, ScoreMod, alibi, chain_score_mods
 from ..mods.core import check_score_mod
 
 
-def flash_score_mod(q: torch.Tensor, k: torch.Tensor, alibi_slopes: Optional[torch.Tensor],
-                    score_mod: Optional[ScoreMod], cu_seqlens_q: Optional[torch.Tensor] = None,
-                    cu_seqlens_k: Optional[torch.Tensor] = None) -> Optional[ScoreMod]:
-    """The score mod a flash call runs: ALiBi (from ``alibi_slopes``), then ``score_mod``,
-    specialized to the call; None when neither is given. Raises on bad input."""
+def alibi_then_score_mod(problem: Problem, q: torch.Tensor, alibi_slopes: Optional[torch.Tensor],
+                         score_mod: Optional[ScoreMod]) -> Optional[ScoreMod]:
+    """ALiBi (from ``alibi_slopes``), then ``score_mod``, specialized to ``problem``; None when
+    neither is given. Raises on bad input. Shared by flash and decode attention."""
     if alibi_slopes is None and score_mod is None:
         return None
-    problem = Problem.of("flash", q, k, cu_seqlens_q, cu_seqlens_k)
     parts = []
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, torch.Tensor) or not alibi_slopes.is_floating_point():
@@ -34,6 +32,16 @@ def flash_score_mod(q: torch.Tensor, k: torch.Tensor, alibi_slopes: Optional[tor
     if score_mod is not None:
         parts.append(check_score_mod("score_mod", score_mod, problem))
     return chain_score_mods(*parts)
+
+
+def flash_score_mod(q: torch.Tensor, k: torch.Tensor, alibi_slopes: Optional[torch.Tensor],
+                    score_mod: Optional[ScoreMod], cu_seqlens_q: Optional[torch.Tensor] = None,
+                    cu_seqlens_k: Optional[torch.Tensor] = None) -> Optional[ScoreMod]:
+    """The score mod a flash call runs: ALiBi (from ``alibi_slopes``), then ``score_mod``,
+    specialized to the call; None when neither is given. Raises on bad input."""
+    if alibi_slopes is None and score_mod is None:
+        return None
+    return alibi_then_score_mod(Problem.of("flash", q, k, cu_seqlens_q, cu_seqlens_k), q, alibi_slopes, score_mod)
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, sm_scale: float,
