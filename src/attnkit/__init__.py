@@ -20,14 +20,15 @@ from .block_sparse import BlockMask, block_sparse_attention, moba_attention, pat
 from .neighborhood import neighborhood_attention  # noqa: E402
 from .linear import feature_maps, lightning_attention, lightning_slopes, linear_attention  # noqa: E402
 from .flex import create_block_mask, flex_attention  # noqa: E402
-from .decode import decode_attention  # noqa: E402
+from .decode import HeavyHitterCache, PagedKVCache, StreamingHeadsCache, decode_attention  # noqa: E402
 
 from . import extension, nn  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BlockMask", "Case", "Explanation", "MaskMod", "ScoreMod", "SlidingWindowCache", "Variant", "attention",
+    "BlockMask", "Case", "Explanation", "HeavyHitterCache", "MaskMod", "PagedKVCache", "ScoreMod",
+    "SlidingWindowCache", "StreamingHeadsCache", "Variant", "attention",
     "block_sparse_attention", "checks", "create_block_mask", "decode_attention", "explain", "extension",
     "feature_maps",
     "flash_attention", "flex_attention", "get_variant", "lightning_attention", "lightning_slopes",

@@ -264,4 +264,8 @@ VARIANT = register_variant(Variant(
     demo=demo,
 ))
 
-__all__ = ["decode_attention", "decode_reference", "decode_kernel"]
+from .caches import HeavyHitterCache, StreamingHeadsCache  # noqa: E402
+from .paged import PagedKVCache  # noqa: E402
+
+__all__ = ["HeavyHitterCache", "PagedKVCache", "StreamingHeadsCache", "decode_attention", "decode_kernel",
+           "decode_reference"]

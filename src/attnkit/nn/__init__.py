@@ -1,9 +1,10 @@
 """Drop-in modules built on the functional ops."""
 
 from .attention import Attention, RotaryEmbedding
-from .cache import KVCache, RecurrentStateCache, WindowCache
+from .cache import KVCache, PagedCache, RecurrentStateCache, StandaloneCache, WindowCache
 from .multihead import MultiheadAttention
 from .neighborhood import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
 
 __all__ = ["Attention", "KVCache", "MultiheadAttention", "NeighborhoodAttention1D", "NeighborhoodAttention2D",
-           "NeighborhoodAttention3D", "RecurrentStateCache", "RotaryEmbedding", "WindowCache"]
+           "NeighborhoodAttention3D", "PagedCache", "RecurrentStateCache", "RotaryEmbedding", "StandaloneCache",
+           "WindowCache"]

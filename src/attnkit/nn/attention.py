@@ -9,7 +9,7 @@ from torch import nn
 
 from ..dispatch import attention
 from ..registry import get_variant
-from .cache import KVCache, RecurrentStateCache, WindowCache
+from .cache import KVCache, RecurrentStateCache, StandaloneCache, WindowCache
 
 #: variants whose attention is causal by construction, and the cache each decodes with
 CACHES = {"flash": "kv", "sliding_window": "window", "linear": "state", "lightning": "state"}
@@ -33,9 +33,12 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]  # (N, D/2)
+        """x (B, H, N, D); positions (N,), or (B, N) when the rows of a batch are at different positions."""
+        angles = positions.to(torch.float32)[..., None] * self.inv_freq  # (N, D/2) or (B, N, D/2)
         cos = torch.cat([angles.cos(), angles.cos()], dim=-1).to(x.dtype)
         sin = torch.cat([angles.sin(), angles.sin()], dim=-1).to(x.dtype)
+        if positions.dim() == 2:  # one position row per batch entry: broadcast over heads
+            cos, sin = cos[:, None], sin[:, None]
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
@@ -69,8 +72,12 @@ class Attention(nn.Module):
     for successive chunks (prefill, then one token at a time). Supported for flash
     (causal; a growing KV cache), sliding_window (sinks + last W keys, constant memory; a
     growing KV cache when some head's window is unbounded),
-    linear and lightning (the recurrent state, constant memory). With a cache, RoPE
-    positions continue from the tokens the cache has seen.
+    linear and lightning (the recurrent state, constant memory); softmax caches decode
+    through :func:`attnkit.decode_attention`. ``new_cache("streaming_heads", full_heads=...,
+    window=..., sinks=...)`` and ``new_cache("heavy_hitter", budget=..., recent=...)`` give
+    the caches that keep less (flash, causal); ``attnkit.nn.PagedCache(paged, seq_ids)``
+    serves sequences of an ``attnkit.PagedKVCache``. With a cache, RoPE positions continue
+    from the tokens each sequence has seen.
     """
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: Optional[int] = None, variant: str = "flash",
@@ -114,10 +121,26 @@ class Attention(nn.Module):
             opts[name] = getattr(self, f"option_{name}")
         return opts
 
-    def new_cache(self):
-        """An empty incremental-decoding cache for this block's variant."""
-        kind = CACHES.get(self.spec.name)
+    def new_cache(self, kind: Optional[str] = None, **cache_options: Any):
+        """An empty incremental-decoding cache for this block's variant.
+
+        ``kind=None``: the variant's own cache (KV, window or recurrent state).
+        ``"streaming_heads"`` (``full_heads``, ``window``, ``sinks``) and ``"heavy_hitter"``
+        (``budget``, ``recent``): :class:`attnkit.StreamingHeadsCache` /
+        :class:`attnkit.HeavyHitterCache`, for causal flash blocks.
+        """
         opts = self.options()
+        if kind is not None:
+            from ..decode import HeavyHitterCache, StreamingHeadsCache
+
+            makers = {"streaming_heads": StreamingHeadsCache, "heavy_hitter": HeavyHitterCache}
+            if kind not in makers:
+                raise ValueError(f"kind must be None, 'streaming_heads' or 'heavy_hitter', got {kind!r}")
+            if self.spec.name != "flash" or not opts.get("causal"):
+                raise ValueError(f"a {kind} cache decodes causal softmax attention: it needs variant='flash' with "
+                                 "causal=True")
+            return StandaloneCache(makers[kind](**cache_options))
+        kind = CACHES.get(self.spec.name)
         if kind == "kv":
             if not opts.get("causal"):
                 raise ValueError("decoding with a KV cache needs causal=True for the flash variant")
@@ -142,8 +165,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(B, N, self.num_heads + 2 * self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
         if self.rope is not None:
-            start = 0 if cache is None else cache.seen
-            positions = torch.arange(start, start + N, device=x.device)
+            positions = torch.arange(N, device=x.device) if cache is None else cache.positions(N, x.device)
             q, k = self.rope(q, positions), self.rope(k, positions)
         opts = self.options()
         if cache is not None:

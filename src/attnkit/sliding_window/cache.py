@@ -10,7 +10,7 @@ in memory does not matter, only which keys each query sees.
 
 * One new token, one window for all heads (the common decode step): after the new key is
   written, the buffer holds exactly the sinks and the last W keys, i.e. exactly what the
-  query sees; the kernel runs over the buffer in ring order, dense, without any copy.
+  query sees; ``decode_attention`` runs over the buffer in ring order, without any copy.
 * Several new tokens (prefill in chunks) or per-head windows: the past keys are gathered
   in position order, sinks then the recent ones, the new keys appended, and the variant
   runs with the same window and sinks. Positions between the sinks and the recent keys
@@ -151,12 +151,14 @@ class SlidingWindowCache:
         kwargs = dict(scale=scale, softcap=softcap, sink_logits=sink_logits, return_lse=return_lse, backend=backend)
 
         if n == 1 and len(set(windows)) == 1:
-            # After the write the buffer holds exactly the keys this query sees (in ring order).
+            # After the write the buffer holds exactly the keys this query sees (in ring order):
+            # a decode step over the whole buffer (the query sits after every key in it).
+            from ..decode import decode_attention
+
             self._write(k, v)
             self.seen += 1
-            filled = min(self.seen, self.capacity)
-            return sliding_window_attention(q, self.keys[:, :, :filled], self.values[:, :, :filled],
-                                            window=(-1, -1), **kwargs)
+            filled = torch.full((q.shape[0],), min(self.seen, self.capacity), dtype=torch.int32, device=q.device)
+            return decode_attention(q, self.keys, self.values, filled, **kwargs)
 
         recent_from = max(S, self.seen - W)
         past = torch.cat([torch.arange(0, min(self.seen, S)),
