@@ -110,8 +110,10 @@ def validate(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, opti
             raise ValueError("page_bounds must be a pair (kmin, kmax) of (num_pages, Hkv, D) tensors, with a paged "
                              "cache")
         for name, t in zip(("page_bounds[0]", "page_bounds[1]"), bounds):
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (k_cache.shape[0], Hkv, D) or t.device != q.device:
-                raise ValueError(f"{name} must be a tensor of shape {(k_cache.shape[0], Hkv, D)} on {q.device}")
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (k_cache.shape[0], Hkv, D) or t.device != q.device \
+                    or not t.is_floating_point():
+                raise ValueError(f"{name} must be a floating tensor of shape {(k_cache.shape[0], Hkv, D)} on "
+                                 f"{q.device}")
     decode_score_mod(q, capacity, options["alibi_slopes"], options["score_mod"])
     if checking_values() and seqlens is not None:
         lengths = seqlens.tolist()
@@ -123,13 +125,15 @@ def validate(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, opti
         if short:
             raise ValueError(f"q holds Nq = {Nq} new tokens but sequence {short[0][0]} has only {short[0][1]} cached: "
                              "the new tokens' keys must already be in the cache (cache_seqlens >= Nq)")
-        if paged:
+        if paged:  # the pages each sequence uses must exist (one check for the whole table)
             page_size = k_cache.shape[2]
-            for b, x in enumerate(lengths):
-                used = block_table[b, :-(-x // page_size)]
-                if used.numel() and (int(used.min()) < 0 or int(used.max()) >= k_cache.shape[0]):
-                    raise ValueError(f"block_table[{b}] holds page {int(used.min()) if int(used.min()) < 0 else int(used.max())}"
-                                     f" out of range: the cache has {k_cache.shape[0]} pages")
+            needed = torch.div(seqlens.long() + page_size - 1, page_size, rounding_mode="floor")
+            used = torch.arange(block_table.shape[1], device=q.device)[None, :] < needed[:, None]
+            bad = (used & ((block_table < 0) | (block_table >= k_cache.shape[0]))).nonzero()
+            if bad.numel():
+                b, p = bad[0].tolist()
+                raise ValueError(f"block_table[{b}] holds page {int(block_table[b, p])} out of range: the cache "
+                                 f"has {k_cache.shape[0]} pages")
     return Shapes(B, Hq, Hkv, Nq, capacity, D, v_cache.shape[-1])
 
 
@@ -181,7 +185,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             the Nq queries of their softmax probability on each key position (sink share
             excluded; 0 past L_b and on unselected pages): what H2O, SnapKV and CAKE read.
         backend: "auto", "triton" or "reference".
-        page_bounds: (kmin, kmax) (num_pages, Hkv, D) float32 page key bounds for page_top_k
+        page_bounds: (kmin, kmax) (num_pages, Hkv, D) page key bounds (any float dtype) for page_top_k
             (what :class:`attnkit.PagedKVCache` maintains); computed from the cache when None.
         num_splits: force the kernel's number of key splits per (sequence, kv head) (tests).
 

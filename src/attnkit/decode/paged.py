@@ -27,7 +27,7 @@ class PagedKVCache:
 
     Storage: keys (num_pages, Hkv, page_size, D), values (num_pages, Hkv, page_size, Dv), the
     layout :func:`attnkit.decode_attention` reads with a block table; page key bounds (kmin,
-    kmax) (num_pages, Hkv, D) float32.
+    kmax) (num_pages, Hkv, D) in the same dtype.
 
     Example::
 
@@ -51,9 +51,12 @@ class PagedKVCache:
         self.page_size, self.num_kv_heads, self.head_dim, self.head_dim_v = page_size, num_kv_heads, head_dim, head_dim_v
         self.keys = torch.zeros(num_pages, num_kv_heads, page_size, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros(num_pages, num_kv_heads, page_size, head_dim_v, dtype=dtype, device=device)
-        self.kmin = torch.full((num_pages, num_kv_heads, head_dim), float("inf"), device=device)
-        self.kmax = torch.full((num_pages, num_kv_heads, head_dim), float("-inf"), device=device)
-        self._free: List[int] = list(range(num_pages))
+        # page key bounds in the cache's dtype: a min or max of stored keys is exact, and half the
+        # bytes of float32 keep page selection's reads small next to the pages it skips
+        self.kmin = torch.full((num_pages, num_kv_heads, head_dim), float("inf"), dtype=dtype, device=device)
+        self.kmax = torch.full((num_pages, num_kv_heads, head_dim), float("-inf"), dtype=dtype, device=device)
+        # a stack: pages are taken in ascending order, and a freed page is the next one taken
+        self._free: List[int] = list(range(num_pages - 1, -1, -1))
         self._pages: Dict[int, List[int]] = {}
         self._lengths: Dict[int, int] = {}
         self._next_id = 0
@@ -93,7 +96,7 @@ class PagedKVCache:
             index = torch.tensor(pages, device=self.keys.device)
             self.kmin[index] = float("inf")
             self.kmax[index] = float("-inf")
-        self._free.extend(pages)
+        self._free.extend(reversed(pages))
 
     def length(self, seq_id: int) -> int:
         self._check_ids([seq_id])
@@ -150,7 +153,7 @@ class PagedKVCache:
                                f"{sum(need)} more page(s) of {ps} positions, {len(self._free)} are free; free a "
                                "sequence or make a larger cache (nothing was changed)")
         for s, extra in zip(ids, need):
-            self._pages[s].extend(self._free.pop(0) for _ in range(extra))
+            self._pages[s].extend(self._free.pop() for _ in range(extra))
         # every (sequence, token): its page and slot
         positions = torch.tensor([self._lengths[s] + t for s in ids for t in range(n)])
         seq_index = torch.arange(len(ids)).repeat_interleave(n)
@@ -162,8 +165,8 @@ class PagedKVCache:
         self.keys[pages, :, slots] = new_k
         self.values[pages, :, slots] = new_v
         index = pages.long()[:, None, None].expand(new_k.shape)
-        self.kmin.scatter_reduce_(0, index, new_k.float(), reduce="amin")
-        self.kmax.scatter_reduce_(0, index, new_k.float(), reduce="amax")
+        self.kmin.scatter_reduce_(0, index, new_k, reduce="amin")
+        self.kmax.scatter_reduce_(0, index, new_k, reduce="amax")
         for s in ids:
             self._lengths[s] += n
 

@@ -27,17 +27,18 @@ def page_bounds(k_cache: torch.Tensor, block_table: torch.Tensor, seqlens: torch
     """Element-wise min and max of the valid keys of every used page.
 
     k_cache (num_pages, Hkv, page_size, D), block_table (B, max_pages) int32, seqlens (B,).
-    Returns kmin, kmax (num_pages, Hkv, D) float32; pages no sequence uses hold +inf / -inf.
+    Returns kmin, kmax (num_pages, Hkv, D) in the cache's dtype (a min or max of stored keys is a
+    stored value: exact); pages no sequence uses hold +inf / -inf.
     (:class:`attnkit.PagedKVCache` maintains the same bounds as keys are appended.)
     """
     num_pages, heads, page_size, dim = k_cache.shape
-    kmin = torch.full((num_pages, heads, dim), float("inf"), dtype=torch.float32, device=k_cache.device)
+    kmin = torch.full((num_pages, heads, dim), float("inf"), dtype=k_cache.dtype, device=k_cache.device)
     kmax = torch.full_like(kmin, float("-inf"))
     for b, n in enumerate(page_count(seqlens, page_size).tolist()):
         if n == 0:
             continue
         pages = block_table[b, :n].long()
-        keys = k_cache[pages].float()                                       # (n, Hkv, ps, D)
+        keys = k_cache[pages]                                                # (n, Hkv, ps, D)
         filled = int(seqlens[b]) - (n - 1) * page_size                       # slots of the last page
         valid = torch.ones(n, page_size, dtype=torch.bool, device=k_cache.device)
         valid[-1, filled:] = False
@@ -52,7 +53,7 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_t
     """Quest's score of every page of every (sequence, kv head): (B, Hkv, max_pages) float32,
     -inf for pages past a sequence's end.
 
-    q (B, Hq, Nq, D); kmin, kmax (num_pages, Hkv, D). ``sum_d max(q_d kmax_d, q_d kmin_d)``
+    q (B, Hq, Nq, D); kmin, kmax (num_pages, Hkv, D), any float dtype. ``sum_d max(q_d kmax_d, q_d kmin_d)``
     is computed as ``relu(q) . kmax - relu(-q) . kmin`` (two matrix products), the maximum
     taken over the Nq queries and the query heads of each group.
     """
@@ -60,8 +61,8 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_t
     Hkv = kmin.shape[1]
     rows = q.float().reshape(B, Hkv, (Hq // Hkv) * Nq, D)                   # query heads of a group, head-major
     pages = block_table.long()                                               # (B, P)
-    lo = kmin[pages].transpose(1, 2)                                         # (B, Hkv, P, D)
-    hi = kmax[pages].transpose(1, 2)
+    lo = kmin[pages].transpose(1, 2).float()                                 # (B, Hkv, P, D)
+    hi = kmax[pages].transpose(1, 2).float()
     # a page with no key has bounds +-inf; zero them (its score is masked below)
     lo, hi = torch.nan_to_num(lo, posinf=0.0, neginf=0.0), torch.nan_to_num(hi, posinf=0.0, neginf=0.0)
     bound = rows.clamp(min=0) @ hi.transpose(-1, -2) + rows.clamp(max=0) @ lo.transpose(-1, -2)   # (B, Hkv, R, P)
