@@ -39,10 +39,10 @@ def _rows(rb, hk, groups, seqlen_q, length, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _block_count(b, bh, length, KEY_LO, SEL_COUNT, sinks, SELECTED: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
+                 BLOCK_N: tl.constexpr, SUB: tl.constexpr):
     """(number of key blocks of the (sequence, kv head), first window block, sink blocks)."""
     if SELECTED:
-        return tl.load(SEL_COUNT + bh), 0, 0
+        return tl.load(SEL_COUNT + bh) * SUB, 0, 0
     else:
         blk_hi = (length + BLOCK_N - 1) // BLOCK_N
         if HAS_WINDOW:
@@ -54,22 +54,22 @@ def _block_count(b, bh, length, KEY_LO, SEL_COUNT, sinks, SELECTED: tl.constexpr
 
 
 @triton.jit
-def _block_index(t, bh, blk_lo, sink_hi, SEL, stride_sel, SELECTED: tl.constexpr):
-    """Logical key block of the t-th block of a (sequence, kv head)."""
+def _block_index(t, bh, blk_lo, sink_hi, SEL, stride_sel, SELECTED: tl.constexpr, SUB: tl.constexpr):
+    """Logical key block of the t-th block of a (sequence, kv head); a selected page is SUB blocks."""
     if SELECTED:
-        return tl.load(SEL + bh.to(tl.int64) * stride_sel + t)
+        return tl.load(SEL + bh.to(tl.int64) * stride_sel + t // SUB) * SUB + t % SUB
     else:
         return tl.where(t < sink_hi, t, blk_lo + (t - sink_hi))
 
 
 @triton.jit
 def _load_block(X, b, hk, blk, length, BLOCK_TABLE, stride_tb, stride_xp, stride_xh, stride_xn, offs_d,
-                HEAD_DIM: tl.constexpr, PAGED: tl.constexpr, BLOCK_N: tl.constexpr):
+                HEAD_DIM: tl.constexpr, PAGED: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr):
     """Keys (or values) [BLOCK_N, BLOCK_D] of logical block ``blk`` and their positions."""
-    slots = tl.arange(0, BLOCK_N)
-    pos = blk * BLOCK_N + slots
+    pos = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     if PAGED:
-        page = tl.load(BLOCK_TABLE + b.to(tl.int64) * stride_tb + blk).to(tl.int64)
+        page = tl.load(BLOCK_TABLE + b.to(tl.int64) * stride_tb + blk // SUB).to(tl.int64)
+        slots = (blk % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
         base = X + page * stride_xp + hk.to(tl.int64) * stride_xh + slots[:, None] * stride_xn
     else:
         base = X + b.to(tl.int64) * stride_xp + hk.to(tl.int64) * stride_xh + pos[:, None].to(tl.int64) * stride_xn
@@ -128,7 +128,7 @@ def decode_split_kernel(
     SCORE_MOD: tl.constexpr, PAGED: tl.constexpr, SELECTED: tl.constexpr, HAS_WINDOW: tl.constexpr,
     PER_HEAD_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr,
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -142,7 +142,8 @@ def decode_split_kernel(
     q = _load_queries(Q, b, head, i, valid, stride_qb, stride_qh, stride_qm, offs_d, HEAD_DIM)
     lefts = _left_extents(head, left, WINDOWS, PER_HEAD_WINDOW, BLOCK_M)
 
-    n_blocks, blk_lo, sink_hi = _block_count(b, bh, length, KEY_LO, SEL_COUNT, sinks, SELECTED, HAS_WINDOW, BLOCK_N)
+    n_blocks, blk_lo, sink_hi = _block_count(b, bh, length, KEY_LO, SEL_COUNT, sinks, SELECTED, HAS_WINDOW, BLOCK_N,
+                                             SUB)
     per_split = (n_blocks + num_splits - 1) // num_splits
     t_lo = split * per_split
     t_hi = tl.minimum(n_blocks, t_lo + per_split)
@@ -151,9 +152,9 @@ def decode_split_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     for t in range(t_lo, t_hi):
-        blk = _block_index(t, bh, blk_lo, sink_hi, SEL, stride_sel, SELECTED)
+        blk = _block_index(t, bh, blk_lo, sink_hi, SEL, stride_sel, SELECTED, SUB)
         k, pos = _load_block(K, b, hk, blk, length, BLOCK_TABLE, stride_tb, stride_kp, stride_kh, stride_kn,
-                             offs_d, HEAD_DIM, PAGED, BLOCK_N)
+                             offs_d, HEAD_DIM, PAGED, BLOCK_N, SUB)
         s, _ = _scores(q, k, pos, b, head, qpos, valid, length, sm_scale, softcap, sinks, lefts, SCORE_ARGS,
                        SCORE_MOD, HAS_SOFTCAP, HAS_WINDOW, DOT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -162,7 +163,7 @@ def decode_split_kernel(
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         v, _ = _load_block(V, b, hk, blk, length, BLOCK_TABLE, stride_tb, stride_vp, stride_vh, stride_vn,
-                           offs_dv, HEAD_DIM_V, PAGED, BLOCK_N)
+                           offs_dv, HEAD_DIM_V, PAGED, BLOCK_N, SUB)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -239,7 +240,7 @@ def decode_key_scores_kernel(
     SCORE_MOD: tl.constexpr, PAGED: tl.constexpr, SELECTED: tl.constexpr, HAS_WINDOW: tl.constexpr,
     PER_HEAD_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr,
 ):
     """SCORES[b, h, j] += sum over the queries of head h of exp(s - lse) (zero-filled before)."""
     split = tl.program_id(0)
@@ -255,14 +256,15 @@ def decode_key_scores_kernel(
     lse = tl.load(LSE + b.to(tl.int64) * stride_lseb + head.to(tl.int64) * stride_lseh + i, mask=valid,
                   other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E  # rows that saw nothing add nothing
-    n_blocks, blk_lo, sink_hi = _block_count(b, bh, length, KEY_LO, SEL_COUNT, sinks, SELECTED, HAS_WINDOW, BLOCK_N)
+    n_blocks, blk_lo, sink_hi = _block_count(b, bh, length, KEY_LO, SEL_COUNT, sinks, SELECTED, HAS_WINDOW, BLOCK_N,
+                                             SUB)
     per_split = (n_blocks + num_splits - 1) // num_splits
     t_lo = split * per_split
     t_hi = tl.minimum(n_blocks, t_lo + per_split)
     for t in range(t_lo, t_hi):
-        blk = _block_index(t, bh, blk_lo, sink_hi, SEL, stride_sel, SELECTED)
+        blk = _block_index(t, bh, blk_lo, sink_hi, SEL, stride_sel, SELECTED, SUB)
         k, pos = _load_block(K, b, hk, blk, length, BLOCK_TABLE, stride_tb, stride_kp, stride_kh, stride_kn,
-                             offs_d, HEAD_DIM, PAGED, BLOCK_N)
+                             offs_d, HEAD_DIM, PAGED, BLOCK_N, SUB)
         s, keep = _scores(q, k, pos, b, head, qpos, valid, length, sm_scale, softcap, sinks, lefts, SCORE_ARGS,
                           SCORE_MOD, HAS_SOFTCAP, HAS_WINDOW, DOT_PRECISION)
         p = tl.where(keep, tl.math.exp2(s - lse[:, None]), 0.0)

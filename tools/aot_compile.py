@@ -273,7 +273,8 @@ def compile_all(in_path: str, arch: int, which: str, dedupe: bool = False) -> in
             failures.append(f"{entry['name']} {_launch_label(entry)}: every kept config spills "
                             "(the prune filter would keep the least-spilling one)")
     print(f"compiled {done} kernel configs for sm_{arch} in {time.perf_counter() - start:.0f} s; "
-          f"{len(failures)} failures; {len(spills)} spilling configs (dropped by the prune filter on a GPU)")
+          f"{len(failures)} failures; {len(spills)} spilling configs (the engine's prune filter drops those on a "
+          "GPU; other kernels' are listed)")
     for line in failures:
         print("  FAILED", line)
     for line in spills:

@@ -12,10 +12,9 @@ from ..mods import ScoreMod
 from ..sliding_window.window import head_windows
 from .reference import decode_score_mod, decode_selection
 
-#: keys per block of a contiguous cache (a paged cache's block is its page)
-CONTIGUOUS_BLOCK = 64
-#: packed query rows (heads of a group x new tokens) per program
-MAX_ROWS = 64
+#: (largest head dim, keys per block, most packed query rows per program, warps), checked with ptxas
+#: for sm_90 to compile without register spills; a paged cache's page is read in page_size // keys blocks
+TILES = ((64, 64, 64, 4), (128, 32, 64, 8), (256, 16, 32, 8))
 _forced_splits: Optional[int] = None
 
 
@@ -55,10 +54,12 @@ def decode_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     Hkv, Dv = k_cache.shape[1], v_cache.shape[-1]
     groups = Hq // Hkv
     paged = block_table is not None
-    block_n = k_cache.shape[2] if paged else CONTIGUOUS_BLOCK
+    block_n, max_rows, warps = next(tile[1:] for tile in TILES if block_dim(max(D, Dv)) <= tile[0])
     fixed = configs.fixed_config()
-    if not paged and fixed is not None:
+    if fixed is not None:
         block_n = fixed["BLOCK_N"]
+    if paged:
+        block_n = min(block_n, k_cache.shape[2])
     capacity = block_table.shape[1] * k_cache.shape[2] if paged else k_cache.shape[2]
     device = q.device
     seqlens = (cache_seqlens if cache_seqlens is not None
@@ -90,12 +91,12 @@ def decode_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     if selected is not None:
         selected = selected.view(B * Hkv, -1).contiguous()
         counts = counts.reshape(B * Hkv).contiguous()
-        max_blocks = selected.shape[1]
+        max_blocks = selected.shape[1] * (k_cache.shape[2] // block_n)
     else:
         max_blocks = -(-capacity // block_n)  # no device sync: the capacity bounds every sequence
 
     rows = groups * Nq
-    block_m = min(MAX_ROWS, max(16, 1 << (rows - 1).bit_length()))
+    block_m = min(max_rows, max(16, 1 << (rows - 1).bit_length()))
     row_blocks = -(-rows // block_m)
     splits = num_splits or _forced_splits or choose_num_splits(B, Hkv, row_blocks, max_blocks, device)
 
@@ -104,7 +105,8 @@ def decode_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     common = dict(SCORE_MOD=mod_kernel, PAGED=paged, SELECTED=selected is not None, HAS_WINDOW=lefts is not None,
                   PER_HEAD_WINDOW=per_head, HAS_SOFTCAP=softcap is not None, HEAD_DIM=D, BLOCK_D=block_dim(D),
-                  DOT_PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n)
+                  DOT_PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
+                  SUB=k_cache.shape[2] // block_n if paged else 1)
     table_stride = block_table.stride(0) if paged else 0
     sel_stride = selected.stride(0) if selected is not None else 0
     sm_scale = check_scale(scale, D)
@@ -114,7 +116,7 @@ def decode_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], table_stride, sel_stride,
         *o_part.stride()[:4], *lse_part.stride()[:3],
         Hkv, groups, Nq, splits, sm_scale, softcap if softcap else 1.0, sinks, left, score_args,
-        HEAD_DIM_V=Dv, BLOCK_DV=block_dim(Dv), num_warps=4, **common)
+        HEAD_DIM_V=Dv, BLOCK_DV=block_dim(Dv), num_warps=warps, **common)
 
     out = new_output((B, Hq, Nq, Dv), q.dtype, device)
     lse = new_output((B, Hq, Nq), torch.float32, device)
@@ -133,6 +135,6 @@ def decode_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             q, k_cache, lse, scores, seqlens, block_table, key_lo, selected, counts, windows_arg,
             *q.stride()[:3], *k_cache.stride()[:3], table_stride, sel_stride, *lse.stride()[:2],
             *scores.stride()[:2], Hkv, groups, Nq, splits, sm_scale, softcap if softcap else 1.0, sinks, left,
-            score_args, num_warps=4, **common)
+            score_args, num_warps=warps, **common)
         result += (scores,)
     return result if len(result) > 1 else out
