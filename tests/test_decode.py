@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import attnkit
-from attnkit.decode.reference import gather_keys
 
 from conftest import DEVICE
 

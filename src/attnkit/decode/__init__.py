@@ -102,7 +102,8 @@ def validate(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, opti
     top_k = options["page_top_k"]
     if top_k is not None:
         if not paged:
-            raise ValueError("page_top_k selects pages of a paged cache: pass block_table (a contiguous cache has none)")
+            raise ValueError("page_top_k selects pages of a paged cache: pass block_table "
+                             "(a contiguous cache has none)")
         check_int("page_top_k", top_k, minimum=2)
     bounds = options["page_bounds"]
     if bounds is not None:

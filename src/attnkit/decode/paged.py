@@ -48,7 +48,8 @@ class PagedKVCache:
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         device = torch.device(device)
-        self.page_size, self.num_kv_heads, self.head_dim, self.head_dim_v = page_size, num_kv_heads, head_dim, head_dim_v
+        self.page_size, self.num_kv_heads = page_size, num_kv_heads
+        self.head_dim, self.head_dim_v = head_dim, head_dim_v
         self.keys = torch.zeros(num_pages, num_kv_heads, page_size, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros(num_pages, num_kv_heads, page_size, head_dim_v, dtype=dtype, device=device)
         # page key bounds in the cache's dtype: a min or max of stored keys is exact, and half the

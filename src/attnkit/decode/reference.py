@@ -13,7 +13,7 @@ from typing import Any, Optional, Tuple
 
 import torch
 
-from .._reference import bind_score_mod, expand_kv_heads, lse_dtype, mod_positions, softmax_attend
+from .._reference import bind_score_mod, expand_kv_heads, lse_dtype, softmax_attend
 from ..checks import check_scale
 from ..flash.reference import alibi_then_score_mod
 from ..mods import Problem, ScoreMod
