@@ -125,7 +125,8 @@ def moba_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_s
 
     def attend(q_chunk: torch.Tensor, first_row: int):
         chosen = moba_gate(q_chunk, k, block_size=block_size, top_k=top_k, first_row=first_row, seqlen_q=Nq)
-        chosen = torch.cat([chosen, torch.zeros_like(chosen[..., :1])], dim=-1)   # column NB: "not a past block"
+        # column NB: "not a past block" (built from the shape: with Nk < block_size, NB = 0)
+        chosen = torch.cat([chosen, chosen.new_zeros(chosen.shape[:-1] + (1,))], dim=-1)
         query_pos = torch.arange(first_row, first_row + q_chunk.shape[2], device=q.device) + (Nk - Nq)
         own = torch.div(query_pos, block_size, rounding_mode="floor")
         in_chosen = chosen[..., key_block.clamp(max=n_blocks)]                      # (B, Hq, M, Nk)
