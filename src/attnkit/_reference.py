@@ -50,8 +50,11 @@ def softmax_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: 
         sink = sink_logits.to(s.dtype).view(1, -1, 1, 1).expand(s.shape[0], -1, s.shape[2], 1)
         s = torch.cat([s, sink], dim=-1)
     # The row max is a constant shift: detaching it is exact and keeps empty rows NaN-free.
-    row_max = s.amax(dim=-1, keepdim=True).detach()
-    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    if s.shape[-1] == 0:  # no keys at all (an empty sequence of a packed batch): amax has nothing to reduce
+        row_max = s.new_zeros(s.shape[:-1] + (1,))
+    else:
+        row_max = s.amax(dim=-1, keepdim=True).detach()
+        row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
     e = torch.exp(s - row_max)
     denom = e.sum(dim=-1, keepdim=True)
     p = e / torch.where(denom == 0, torch.ones_like(denom), denom)
@@ -79,17 +82,18 @@ def map_query_chunks(fn: Callable[[torch.Tensor, int], Tuple[torch.Tensor, torch
     """
     grad = torch.is_grad_enabled()
     out = lse = None
-    for start in range(0, q.shape[2], rows):
+    # With no query rows fn still runs once, on the empty chunk, so the outputs get their shapes.
+    for start in range(0, max(1, q.shape[2]), rows):
         chunk = q[:, :, start:start + rows]
         if grad:
-            o, l = torch.utils.checkpoint.checkpoint(fn, chunk, start, use_reentrant=False)
+            o, o_lse = torch.utils.checkpoint.checkpoint(fn, chunk, start, use_reentrant=False)
         else:
-            o, l = fn(chunk, start)
+            o, o_lse = fn(chunk, start)
         if out is None:
             out = o.new_empty(q.shape[:3] + o.shape[3:])
-            lse = l.new_empty(q.shape[:3])
+            lse = o_lse.new_empty(q.shape[:3])
         out[:, :, start:start + rows] = o
-        lse[:, :, start:start + rows] = l
+        lse[:, :, start:start + rows] = o_lse
     return out, lse
 
 
