@@ -15,19 +15,13 @@ batch entries (batch dim 1) and, unless ``heads`` is given, across heads.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
+from ..checks import check_int
 from .block_mask import BlockMask, _cdiv
-
-
-def _check(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def _causal_blocks(rows: int, cols: int, bq: int, bk: int, nq: int, nk: int) -> torch.Tensor:
@@ -58,13 +52,13 @@ def local_global_random(seqlen: int, block_size: int, *, window: int = 1, global
     Returns:
         BlockMask with batch dim 1, head dim ``heads`` or 1.
     """
-    nq = _check("seqlen", seqlen, 1)
-    nk = nq if seqlen_k is None else _check("seqlen_k", seqlen_k, 1)
-    bs = _check("block_size", block_size, 1)
-    _check("window", window, 0)
-    _check("global_blocks", global_blocks, 0)
-    _check("random_blocks", random_blocks, 0)
-    hm = 1 if heads is None else _check("heads", heads, 1)
+    nq = check_int("seqlen", seqlen, minimum=1)
+    nk = nq if seqlen_k is None else check_int("seqlen_k", seqlen_k, minimum=1)
+    bs = check_int("block_size", block_size, minimum=1)
+    check_int("window", window, minimum=0)
+    check_int("global_blocks", global_blocks, minimum=0)
+    check_int("random_blocks", random_blocks, minimum=0)
+    hm = 1 if heads is None else check_int("heads", heads, minimum=1)
     rows, cols = _cdiv(nq, bs), _cdiv(nk, bs)
     diag = (torch.arange(rows) * bs + (nk - nq)).div(bs, rounding_mode="floor")   # key block of each row's start
     c = torch.arange(cols)
@@ -99,10 +93,10 @@ def strided(seqlen: int, block_size: int, *, stride: int, local_blocks: Optional
     every block c with (r - c) a multiple of ``stride``; with ``causal=False`` the same
     holds in both directions (|r - c| < local_blocks or (r - c) % stride == 0).
     """
-    n = _check("seqlen", seqlen, 1)
-    bs = _check("block_size", block_size, 1)
-    stride = _check("stride", stride, 1)
-    local = stride if local_blocks is None else _check("local_blocks", local_blocks, 1)
+    n = check_int("seqlen", seqlen, minimum=1)
+    bs = check_int("block_size", block_size, minimum=1)
+    stride = check_int("stride", stride, minimum=1)
+    local = stride if local_blocks is None else check_int("local_blocks", local_blocks, minimum=1)
     blocks = _cdiv(n, bs)
     r = torch.arange(blocks)[:, None]
     c = torch.arange(blocks)[None, :]
@@ -128,9 +122,18 @@ def radial_mask_fn(frames: int, tokens_per_frame: int, *, dense_frames: int = 1,
     * once ``decay < min_width`` the band stays ``min_width`` wide and only every
       ``floor(min_width / decay)``-th frame is kept, so compute keeps halving.
 
-    Each query keeps O(T log frames) keys: the mask has O(n log n) pairs.
+    Each query keeps O(T log frames) keys: the mask has O(n log n) pairs. The sizes are
+    checked here, when the function is built (TypeError/ValueError naming the argument).
     """
-    T = tokens_per_frame
+    check_int("frames", frames, minimum=1)
+    T = check_int("tokens_per_frame", tokens_per_frame, minimum=1)
+    check_int("dense_frames", dense_frames, minimum=0)
+    check_int("sink_frames", sink_frames, minimum=0)
+    check_int("min_width", min_width, minimum=1)
+    if isinstance(decay_factor, bool) or not isinstance(decay_factor, (int, float)):
+        raise TypeError(f"decay_factor must be a float, got {type(decay_factor).__name__}")
+    if not (math.isfinite(decay_factor) and decay_factor > 0):
+        raise ValueError(f"decay_factor must be a finite number > 0, got {decay_factor}")
     top = float(1 << T.bit_length())
 
     def fn(b, h, q_idx, kv_idx):
@@ -159,16 +162,11 @@ def radial(frames: int, tokens_per_frame: int, block_size: int, *, dense_frames:
     ``tokens_per_frame`` to keep tiles inside frames. With ``causal`` keys of later
     frames are dropped block-wise.
     """
-    f = _check("frames", frames, 1)
-    t = _check("tokens_per_frame", tokens_per_frame, 1)
-    bs = _check("block_size", block_size, 1)
-    _check("dense_frames", dense_frames, 0)
-    _check("sink_frames", sink_frames, 0)
-    if not decay_factor > 0:
-        raise ValueError(f"decay_factor must be > 0, got {decay_factor}")
-    n = f * t
-    fn = radial_mask_fn(f, t, dense_frames=dense_frames, sink_frames=sink_frames, min_width=bs,
+    bs = check_int("block_size", block_size, minimum=1)
+    # radial_mask_fn checks the other arguments
+    fn = radial_mask_fn(frames, tokens_per_frame, dense_frames=dense_frames, sink_frames=sink_frames, min_width=bs,
                         decay_factor=decay_factor)
+    n = frames * tokens_per_frame
     if causal:
         base = fn
 
