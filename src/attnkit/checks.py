@@ -182,3 +182,22 @@ def check_cu_seqlens(name: str, cu: object, total: int, device: torch.device) ->
     if host[-1] != total:
         raise ValueError(f"{name} must end at the packed length {total}, got {host[-1]}")
     return cu
+
+
+def first_order_only(backward_op: torch.library.CustomOpDef, *, what: str) -> None:
+    """Give a Triton backward custom op an autograd formula that refuses double backward.
+
+    The backward kernels compute gradients but not their derivatives, so a second-order
+    gradient (``torch.autograd.grad(..., create_graph=True)`` and then a gradient of that
+    gradient) cannot flow through them. Without a formula torch reports its own internal
+    "no autograd formula was registered"; this says what to do instead. First-order
+    gradients, with or without ``create_graph``, are unaffected: the formula runs only when
+    a second-order gradient actually reaches the op.
+    """
+    def refuse(ctx, *grads):
+        raise NotImplementedError(
+            "double backward (a gradient of a gradient, e.g. through torch.autograd.grad(..., "
+            f"create_graph=True)) is not supported by {what}'s Triton kernels: run the op with "
+            "backend='reference' for second-order gradients")
+
+    backward_op.register_autograd(refuse)

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .checks import constant_under_compile
+from .checks import constant_under_compile, first_order_only
 from .mods.core import MaskMod, ModKernel, ScoreMod
 
 #: largest head dim (of q/k and of v) the fused engine's tiles and autotune tables cover
@@ -341,6 +341,7 @@ def _backward(ctx, do, _dlse):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+first_order_only(_bwd_op, what="the fused softmax engine")
 
 
 # ----------------------------------------------------------------------------- public helpers

@@ -10,6 +10,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._reference import expand_kv_heads
+from ..checks import first_order_only
 from .reference import run_linear
 
 #: sequences this short take the token-by-token kernel (decoding); longer ones the chunked kernel
@@ -86,6 +87,7 @@ def _backward(ctx, d_out, d_state):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+first_order_only(_bwd_op, what="the chunked linear engine")
 
 
 def chunked_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: Optional[torch.Tensor], scale: float,
