@@ -66,9 +66,10 @@ def test_block_mask_refuses_uint64_lists(argument):
         _build(argument, 1 if argument.endswith("num_blocks") else 0, torch.uint64)
 
 
-@pytest.mark.parametrize("value", [2, 3, -1, 2 ** 32])
+@pytest.mark.parametrize("value", [2, -1])
 def test_block_mask_from_torch_checks_the_ranges(value):
-    # index 2 (== the number of key blocks) was silently dropped, the others failed inside scatter_
+    # torch's own constructor accepts both (larger indices it refuses itself); index 2 (== the
+    # number of key blocks) was silently dropped, -1 failed inside scatter_
     from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
 
     index = torch.tensor([[[[value, 0], [0, 1]]]], dtype=torch.int64)

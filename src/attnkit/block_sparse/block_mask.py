@@ -59,14 +59,17 @@ def lists_to_dense(counts: torch.Tensor, index: torch.Tensor, num_cols: int) -> 
     return dense[..., :num_cols]
 
 
-def _checked_lists(count_name: str, index_name: str, kv_num_blocks: Any, kv_indices: Any, rows: int, cols: int
-                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Validated int32 (counts, indices) and their boolean (Bm, Hm, R, C) tile map."""
+def _check_list_tensors(count_name: str, index_name: str, kv_num_blocks: Any, kv_indices: Any) -> None:
+    """Counts (B, H, R) and indices (B, H, R, L): integer tensors of matching shapes on one device."""
     for name, t, rank in ((count_name, kv_num_blocks, 3), (index_name, kv_indices, 4)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be an integer tensor, got {type(t).__name__}")
-        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise TypeError(f"{name} must be an integer tensor (int32), got {t.dtype}")
+        # the range checks read the values as int64, which must hold every value of the dtype
+        # (uint64 does not: 2**63 would read as a negative block)
+        if (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool
+                or torch.iinfo(t.dtype).max > torch.iinfo(torch.int64).max):
+            raise TypeError(f"{name} must be an integer tensor (int32, or an integer type int64 holds), "
+                            f"got {t.dtype}")
         if t.dim() != rank:
             raise ValueError(f"{name} must have rank {rank} ({'(B, H, R)' if rank == 3 else '(B, H, R, L)'}), "
                              f"got shape {tuple(t.shape)}")
@@ -75,12 +78,12 @@ def _checked_lists(count_name: str, index_name: str, kv_num_blocks: Any, kv_indi
                          f"{count_name}.shape {tuple(kv_num_blocks.shape)}")
     if kv_indices.device != kv_num_blocks.device:
         raise ValueError(f"{index_name} is on {kv_indices.device} but {count_name} is on {kv_num_blocks.device}")
-    if 0 in kv_num_blocks.shape[:2]:
-        raise ValueError(f"{count_name} must have batch and head dims >= 1, got {tuple(kv_num_blocks.shape)}")
-    if kv_num_blocks.shape[2] != rows:
-        raise ValueError(f"block sizes do not match the lists: the block size gives {rows} query blocks, but "
-                         f"{count_name} has {kv_num_blocks.shape[2]} rows")
-    # range checks on the values as given, before any narrowing cast
+
+
+def _check_list_values(count_name: str, index_name: str, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
+                       cols: int) -> None:
+    """Counts within the lists and listed key blocks in [0, cols), checked on the values as
+    given (as int64), before any narrowing cast: int32(2**32) would be block 0."""
     capacity = kv_indices.shape[-1]
     counts64 = kv_num_blocks.long()
     if counts64.numel() and (int(counts64.min()) < 0 or int(counts64.max()) > capacity):
@@ -91,6 +94,18 @@ def _checked_lists(count_name: str, index_name: str, kv_num_blocks: Any, kv_indi
     if used.numel() and (int(used.min()) < 0 or int(used.max()) >= cols):
         raise ValueError(f"{index_name} holds key block {int(used.min()) if int(used.min()) < 0 else int(used.max())}"
                          f" out of range: there are {cols} key blocks (valid indices 0..{cols - 1})")
+
+
+def _checked_lists(count_name: str, index_name: str, kv_num_blocks: Any, kv_indices: Any, rows: int, cols: int
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validated int32 (counts, indices) and their boolean (Bm, Hm, R, C) tile map."""
+    _check_list_tensors(count_name, index_name, kv_num_blocks, kv_indices)
+    if 0 in kv_num_blocks.shape[:2]:
+        raise ValueError(f"{count_name} must have batch and head dims >= 1, got {tuple(kv_num_blocks.shape)}")
+    if kv_num_blocks.shape[2] != rows:
+        raise ValueError(f"block sizes do not match the lists: the block size gives {rows} query blocks, but "
+                         f"{count_name} has {kv_num_blocks.shape[2]} rows")
+    _check_list_values(count_name, index_name, kv_num_blocks, kv_indices, cols)
     counts = kv_num_blocks.to(torch.int32).contiguous()
     index = kv_indices.to(torch.int32).contiguous()
     dense = lists_to_dense(counts, index, cols)
@@ -230,7 +245,13 @@ class BlockMask:
                 if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
                     raise TypeError("fn(b, h, q_idx, kv_idx) must return a bool tensor, got "
                                     f"{m.dtype if isinstance(m, torch.Tensor) else type(m).__name__}")
-                m = torch.broadcast_to(m, (bm, hm, nr * bq, nc * bk)) & q_ok[:, None] & k_ok[None, :]
+                target = (bm, hm, nr * bq, nc * bk)
+                if m.dim() > 4 or any(n not in (1, t) for n, t in zip(m.shape[::-1], target[::-1])):
+                    raise ValueError(f"fn(b, h, q_idx, kv_idx) returned shape {tuple(m.shape)}, which is not "
+                                     f"broadcastable to (Bm, Hm, Mq, Mk) = {target} (this chunk's batch entries, "
+                                     "heads, query and key positions); build the mask from its arguments with "
+                                     "broadcasting operations, e.g. q_idx >= kv_idx")
+                m = torch.broadcast_to(m, target) & q_ok[:, None] & k_ok[None, :]
                 dense[:, :, r0:r0 + nr, c0:c0 + nc] = m.view(bm, hm, nr, bq, nc, bk).any(dim=5).any(dim=3)
         return cls.from_dense(dense, (bq, bk), (Nq, Nk))
 
@@ -244,12 +265,21 @@ class BlockMask:
             raise TypeError(f"block_mask must be a torch FlexAttention BlockMask, got {type(block_mask).__name__}")
         bq, bk = block_mask.BLOCK_SIZE
         nq, nk = block_mask.seq_lengths
-        cols = _cdiv(nk, bk)
-        dense = lists_to_dense(block_mask.kv_num_blocks, block_mask.kv_indices, cols)
-        if block_mask.full_kv_num_blocks is not None:
-            dense = dense | lists_to_dense(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, cols)
-        rows = _cdiv(nq, bq)
-        return cls.from_dense(dense[..., :rows, :].contiguous(), (int(bq), int(bk)), (int(nq), int(nk)))
+        rows, cols = _cdiv(nq, bq), _cdiv(nk, bk)
+        dense = None
+        for kind in ("", "full_"):
+            counts, index = getattr(block_mask, f"{kind}kv_num_blocks"), getattr(block_mask, f"{kind}kv_indices")
+            if counts is None:
+                continue
+            names = f"block_mask.{kind}kv_num_blocks", f"block_mask.{kind}kv_indices"
+            _check_list_tensors(*names, counts, index)
+            # only the first ceil(Nq / BQ) rows are kept; in them, an index out of range would
+            # be dropped silently (== C) or fail inside scatter_
+            counts, index = counts[..., :rows], index[..., :rows, :]
+            _check_list_values(*names, counts, index, cols)
+            tiles = lists_to_dense(counts, index, cols)
+            dense = tiles if dense is None else dense | tiles
+        return cls.from_dense(dense.contiguous(), (int(bq), int(bk)), (int(nq), int(nk)))
 
     # ------------------------------------------------------------------ views
     @property
