@@ -5,6 +5,8 @@ import os
 import torch
 import triton
 
+from attnkit.runtime import poison_outputs_enabled
+
 #: kernels run through Triton's interpreter (read once, as triton.jit does, at import)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -16,10 +18,8 @@ def block_dim(n: int) -> int:
 
 
 def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Allocate a kernel output; filled with NaN while attnkit.testing.poison_outputs() is active,
-    so that an element a kernel forgets to write fails the comparison."""
-    from attnkit import testing  # late import: attnkit.testing imports torch only
-
-    if testing.POISON:
+    """Allocate a kernel output; filled with NaN while attnkit.runtime.poison_outputs() is active
+    (the harness turns it on), so that an element a kernel forgets to write fails the comparison."""
+    if poison_outputs_enabled():
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)

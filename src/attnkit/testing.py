@@ -16,15 +16,14 @@ several kernel tilings (a bug in a schedule often shows at one tile shape only):
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-#: True while kernel outputs must be allocated full of NaN (see poison_outputs).
-POISON = False
+from . import runtime
+from .runtime import poison_outputs
 
 #: (BLOCK_M, BLOCK_N) kernel tilings that ``check_variant(tilings=TILINGS)`` sweeps: square and
 #: oblong tiles, so that ranges and lists are cut in different places.
@@ -34,15 +33,12 @@ TILINGS: Tuple[Tuple[int, int], ...] = ((16, 16), (32, 16), (16, 32), (64, 32))
 ERROR_FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
-@contextlib.contextmanager
-def poison_outputs() -> Iterator[None]:
-    """Kernels allocate their outputs full of NaN inside this context."""
-    global POISON
-    previous, POISON = POISON, True
-    try:
-        yield
-    finally:
-        POISON = previous
+def __getattr__(name: str) -> Any:
+    # ``POISON`` reads the switch that ``poison_outputs()`` sets; it lives in attnkit.runtime
+    # so that kernel code never imports the harness.
+    if name == "POISON":
+        return runtime.poison_outputs_enabled()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
