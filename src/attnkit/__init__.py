@@ -6,6 +6,8 @@ against it, and is reachable as a functional op, through ``attnkit.attention``
 and as an ``nn.Module``.
 """
 
+import sys as _sys
+
 from . import checks, mods, testing
 from .dispatch import Explanation, attention, explain
 from .merge import merge_attention
@@ -23,6 +25,10 @@ from .flex import create_block_mask, flex_attention  # noqa: E402
 from .decode import HeavyHitterCache, PagedKVCache, StreamingHeadsCache, decode_attention  # noqa: E402
 
 from . import extension, nn  # noqa: E402
+
+# attnkit.feature_maps is attnkit.linear.feature_maps under its documented name, importable
+# as such too: ``from attnkit.feature_maps import Hedgehog``.
+_sys.modules[__name__ + ".feature_maps"] = feature_maps
 
 __version__ = "0.1.0"
 

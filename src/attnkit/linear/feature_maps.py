@@ -148,4 +148,11 @@ def apply(feature_map: Union[None, str, FeatureMap], q: torch.Tensor, k: torch.T
     return fq, fk
 
 
-__all__ = ["Hedgehog", "NAMES", "apply", "elu_plus_one", "identity", "output_dim", "relu", "resolve", "taylor"]
+# The public surface is the feature maps (and NAMES, the same maps by name). resolve,
+# output_dim and apply are the linear variant's plumbing: importable, but not exported,
+# and hidden from dir() together with the modules this file imports.
+__all__ = ["NAMES", "Hedgehog", "elu_plus_one", "identity", "relu", "taylor"]
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
