@@ -29,7 +29,10 @@ SupportCheck = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Dict[str, Any
 class Case:
     """One example problem for the contract test and the demo.
 
-    ``tensors`` builds tensor-valued options (e.g. ``sink_logits``) from a
+    ``q``, ``k`` and ``v`` are *shapes*, e.g. ``(B, Hq, Nq, D)``, not tensors: the harness
+    makes the inputs itself (float64 N(0, 1) from a seeded generator, then rounded to the
+    dtype under test), so that the oracle and the kernel see the same numbers. A tensor
+    there raises TypeError. ``tensors`` builds tensor-valued options (e.g. ``sink_logits``) from a
     generator; floating ones are made in float64 and cast like q, k, v, and are
     differentiated when ``grad`` is set. ``build``, when given, turns those tensors
     (already cast, on the device, differentiable) into options, e.g. a ScoreMod around
@@ -45,6 +48,21 @@ class Case:
     grad: bool = True
     name: str = ""
     build: Optional[Callable[[Dict[str, torch.Tensor]], Dict[str, Any]]] = None
+
+    def __post_init__(self) -> None:
+        for name in ("q", "k", "v"):
+            shape = getattr(self, name)
+            if isinstance(shape, torch.Tensor):
+                raise TypeError(f"Case {name} must be a shape (a tuple of ints such as (B, H, N, D)), got a "
+                                f"torch.Tensor: the harness makes the inputs itself; pass {name}.shape")
+            if not isinstance(shape, (tuple, list)) or not all(
+                    isinstance(n, int) and not isinstance(n, bool) for n in shape):
+                raise TypeError(f"Case {name} must be a shape (a tuple of ints such as (B, H, N, D)), got {shape!r}")
+            object.__setattr__(self, name, tuple(int(n) for n in shape))  # torch.Size or a list -> plain tuple
+        for name, make in self.tensors.items():
+            if not callable(make):
+                raise TypeError(f"Case tensors[{name!r}] must be a function of a torch.Generator that returns "
+                                f"the tensor (made in float64, cast by the harness), got {type(make).__name__}")
 
     def tensor_options(self, tensors: Dict[str, torch.Tensor]) -> Dict[str, Any]:
         """The options the case's tensors become (through ``build`` when it is set)."""
