@@ -201,3 +201,30 @@ def first_order_only(backward_op: torch.library.CustomOpDef, *, what: str) -> No
             "backend='reference' for second-order gradients")
 
     backward_op.register_autograd(refuse)
+
+
+def check_cache_storage(name: str, x: torch.Tensor, held: torch.Tensor) -> None:
+    """New entries ``x`` of a cache must have the dtype and device of its storage ``held``."""
+    if x.device != held.device:
+        raise ValueError(f"{name} is on {x.device} but the cache is on {held.device}")
+    if x.dtype != held.dtype:
+        raise TypeError(f"{name} has dtype {x.dtype} but the cache holds {held.dtype}")
+
+
+def check_cache_entries(k: torch.Tensor, v: torch.Tensor, keys: Optional[torch.Tensor],
+                        values: Optional[torch.Tensor]) -> None:
+    """New keys k (B, Hkv, n, D) and values v (B, Hkv, n, Dv) of a decode cache must match its
+    stored keys (B, Hkv, slots, D) and values (B, Hkv, slots, Dv) (nothing is checked before
+    the cache stores anything). A cache decodes one batch of sequences from its first call
+    to its last, so a batch of another size is refused rather than misread."""
+    if keys is None or values is None:
+        return
+    if k.shape[0] != keys.shape[0]:
+        raise ValueError(f"k has batch {k.shape[0]} but the cache holds {keys.shape[0]} sequences: a cache "
+                         "decodes one batch from its first call to its last; make a new cache for another batch")
+    for name, x, held in (("k", k, keys), ("v", v, values)):
+        for dim, what in ((1, "kv heads"), (3, "head dim")):
+            if x.shape[dim] != held.shape[dim]:
+                raise ValueError(f"k/v do not match the cache: {name} has {what} {x.shape[dim]}, the cache holds "
+                                 f"{held.shape[dim]} (shapes {tuple(x.shape)} and {tuple(held.shape)})")
+        check_cache_storage(name, x, held)

@@ -133,6 +133,27 @@ def run_reference(variant: Variant, q: torch.Tensor, k: torch.Tensor, v: torch.T
     return result.to(q.dtype)
 
 
+def _checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str, backend: str,
+             options: Dict[str, Any]) -> Tuple[Variant, Dict[str, Any], Explanation]:
+    """Everything :func:`attention` checks before it runs: the variant, its options, the inputs and
+    the backend; returns the variant, the options with defaults, and the backend decision."""
+    spec = get_variant(variant)
+    opts = spec.resolve_options(options)
+    spec.validate(q, k, v, opts)
+    decision = _decide(spec, q, k, v, opts, backend)
+    if decision.backend == "error":
+        raise ValueError(f"backend='triton' cannot run variant {spec.name!r} on these inputs:\n  - "
+                         + "\n  - ".join(decision.kernel_blockers))
+    return spec, opts, decision
+
+
+def check_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str = "flash", backend: str = "auto",
+               **options: Any) -> None:
+    """Raise what ``attention(q, k, v, variant, backend, **options)`` would raise on bad input, without
+    running it. Stateful callers (decode caches) check a call this way before they change anything."""
+    _checked(q, k, v, variant, backend, options)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str = "flash", backend: str = "auto",
               **options: Any) -> Any:
     """Run any registered variant: q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv).
@@ -141,13 +162,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str = 
     outputs the options ask for (e.g. ``return_lse=True`` adds the float32 LSE of
     shape (B, Hq, Nq)). See ``attnkit.get_variant(variant).options`` for the options.
     """
-    spec = get_variant(variant)
-    opts = spec.resolve_options(options)
-    spec.validate(q, k, v, opts)
-    decision = _decide(spec, q, k, v, opts, backend)
-    if decision.backend == "error":
-        raise ValueError(f"backend='triton' cannot run variant {spec.name!r} on these inputs:\n  - "
-                         + "\n  - ".join(decision.kernel_blockers))
+    spec, opts, decision = _checked(q, k, v, variant, backend, options)
     if decision.backend == "triton":
         assert spec.kernel is not None
         return spec.kernel(q, k, v, **opts)
