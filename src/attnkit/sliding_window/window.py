@@ -1,7 +1,9 @@
 """Parsing and checking of the ``window`` and ``sinks`` options (shared by spec, reference, cache).
 
 A window is normalized to a list of Hq ``(left, right)`` pairs of Python ints, each
->= -1, where -1 means unbounded on that side (FlashAttention's convention).
+>= -1, where -1 means unbounded on that side (FlashAttention's convention). An extent
+that reaches past every key of any sequence (>= UNBOUNDED_FROM) is unbounded too, and
+is stored as -1, so every consumer computes position +/- extent without overflow.
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ from ..checks import check_int
 
 Window = Tuple[int, int]
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+#: Extents from here on are "unbounded": no tensor holds 2**62 positions, and a position
+#: plus an extent below this never leaves int64 (window=2**70 made the references raise
+#: OverflowError, and an int64 tensor window near 2**63 wrapped around silently).
+UNBOUNDED_FROM = 2 ** 62
 
 
 def _check_entry(name: str, value: object) -> int:
@@ -21,7 +27,7 @@ def _check_entry(name: str, value: object) -> int:
         raise TypeError(f"{name} must be an int (>= -1, -1 = unbounded), got {type(value).__name__}")
     if value < -1:
         raise ValueError(f"{name} must be >= -1 (-1 = unbounded), got {value}")
-    return value
+    return -1 if value >= UNBOUNDED_FROM else value
 
 
 def head_windows(window: object, heads_q: int, device: torch.device = None) -> List[Window]:
@@ -29,6 +35,7 @@ def head_windows(window: object, heads_q: int, device: torch.device = None) -> L
 
     Accepts an int W >= 1 (the last W keys: (W - 1, 0)), a pair (left, right) of ints
     >= -1, or an integer tensor of shape (Hq, 2) on ``device`` (per-head windows).
+    Extents >= :data:`UNBOUNDED_FROM` come back as -1 (unbounded).
     Raises TypeError/ValueError naming ``window`` otherwise.
     """
     if isinstance(window, torch.Tensor):
@@ -39,11 +46,8 @@ def head_windows(window: object, heads_q: int, device: torch.device = None) -> L
                              f"row per query head; got {tuple(window.shape)}")
         if device is not None and window.device != torch.device(device):
             raise ValueError(f"window is on {window.device} but q is on {device}")
-        rows = [tuple(int(x) for x in row) for row in window.tolist()]
-        for h, (left, right) in enumerate(rows):
-            _check_entry(f"window[{h}, 0] (left)", left)
-            _check_entry(f"window[{h}, 1] (right)", right)
-        return rows  # type: ignore[return-value]
+        return [(_check_entry(f"window[{h}, 0] (left)", int(left)), _check_entry(f"window[{h}, 1] (right)", int(right)))
+                for h, (left, right) in enumerate(window.tolist())]
     if isinstance(window, (tuple, list)):
         if len(window) != 2:
             raise ValueError(f"window as a pair must be (left, right), got {len(window)} entries: {window!r}")
@@ -56,7 +60,7 @@ def head_windows(window: object, heads_q: int, device: torch.device = None) -> L
     if window < 1:
         raise ValueError(f"window as an int W means the last W keys (left = W - 1, right = 0) and must be >= 1, "
                          f"got {window}; use window=(-1, 0) for full causal attention")
-    return [(window - 1, 0)] * heads_q
+    return [(_check_entry("window - 1 (left)", window - 1), 0)] * heads_q
 
 
 def check_sinks(sinks: object) -> int:
