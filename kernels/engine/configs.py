@@ -6,7 +6,8 @@ not divide, shared memory, large tiles at head dims above 128 — and then every
 whose compiled kernel spills registers (ptxas's count, read from the binary: register
 pressure depends on the head dim, the dtype and the hooks, a score mod's included, so
 it is measured, not guessed). Under the interpreter autotuning is meaningless and slow,
-so one fixed small config is used; tests can force another with :func:`force_config`.
+so one fixed small config is used (shrunk, in list mode, to a tile that divides the list's
+block sizes); tests can force another with :func:`force_config`.
 
 The tables hold 8-warp tiles next to the 4-warp ones: at head dim 128 on sm_90 the
 backward's 4-warp tiles all spill (its dK/dV accumulators and resident K/V take most of
@@ -19,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import triton
 
@@ -46,6 +47,8 @@ _DQ = [
 TABLES = {"fwd": _FWD, "dkdv": _DKDV, "dq": _DQ}
 
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16}
+#: the smallest tile of the tables: list block sizes are multiples of it
+MIN_TILE = min(min(bm, bn) for table in TABLES.values() for bm, bn, _, _ in table)
 _forced: Optional[Dict[str, int]] = None
 
 
@@ -60,12 +63,30 @@ def force_config(block_m: int, block_n: int) -> Iterator[None]:
         _forced = previous
 
 
-def fixed_config() -> Optional[Dict[str, int]]:
-    """The config to use without autotuning, or None to autotune."""
+def _interpreter_tile(default: int, list_block: int) -> int:
+    """The largest power of two <= ``default`` (and >= MIN_TILE) that divides ``list_block``."""
+    tile = default
+    while tile > MIN_TILE and list_block % tile:
+        tile //= 2
+    return tile
+
+
+def fixed_config(list_block: Optional[Tuple[int, int]] = None) -> Optional[Dict[str, int]]:
+    """The config to use without autotuning, or None to autotune.
+
+    ``list_block``: the (BQ, BK) block sizes of a list-mode schedule, whose blocks a tile
+    must divide (as the prune filter requires on a GPU). The interpreter's tile shrinks to
+    divide them (BQ = 16 or 48 runs 16-row tiles); a forced config is returned as it is
+    (the variant refuses block sizes it does not divide).
+    """
     if _forced is not None:
         return dict(_forced)
     if INTERPRET:
-        return dict(_INTERPRETER_CONFIG)
+        config = dict(_INTERPRETER_CONFIG)
+        if list_block is not None:
+            config["BLOCK_M"] = _interpreter_tile(config["BLOCK_M"], list_block[0])
+            config["BLOCK_N"] = _interpreter_tile(config["BLOCK_N"], list_block[1])
+        return config
     return None
 
 

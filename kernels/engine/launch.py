@@ -55,7 +55,8 @@ def _hook_meta(schedule: Schedule, score: Optional[ModKernel], mask: Optional[Mo
 
 
 def _launch(kernel, tuned, grid_rows: int, grid_cols: int, grid_block: str, args: list, meta: dict) -> None:
-    fixed = configs.fixed_config()
+    # a fixed tile must divide a list schedule's block sizes (LIST_BQ is 1 in range mode)
+    fixed = configs.fixed_config((meta["LIST_BQ"], meta["LIST_BK"]) if meta["LIST_BQ"] > 1 else None)
     if fixed is not None:
         grid = (triton.cdiv(grid_rows, fixed[grid_block]), grid_cols)
         kernel[grid](*args, **meta, **fixed, num_warps=4, num_stages=1)

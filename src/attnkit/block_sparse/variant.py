@@ -7,7 +7,7 @@ only listed key blocks, forward and backward.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -56,11 +56,13 @@ def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[st
     return shapes
 
 
-def fixed_tile() -> Optional[Dict[str, int]]:
-    """The engine's fixed kernel tile (interpreter default or force_config), or None when it autotunes."""
+def fixed_tile(list_block: Optional[Tuple[int, int]] = None) -> Optional[Dict[str, int]]:
+    """The engine's fixed kernel tile (the interpreter's, or force_config's), or None when it
+    autotunes. ``list_block``: the (BQ, BK) of a list schedule, which the interpreter's tile
+    shrinks to divide (a forced tile does not)."""
     from ..kernels.engine import configs
 
-    return configs.fixed_config()
+    return configs.fixed_config(list_block)
 
 
 def list_tile_blockers(block_mask: BlockMask) -> List[str]:
@@ -71,7 +73,7 @@ def list_tile_blockers(block_mask: BlockMask) -> List[str]:
         reasons.append(f"block_mask.block_size {(bq, bk)}: the kernel needs block sizes that are multiples of "
                        f"{KERNEL_TILE} (the smallest kernel tile)")
     else:
-        tile = fixed_tile()
+        tile = fixed_tile((bq, bk))
         if tile is not None and (bq % tile["BLOCK_M"] or bk % tile["BLOCK_N"]):
             reasons.append(f"block_mask.block_size {(bq, bk)} is not a multiple of the fixed kernel tile "
                            f"(BLOCK_M={tile['BLOCK_M']}, BLOCK_N={tile['BLOCK_N']}); pick another with "
