@@ -222,3 +222,20 @@ def test_flex_with_a_block_mask_of_16_runs_on_the_kernel():
     case = Case((1, 1, 64, 16), (1, 1, 64, 16), (1, 1, 64, 16), {"block_mask": bm}, name="flex16")
     report = check_case("flex", case, dtype=torch.float32, device=DEVICE, backend="triton")
     assert report.ok, str(report)
+
+
+def test_block_sparse_auto_without_triton_runs_the_reference(monkeypatch):
+    # where triton is not installed (it is a Linux-only dependency) the tile check must not
+    # import the kernels: auto falls back to the reference, explain lists the reason
+    import sys
+
+    from attnkit import dispatch
+
+    monkeypatch.setattr(dispatch, "_TRITON_ERROR", "triton is not importable (test)")  # its cached reason
+    monkeypatch.setitem(sys.modules, "attnkit.kernels.engine", None)  # importing it raises ImportError
+    q = torch.randn(1, 1, 32, 16)
+    bm = BlockMask.from_dense(torch.ones(2, 2, dtype=torch.bool), 16, (32, 32))
+    assert attnkit.explain(q, q, q, "block_sparse", block_mask=bm).kernel_blockers == [
+        "triton is not importable (test)"]
+    out = attnkit.block_sparse_attention(q, q, q, bm)
+    torch.testing.assert_close(out, attnkit.flash_attention(q, q, q, backend="reference"))

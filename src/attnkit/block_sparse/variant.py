@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from ..checks import Shapes, check_flag, check_qkv, check_scale, check_softcap
-from ..dispatch import attention
+from ..dispatch import attention, triton_import_error
 from ..engine import Schedule, fused_attention, head_dim_blockers
 from ..mods import MaskMod, ScoreMod, and_masks
 from ..registry import Case, Variant, register_variant
@@ -72,7 +72,7 @@ def list_tile_blockers(block_mask: BlockMask) -> List[str]:
     if bq % KERNEL_TILE or bk % KERNEL_TILE:
         reasons.append(f"block_mask.block_size {(bq, bk)}: the kernel needs block sizes that are multiples of "
                        f"{KERNEL_TILE} (the smallest kernel tile)")
-    else:
+    elif not triton_import_error():  # without triton the dispatcher reports that; the tiles need it
         tile = fixed_tile((bq, bk))
         if tile is not None and (bq % tile["BLOCK_M"] or bk % tile["BLOCK_N"]):
             reasons.append(f"block_mask.block_size {(bq, bk)} is not a multiple of the fixed kernel tile "
