@@ -7,10 +7,14 @@ to global ranks only where torch wants them (P2P ops).
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+import hashlib
+import json
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Type, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 def world(group=None) -> Tuple[int, int]:
@@ -35,24 +39,152 @@ def global_rank(group, rank: int) -> int:
     return rank if group is None else dist.get_global_rank(group, rank)
 
 
-def gather_ints(values: Sequence[int], group, device: torch.device) -> List[List[int]]:
-    """All-gather a few ints from every rank: returns one list per rank."""
-    t = torch.tensor(list(values), dtype=torch.int64, device=device)
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(out, t, group=group)
-    return [o.tolist() for o in out]
+# --------------------------------------------------------------------------- ranks agree before they talk
 
+class Field(NamedTuple):
+    """One thing every rank of a call must agree on.
 
-def check_same_on_ranks(what: str, values: Sequence[int], group, device: torch.device) -> None:
-    """Raise the same ValueError on every rank when ``values`` differ between ranks.
-
-    One small all-gather; every rank sees every rank's values, so all of them raise
-    (no rank is left waiting in a later collective).
+    ``what`` names it in the error ("causal", "the dtype of q, k and v"); ``value`` is
+    compared across ranks as :func:`render` writes it; ``error`` is the exception every
+    rank raises when the ranks differ (TypeError for dtypes, ValueError otherwise).
     """
-    per_rank = gather_ints(values, group, device)
-    if any(p != per_rank[0] for p in per_rank):
-        listing = ", ".join(f"rank {r}: {tuple(p) if len(p) > 1 else p[0]}" for r, p in enumerate(per_rank))
-        raise ValueError(f"{what} must be the same on every rank, got {listing}")
+
+    what: str
+    value: Any
+    error: Type[Exception] = ValueError
+
+
+def input_fields(shape_what: str, sizes: Sequence[int], names: str, x: torch.Tensor) -> List[Field]:
+    """The fields of a call's tensors: the sizes (described by ``shape_what``), and the dtype
+    and device type of ``x`` (the caller has checked that ``names`` share them)."""
+    return [Field(shape_what, tuple(sizes)), Field(f"the dtype of {names}", x.dtype, TypeError),
+            Field(f"the device type of {names}", x.device.type)]
+
+
+_SHOWN_VALUES = 8                # tensors up to this many elements are shown whole, larger ones by a digest
+_AGREEMENT_BYTES = 2048          # per rank and call: the signature, or the message of a rejected input
+_KEPT_TYPES = {t.__name__: t for t in (ValueError, TypeError, NotImplementedError, RuntimeError)}
+
+
+def render(value: Any) -> str:
+    """The text ``value`` is compared by across ranks (and shown in errors).
+
+    Plain values by ``repr``; tensors by dtype, shape and values (a digest of the bytes
+    when large: different values give different text); other objects (mods, masks) by
+    their type only, since their ``repr`` may hold a memory address that differs
+    between processes.
+    """
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
+        return repr(value)
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        if t.numel() <= _SHOWN_VALUES:
+            return f"tensor({t.tolist()}, dtype={t.dtype})"
+        digest = hashlib.sha1(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:12]
+        return f"tensor(shape={tuple(t.shape)}, dtype={t.dtype}, values #{digest})"
+    if isinstance(value, (tuple, list)):
+        inner = ", ".join(render(v) for v in value)
+        return f"[{inner}]" if isinstance(value, list) else f"({inner},)" if len(value) == 1 else f"({inner})"
+    return f"<{type(value).__qualname__}>"
+
+
+def _agreement_device(group) -> torch.device:
+    """Where the agreement buffer must live for the group's backend (NCCL: the current GPU)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _encode(payload: dict) -> bytes:
+    data = json.dumps(payload).encode()
+    while len(data) > _AGREEMENT_BYTES:
+        if "error" in payload:        # a long message is cut, never dropped
+            kind, message = payload["error"]
+            payload = dict(payload, error=[kind, message[:len(message) // 2] + " ..."])
+        else:                         # too many fields to list: agree on their digest
+            digest = hashlib.sha1(data).hexdigest()[:16]
+            payload = dict(payload, fields=[["the arguments (a digest)", digest, "ValueError"]])
+        data = json.dumps(payload).encode()
+    return data
+
+
+def _all_gather_payloads(payload: dict, group, size: int) -> List[dict]:
+    data = _encode(payload)
+    buf = torch.zeros(_AGREEMENT_BYTES, dtype=torch.uint8)
+    buf[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    buf = buf.to(_agreement_device(group))
+    out = [torch.empty_like(buf) for _ in range(size)]
+    dist.all_gather(out, buf, group=group)
+    rows = torch.stack(out).cpu().numpy()       # reading it waits for the all-gather (a host sync)
+    return [json.loads(row.tobytes().rstrip(b"\0")) for row in rows]
+
+
+def _by_value(values: Sequence[str]) -> str:
+    """'rank 0: a; ranks 1, 2: b' (ranks grouped by value, in rank order)."""
+    groups: Dict[str, List[int]] = {}
+    for r, value in enumerate(values):
+        groups.setdefault(value, []).append(r)
+    return "; ".join(f"rank {ranks[0]}: {value}" if len(ranks) == 1
+                     else f"ranks {', '.join(map(str, ranks))}: {value}" for value, ranks in groups.items())
+
+
+def _disagreement(per_rank: List[dict]) -> Tuple[Optional[str], Type[Exception]]:
+    """The error every rank raises for the gathered payloads (None when they agree)."""
+    op = per_rank[0]["op"]
+    rejected: Dict[Tuple[str, str], List[int]] = {}
+    for r, p in enumerate(per_rank):
+        if "error" in p:
+            rejected.setdefault(tuple(p["error"]), []).append(r)
+    if rejected:
+        parts = [f"rank {ranks[0]} rejected its input: {message.rstrip('.')}" if len(ranks) == 1 else
+                 f"ranks {', '.join(map(str, ranks))} rejected their inputs: {message.rstrip('.')}"
+                 for (_, message), ranks in rejected.items()]
+        first_kind = next(iter(rejected))[0]
+        return f"{op}: " + ". ".join(parts), _KEPT_TYPES.get(first_kind, RuntimeError)
+    ops = [repr(p["op"]) for p in per_rank]
+    if len(set(ops)) > 1:
+        return f"{op}: the function called must be the same on every rank, got {_by_value(ops)}", ValueError
+    tables = [{what: (value, kind) for what, value, kind in p["fields"]} for p in per_rank]
+    parts, kinds = [], []
+    for what in dict.fromkeys(what for table in tables for what in table):     # every field, in order
+        values = [table.get(what, ("<absent>", "ValueError")) for table in tables]
+        if len({v for v, _ in values}) > 1:
+            parts.append(f"{what} must be the same on every rank, got {_by_value([v for v, _ in values])}")
+            kinds.append(values[0][1])
+    if not parts:
+        return None, ValueError
+    return f"{op}: " + ". ".join(parts), _KEPT_TYPES.get(kinds[0], ValueError)
+
+
+def agree(op: str, check: Callable[[], Tuple[T, Sequence[Field]]], group, size: int) -> T:
+    """Validate this rank's call, then make every rank of ``group`` agree on it, before any
+    transfer. Collective: every rank of the group calls it with the same ``op``.
+
+    ``check()`` validates this rank's arguments (raising ValueError/TypeError as usual)
+    and returns (what the caller needs, the call's fields: dtypes, shapes, options).
+    With one rank it is simply called. Otherwise each rank catches its own error, and one
+    all-gather of a fixed-size buffer shares every rank's "fields" or "rejected: message";
+    then, on every rank, the same exception is raised when a rank rejected its input (the
+    message names that rank) or when a field differs between ranks (the message lists
+    each rank's value). So no rank goes on to a transfer its peers will never join
+    (a gloo abort on mismatched sizes, a "connection reset", a wait until the timeout),
+    and ranks never compute with different options (silently different results).
+
+    Returns what ``check()`` returned first.
+    """
+    if size == 1:
+        return check()[0]
+    failure: Optional[Exception] = None
+    try:
+        result, fields = check()
+        payload = {"op": op, "fields": [[f.what, render(f.value), f.error.__name__] for f in fields]}
+    except Exception as exc:  # noqa: BLE001 - any failure is shared with the other ranks and raised on all
+        failure = exc
+        payload = {"op": op, "error": [type(exc).__name__, str(exc)]}
+    message, error = _disagreement(_all_gather_payloads(payload, group, size))
+    if message is not None:
+        raise error(message) from failure
+    return result
 
 
 class Ring:

@@ -23,7 +23,7 @@ two small matmuls in plain PyTorch here.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
@@ -31,7 +31,7 @@ from .._reference import expand_kv_heads
 from ..checks import check_scale
 from ..linear import lightning_attention, linear_attention
 from ..registry import get_variant
-from ._comm import all_gather_async, check_same_on_ranks, world
+from ._comm import Field, agree, all_gather_async, input_fields, world
 
 
 class _PrefixCombine(torch.autograd.Function):
@@ -94,14 +94,23 @@ def _lasp2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rates: Optional[to
     return (out_intra.to(compute) + scale * torch.matmul(qd, S)).to(q.dtype)
 
 
-def _checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, variant: str, options):
-    spec = get_variant(variant)
-    shapes = spec.validate(q, k, v, spec.resolve_options(options))
-    rank, size = world(group)
-    if size > 1:
-        check_same_on_ranks("the shapes of q, k and v (B, Hq, Hkv, N/W, D, Dv)",
-                            [shapes.batch, shapes.heads_q, shapes.heads_kv, shapes.seqlen_q, shapes.head_dim,
-                             shapes.head_dim_v], group, q.device)
+def _checked(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, variant: str,
+             options: Dict[str, Any]) -> int:
+    """Validate a LASP-2 call as ``variant`` would and make the ranks agree on it (shapes,
+    dtypes, and ``options``, the scale as it acts); returns the world size."""
+    _, size = world(group)
+
+    def check():                # this rank's arguments; agree() makes every rank raise if one fails
+        spec = get_variant(variant)
+        shapes = spec.validate(q, k, v, spec.resolve_options(options))
+        sizes = (shapes.batch, shapes.heads_q, shapes.heads_kv, shapes.seqlen_q, shapes.head_dim, shapes.head_dim_v)
+        fields = input_fields("the shapes of q, k and v (B, Hq, Hkv, N/W, D, Dv)", sizes, "q, k and v", q)
+        acting = dict(options)
+        if "scale" in acting:   # None means 1/sqrt(D): the ranks agree on the scale that acts
+            acting["scale"] = check_scale(acting["scale"], shapes.head_dim)
+        return None, fields + [Field(name, value) for name, value in acting.items()]
+
+    agree(op, check, group, size)
     return size
 
 
@@ -112,20 +121,21 @@ def lasp2_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     Args:
         q: (B, Hq, N/W, D), k: (B, Hkv, N/W, D), v: (B, Hkv, N/W, Dv): this rank's
             shards in the **contiguous** layout (rank r holds tokens [r N/W, (r+1) N/W)),
-            the same shapes on every rank (checked). Hkv divides Hq.
+            the same shapes and dtype on every rank (checked). Hkv divides Hq.
         group: the process group (None: the default group; without torch.distributed
             initialized, one rank: plain ``attnkit.linear_attention``).
         decay: (Hq,) decay rates s_h >= 0 (lambda_h = exp(-s_h)), the same on every
-            rank, or None (lambda = 1). Differentiable: each rank's decay.grad is its
-            share, their sum (as DDP/FSDP all-reduce it) is the gradient.
-        scale: multiplies q_t S_t; None means 1/sqrt(D).
+            rank (checked), or None (lambda = 1). Differentiable: each rank's decay.grad
+            is its share, their sum (as DDP/FSDP all-reduce it) is the gradient.
+        scale: multiplies q_t S_t; None means 1/sqrt(D). The same on every rank (checked).
 
     Returns:
         out (B, Hq, N/W, Dv) in q's dtype: this rank's shard of
         ``attnkit.linear_attention(q, k, v, causal=True, decay=decay, scale=scale)``
         on the whole sequence. Differentiable in q, k, v and decay.
     """
-    size = _checked(q, k, v, group, "linear", dict(causal=True, decay=decay, scale=scale))
+    size = _checked("lasp2_linear_attention", q, k, v, group, "linear",
+                    {"causal": True, "decay": decay, "scale": scale})
     if size == 1:
         return linear_attention(q, k, v, causal=True, decay=decay, scale=scale)
     return _lasp2(q, k, v, decay, check_scale(scale, q.shape[-1]),
@@ -140,13 +150,13 @@ def lasp2_lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Args:
         q: (B, Hq, N/W, D), k: (B, Hkv, N/W, D), v: (B, Hkv, N/W, Dv): contiguous shards.
         slopes: (Hq,) decay rates >= 0, e.g. ``attnkit.lightning_slopes(Hq, layer, layers)``,
-            the same on every rank (gradient: this rank's share, as for ``decay``).
+            the same on every rank (checked; gradient: this rank's share, as for ``decay``).
         group: the process group.
 
     Returns:
         out (B, Hq, N/W, Dv) in q's dtype. Differentiable in q, k, v and slopes.
     """
-    size = _checked(q, k, v, group, "lightning", dict(slopes=slopes))
+    size = _checked("lasp2_lightning_attention", q, k, v, group, "lightning", {"slopes": slopes})
     if size == 1:
         return lightning_attention(q, k, v, slopes)
     return _lasp2(q, k, v, slopes, 1.0, lambda: lightning_attention(q, k, v, slopes), group)

@@ -19,7 +19,7 @@ from typing import List, NamedTuple
 import torch
 import torch.distributed as dist
 
-from ._comm import check_same_on_ranks, world
+from ._comm import Field, agree, input_fields, world
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
 
@@ -114,7 +114,9 @@ def unshard_sequence(x_local: torch.Tensor, *, layout: str, group=None, dim: int
 
     Args:
         x_local: this rank's shard, e.g. (B, H, N / W, D); every rank's shard must have
-            the same shape (checked: a clear ValueError on every rank otherwise).
+            the same shape and dtype, and every rank the same layout and dim (checked
+            before the all-gather: the same ValueError/TypeError on every rank otherwise,
+            also when one rank's arguments are invalid).
         layout, group, dim: as for :func:`shard_sequence`.
 
     Returns:
@@ -122,13 +124,19 @@ def unshard_sequence(x_local: torch.Tensor, *, layout: str, group=None, dim: int
         one replicated value (compute the same loss from it on every rank); the
         gradient of this rank's shard is the gradient at its positions.
     """
-    dim = _check_dim(x_local, dim, "x_local")
-    check_layout(layout)
     rank, size = world(group)
+
+    def check():                # this rank's arguments; agree() makes every rank raise if one fails
+        d = _check_dim(x_local, dim, "x_local")
+        check_layout(layout)
+        if size > 1:            # one rank: the shard is the whole sequence, whatever its length
+            check_length(x_local.shape[d] * size, layout, size)
+        fields = input_fields("the shape of x_local", x_local.shape, "x_local", x_local)
+        return d, [*fields, Field("layout", layout), Field("dim", d)]
+
+    dim = agree("unshard_sequence", check, group, size)
     if size == 1:
         return x_local
-    check_same_on_ranks("the shape of x_local", list(x_local.shape), group, x_local.device)
-    check_length(x_local.shape[dim] * size, layout, size)
     return _Unshard.apply(x_local, layout, group, dim, rank, size)
 
 

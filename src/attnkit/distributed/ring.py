@@ -21,7 +21,7 @@ import torch
 from ..checks import check_flag, check_qkv, check_scale, check_softcap
 from ..merge import merge_attention
 from ._blocks import block_backward, block_forward
-from ._comm import Ring, check_same_on_ranks, world
+from ._comm import Field, Ring, agree, input_fields, world
 from .layout import block_plan, check_layout, check_length
 
 _KV_TAG, _GRAD_TAG = 0, 1
@@ -108,7 +108,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=N
     Args:
         q: (B, Hq, N/W, D), k: (B, Hkv, N/W, D), v: (B, Hkv, N/W, Dv): this rank's shards
             of the whole q, k, v (e.g. from :func:`shard_sequence`) in ``layout``; the
-            same shapes on every rank (checked). Hkv divides Hq (GQA/MQA): K/V travel
+            same shapes and dtype on every rank. Hkv divides Hq (GQA/MQA): K/V travel
             with Hkv heads.
         group: the process group (None: the default group; without torch.distributed
             initialized, one rank: plain flash attention).
@@ -122,21 +122,28 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=N
     Returns:
         out (B, Hq, N/W, Dv) in q's dtype (this rank's shard of the output, same
         layout), or (out, lse). Differentiable in q, k, v (and through the LSE).
+
+    Raises:
+        ValueError/TypeError on every rank, before any transfer, when a rank's input is
+        invalid (the message names the rank) or when the ranks' shapes, dtypes, layout,
+        causal, scale or softcap differ (it lists every rank's value).
     """
-    shapes = check_qkv(q, k, v)
-    causal = check_flag("causal", causal)
-    return_lse = check_flag("return_lse", return_lse)
-    sm_scale = check_scale(scale, shapes.head_dim)
-    softcap = check_softcap(softcap)
-    check_layout(layout)
-    if shapes.seqlen_q != shapes.seqlen_k:
-        raise ValueError(f"ring attention needs q and k/v shards of the same tokens (Nq == Nk per rank), got "
-                         f"{shapes.seqlen_q} and {shapes.seqlen_k}")
     rank, size = world(group)
-    if size > 1:
-        check_same_on_ranks("the shapes of q, k and v (B, Hq, Hkv, N/W, D, Dv)",
-                            [shapes.batch, shapes.heads_q, shapes.heads_kv, shapes.seqlen_q, shapes.head_dim,
-                             shapes.head_dim_v], group, q.device)
-    check_length(shapes.seqlen_q * size, layout, size, name="the sequence length N")
-    out, lse = _RingAttention.apply(q, k, v, group, rank, size, layout, causal, sm_scale, softcap)
+
+    def check():                # this rank's arguments; agree() makes every rank raise if one fails
+        shapes = check_qkv(q, k, v)
+        options = (check_flag("causal", causal), check_scale(scale, shapes.head_dim), check_softcap(softcap))
+        check_flag("return_lse", return_lse)
+        check_layout(layout)
+        if shapes.seqlen_q != shapes.seqlen_k:
+            raise ValueError(f"ring attention needs q and k/v shards of the same tokens (Nq == Nk per rank), got "
+                             f"{shapes.seqlen_q} and {shapes.seqlen_k}")
+        check_length(shapes.seqlen_q * size, layout, size, name="the sequence length N")
+        sizes = (shapes.batch, shapes.heads_q, shapes.heads_kv, shapes.seqlen_q, shapes.head_dim, shapes.head_dim_v)
+        fields = input_fields("the shapes of q, k and v (B, Hq, Hkv, N/W, D, Dv)", sizes, "q, k and v", q)
+        fields += [Field("layout", layout), *map(Field, ("causal", "scale", "softcap"), options)]
+        return options, fields
+
+    is_causal, sm_scale, cap = agree("ring_attention", check, group, size)
+    out, lse = _RingAttention.apply(q, k, v, group, rank, size, layout, is_causal, sm_scale, cap)
     return (out, lse) if return_lse else out

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ..checks import check_qkv, check_scale
 from ._blocks import LocalAttention
-from ._comm import AllReduceSumReplicated, check_same_on_ranks, world
+from ._comm import AllReduceSumReplicated, Field, agree, input_fields, world
 
 
 def tree_decode(q: torch.Tensor, k_shard: torch.Tensor, v_shard: torch.Tensor, *, group=None,
@@ -36,22 +36,30 @@ def tree_decode(q: torch.Tensor, k_shard: torch.Tensor, v_shard: torch.Tensor, *
             without a mask does not depend on the order of keys). Hkv divides Hq.
         group: the process group (None: the default group; without torch.distributed
             initialized, one rank: plain attention).
-        scale: score scale, default 1/sqrt(D).
+        scale: score scale, default 1/sqrt(D), the same on every rank.
 
     Returns:
         out (B, Hq, Nq, Dv) in q's dtype, the same on every rank.
+
+    Raises ValueError/TypeError on every rank, before any transfer, when a rank's input
+    is invalid (naming the rank) or when the ranks' shapes (all but Nk_r), dtypes or
+    scales differ.
 
     Differentiable: ``out`` is one replicated value (compute the same loss from it on
     every rank); k_shard/v_shard get their gradients, and q, being replicated, gets
     this rank's share: the sum of q.grad over the ranks is the gradient.
     """
-    shapes = check_qkv(q, k_shard, v_shard)
-    sm_scale = check_scale(scale, shapes.head_dim)
     rank, size = world(group)
-    if size > 1:
-        check_same_on_ranks("the shape of q and of the cache heads (B, Hq, Nq, D, Hkv, Dv)",
-                            [shapes.batch, shapes.heads_q, shapes.seqlen_q, shapes.head_dim, shapes.heads_kv,
-                             shapes.head_dim_v], group, q.device)
+
+    def check():                # this rank's arguments; agree() makes every rank raise if one fails
+        shapes = check_qkv(q, k_shard, v_shard)
+        sm_scale = check_scale(scale, shapes.head_dim)
+        sizes = (shapes.batch, shapes.heads_q, shapes.seqlen_q, shapes.head_dim, shapes.heads_kv, shapes.head_dim_v)
+        fields = input_fields("the shape of q and of the cache heads (B, Hq, Nq, D, Hkv, Dv)", sizes,
+                              "q, k_shard and v_shard", q)
+        return sm_scale, [*fields, Field("scale", sm_scale)]
+
+    sm_scale = agree("tree_decode", check, group, size)
     out, lse = LocalAttention.apply(q, k_shard, v_shard, False, sm_scale, None)
     if size == 1:
         return out
