@@ -14,9 +14,10 @@ import gc
 import os
 import sys
 import time
-from typing import Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
+from tqdm import tqdm
 
 if not torch.cuda.is_available():  # must happen before triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -28,27 +29,20 @@ from attnkit.testing import check_case, make_inputs  # noqa: E402
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class Progress:
-    """A one-line progress bar on stderr, shown once the run has taken more than 2 s."""
+def progress_bar(total: int) -> tqdm:
+    """A tqdm bar on stderr when it is a terminal (shown once a run takes over 2 s). In a log
+    or a pipe tqdm disables itself (``disable=None``) and :func:`announce` writes plain lines
+    instead of redrawing one line with carriage returns."""
+    return tqdm(total=total, file=sys.stderr, disable=None, delay=2.0, unit="check", leave=False,
+                dynamic_ncols=True)
 
-    def __init__(self, total: int, stream=sys.stderr):
-        self.total, self.done, self.stream = total, 0, stream
-        self.start = time.perf_counter()
-        self.shown = False
 
-    def step(self, label: str) -> None:
-        self.done += 1
-        if time.perf_counter() - self.start < 2.0 and self.done < self.total:
-            return
-        width = 24
-        filled = width * self.done // self.total
-        self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {label:<40}")
-        self.stream.flush()
-        self.shown = True
-
-    def close(self) -> None:
-        if self.shown:
-            self.stream.write("\n")
+def announce(bar: tqdm, step: int, label: str) -> None:
+    """Say which check (1-based ``step``) runs next: in the bar, or as a line ``[step/total] label``."""
+    if bar.disable:
+        print(f"[{step}/{bar.total}] {label}", file=sys.stderr, flush=True)
+    else:
+        bar.set_postfix_str(label)
 
 
 def _peak_rss_reset() -> Optional[int]:
@@ -109,46 +103,53 @@ def _fmt_bytes(n: Optional[int]) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
+def check_one(spec: Any, case: Any, backend: str, dtype: torch.dtype, device: torch.device,
+              repeats: int) -> list[str]:
+    """One table row: error against the float64 reference, times and peak memory of one
+    variant on one backend (errors are reported in the row, not raised)."""
+    name, label = spec.name, backend
+    if backend == "triton":
+        if spec.kernel is None:
+            return [name, backend, "-", "-", "-", "-", "no kernel"]
+        if device.type == "cpu":
+            label = "triton (interpreter)"
+    try:
+        report = check_case(spec, case, dtype=dtype, device=device, backend=backend)
+        q, k, v, tensors = make_inputs(case, device)
+        q, k, v = (x.to(dtype).requires_grad_(True) for x in (q, k, v))
+        tensors = {n: (t.to(dtype) if t.is_floating_point() else t) for n, t in tensors.items()}
+        opts = dict(case.options, **case.tensor_options(tensors))
+
+        def forward():
+            with torch.no_grad():
+                attention(q, k, v, name, backend, **opts)
+
+        def forward_backward():
+            out = attention(q, k, v, name, backend, **opts)
+            out = out[0] if isinstance(out, tuple) else out
+            out.sum().backward()
+
+        t_fwd, _ = measure(forward, device, repeats)
+        t_all, peak = measure(forward_backward, device, repeats) if case.grad else (None, None)
+        status = "ok" if report.ok else "FAILED: " + ", ".join(c.name for c in report.comparisons if not c.ok)
+        return [name, label, f"{report.max_error:.2e}", f"{t_fwd * 1e3:.2f}",
+                "-" if t_all is None else f"{t_all * 1e3:.2f}", _fmt_bytes(peak), status]
+    except Exception as exc:  # report and go on with the other variants
+        return [name, label, "-", "-", "-", "-", f"error: {type(exc).__name__}: {exc}"[:80]]
+
+
 def run(variants: Sequence[str], batch: int, heads: int, seqlen: int, head_dim: int, dtype: torch.dtype,
         device: torch.device, repeats: int, backends: Sequence[str]) -> List[List[str]]:
     rows = []
-    progress = Progress(len(variants) * len(backends))
+    bar = progress_bar(len(variants) * len(backends))
     for name in variants:
         spec = attnkit.get_variant(name)
         case = spec.demo_case(batch, heads, seqlen, head_dim)
         for backend in backends:
-            progress.step(f"{name} / {backend}")
-            label = backend
-            if backend == "triton":
-                if spec.kernel is None:
-                    rows.append([name, backend, "-", "-", "-", "-", "no kernel"])
-                    continue
-                if device.type == "cpu":
-                    label = "triton (interpreter)"
-            try:
-                report = check_case(spec, case, dtype=dtype, device=device, backend=backend)
-                q, k, v, tensors = make_inputs(case, device)
-                q, k, v = (x.to(dtype).requires_grad_(True) for x in (q, k, v))
-                tensors = {n: (t.to(dtype) if t.is_floating_point() else t) for n, t in tensors.items()}
-                opts = dict(case.options, **case.tensor_options(tensors))
-
-                def forward():
-                    with torch.no_grad():
-                        attention(q, k, v, name, backend, **opts)
-
-                def forward_backward():
-                    out = attention(q, k, v, name, backend, **opts)
-                    out = out[0] if isinstance(out, tuple) else out
-                    out.sum().backward()
-
-                t_fwd, _ = measure(forward, device, repeats)
-                t_all, peak = measure(forward_backward, device, repeats) if case.grad else (None, None)
-                status = "ok" if report.ok else "FAILED: " + ", ".join(c.name for c in report.comparisons if not c.ok)
-                rows.append([name, label, f"{report.max_error:.2e}", f"{t_fwd * 1e3:.2f}",
-                             "-" if t_all is None else f"{t_all * 1e3:.2f}", _fmt_bytes(peak), status])
-            except Exception as exc:  # report and go on with the other variants
-                rows.append([name, label, "-", "-", "-", "-", f"error: {type(exc).__name__}: {exc}"[:80]])
-    progress.close()
+            announce(bar, len(rows) + 1, f"{name} / {backend}")
+            rows.append(check_one(spec, case, backend, dtype, device, repeats))
+            bar.update()
+    bar.close()
     return rows
 
 
@@ -159,18 +160,40 @@ def format_table(rows: List[List[str]]) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default; the description keeps its paragraphs."""
+
+
+def build_parser(cuda: bool) -> argparse.ArgumentParser:
+    """The command line; defaults depend on whether a GPU is present (``cuda``): large
+    problems natively, small ones through the interpreter."""
+
+    def sizes(gpu: Any, cpu: Any) -> Any:
+        return gpu if cuda else cpu
+
+    parser = argparse.ArgumentParser(prog="python -m attnkit", formatter_class=_HelpFormatter,
+                                     description=__doc__.replace("``", ""))
+    parser.add_argument("--variants", default="all",
+                        help="comma-separated variant names, or 'all'; registered: " + ", ".join(attnkit.list_variants()))
+    parser.add_argument("--batch", type=int, default=sizes(2, 1), help="batch size B (GPU 2, CPU 1)")
+    parser.add_argument("--heads", type=int, default=sizes(16, 2), help="heads H (GPU 16, CPU 2)")
+    parser.add_argument("--seqlen", type=int, default=sizes(4096, 128),
+                        help="sequence length N of the variant's demo problem (GPU 4096, CPU 128)")
+    parser.add_argument("--head-dim", type=int, default=sizes(128, 32), help="head dim D (GPU 128, CPU 32)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=sizes("bfloat16", "float32"),
+                        help="input dtype (GPU bfloat16, CPU float32: the interpreter computes bfloat16 "
+                             "tl.dot wrongly)")
+    parser.add_argument("--repeats", type=int, default=sizes(10, 1),
+                        help="timed runs per measurement, after one warm-up; the median is shown (GPU 10, CPU 1)")
+    parser.add_argument("--backends", default="reference,triton",
+                        help="comma-separated backends to run: reference, triton (on CPU the Triton kernels run "
+                             "through the interpreter)")
+    return parser
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     cuda = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(prog="python -m attnkit", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", default="all", help="comma-separated names (default: all registered)")
-    parser.add_argument("--batch", type=int, default=2 if cuda else 1)
-    parser.add_argument("--heads", type=int, default=16 if cuda else 2)
-    parser.add_argument("--seqlen", type=int, default=4096 if cuda else 128)
-    parser.add_argument("--head-dim", type=int, default=128 if cuda else 32)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16" if cuda else "float32")
-    parser.add_argument("--repeats", type=int, default=10 if cuda else 1)
-    parser.add_argument("--backends", default="reference,triton", help="comma-separated: reference, triton")
-    args = parser.parse_args(argv)
+    args = build_parser(cuda).parse_args(argv)
 
     names = attnkit.list_variants() if args.variants == "all" else [n.strip() for n in args.variants.split(",")]
     for n in names:
