@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Type, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -17,7 +18,7 @@ import torch.distributed as dist
 T = TypeVar("T")
 
 
-def world(group=None) -> Tuple[int, int]:
+def world(group=None) -> tuple[int, int]:
     """(rank, world size) of this process in ``group`` (None: the default group).
 
     Without an initialized process group (and no group given) the world is one rank:
@@ -51,10 +52,10 @@ class Field(NamedTuple):
 
     what: str
     value: Any
-    error: Type[Exception] = ValueError
+    error: type[Exception] = ValueError
 
 
-def input_fields(shape_what: str, sizes: Sequence[int], names: str, x: torch.Tensor) -> List[Field]:
+def input_fields(shape_what: str, sizes: Sequence[int], names: str, x: torch.Tensor) -> list[Field]:
     """The fields of a call's tensors: the sizes (described by ``shape_what``), and the dtype
     and device type of ``x`` (the caller has checked that ``names`` share them)."""
     return [Field(shape_what, tuple(sizes)), Field(f"the dtype of {names}", x.dtype, TypeError),
@@ -108,7 +109,7 @@ def _encode(payload: dict) -> bytes:
     return data
 
 
-def _all_gather_payloads(payload: dict, group, size: int) -> List[dict]:
+def _all_gather_payloads(payload: dict, group, size: int) -> list[dict]:
     data = _encode(payload)
     buf = torch.zeros(_AGREEMENT_BYTES, dtype=torch.uint8)
     buf[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -121,17 +122,17 @@ def _all_gather_payloads(payload: dict, group, size: int) -> List[dict]:
 
 def _by_value(values: Sequence[str]) -> str:
     """'rank 0: a; ranks 1, 2: b' (ranks grouped by value, in rank order)."""
-    groups: Dict[str, List[int]] = {}
+    groups: dict[str, list[int]] = {}
     for r, value in enumerate(values):
         groups.setdefault(value, []).append(r)
     return "; ".join(f"rank {ranks[0]}: {value}" if len(ranks) == 1
                      else f"ranks {', '.join(map(str, ranks))}: {value}" for value, ranks in groups.items())
 
 
-def _disagreement(per_rank: List[dict]) -> Tuple[Optional[str], Type[Exception]]:
+def _disagreement(per_rank: list[dict]) -> tuple[str | None, type[Exception]]:
     """The error every rank raises for the gathered payloads (None when they agree)."""
     op = per_rank[0]["op"]
-    rejected: Dict[Tuple[str, str], List[int]] = {}
+    rejected: dict[tuple[str, str], list[int]] = {}
     for r, p in enumerate(per_rank):
         if "error" in p:
             rejected.setdefault(tuple(p["error"]), []).append(r)
@@ -156,7 +157,7 @@ def _disagreement(per_rank: List[dict]) -> Tuple[Optional[str], Type[Exception]]
     return f"{op}: " + ". ".join(parts), _KEPT_TYPES.get(kinds[0], ValueError)
 
 
-def agree(op: str, check: Callable[[], Tuple[T, Sequence[Field]]], group, size: int) -> T:
+def agree(op: str, check: Callable[[], tuple[T, Sequence[Field]]], group, size: int) -> T:
     """Validate this rank's call, then make every rank of ``group`` agree on it, before any
     transfer. Collective: every rank of the group calls it with the same ``op``.
 
@@ -174,7 +175,7 @@ def agree(op: str, check: Callable[[], Tuple[T, Sequence[Field]]], group, size: 
     """
     if size == 1:
         return check()[0]
-    failure: Optional[Exception] = None
+    failure: Exception | None = None
     try:
         result, fields = check()
         payload = {"op": op, "fields": [[f.what, render(f.value), f.error.__name__] for f in fields]}
@@ -198,7 +199,7 @@ class Ring:
         self.send_to = global_rank(group, (rank + 1) % size)
         self.recv_from = global_rank(group, (rank - 1) % size)
 
-    def start(self, tensors: Sequence[torch.Tensor], tag: int = 0) -> Tuple[List[torch.Tensor], list]:
+    def start(self, tensors: Sequence[torch.Tensor], tag: int = 0) -> tuple[list[torch.Tensor], list]:
         tensors = [t.contiguous() for t in tensors]
         bufs = [torch.empty_like(t) for t in tensors]
         ops = [dist.P2POp(dist.isend, t, self.send_to, self.group, tag) for t in tensors]
@@ -249,7 +250,7 @@ class AllReduceSumReplicated(torch.autograd.Function):
         return grad, None
 
 
-def all_gather_async(x: torch.Tensor, group, size: int) -> Tuple[List[torch.Tensor], Optional[object]]:
+def all_gather_async(x: torch.Tensor, group, size: int) -> tuple[list[torch.Tensor], object | None]:
     """Start an all-gather of x; returns the output list and the work handle."""
     x = x.contiguous()
     out = [torch.empty_like(x) for _ in range(size)]

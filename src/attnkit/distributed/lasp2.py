@@ -23,7 +23,8 @@ two small matmuls in plain PyTorch here.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -77,10 +78,10 @@ class _PrefixCombine(torch.autograd.Function):
         return dM, da, None, None, None, None
 
 
-def _lasp2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rates: Optional[torch.Tensor], scale: float,
+def _lasp2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rates: torch.Tensor | None, scale: float,
            intra: Callable[[], torch.Tensor], group) -> torch.Tensor:
     rank, size = world(group)
-    B, H, L, _ = q.shape
+    _, H, L, _ = q.shape
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     s = torch.zeros(H, dtype=compute, device=q.device) if rates is None else rates.to(compute)
     pos = torch.arange(L, dtype=compute, device=q.device)
@@ -95,7 +96,7 @@ def _lasp2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rates: Optional[to
 
 
 def _checked(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, variant: str,
-             options: Dict[str, Any]) -> int:
+             options: dict[str, Any]) -> int:
     """Validate a LASP-2 call as ``variant`` would and make the ranks agree on it (shapes,
     dtypes, and ``options``, the scale as it acts); returns the world size."""
     _, size = world(group)
@@ -115,7 +116,7 @@ def _checked(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, 
 
 
 def lasp2_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
-                           decay: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
+                           decay: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
     """Causal linear attention over a sequence sharded across ranks (LASP-2).
 
     Args:

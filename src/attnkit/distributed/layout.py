@@ -14,7 +14,7 @@ is masked, which is how ring attention skips and balances causal work.
 
 from __future__ import annotations
 
-from typing import List, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -151,7 +151,7 @@ class Block(NamedTuple):
     causal: bool
 
 
-def block_plan(layout: str, rank: int, source: int, local: int, causal: bool) -> List[Block]:
+def block_plan(layout: str, rank: int, source: int, local: int, causal: bool) -> list[Block]:
     """The work between the query shard of ``rank`` and the key shard of ``source``.
 
     Each shard has ``local`` tokens in increasing position order; with ``causal``

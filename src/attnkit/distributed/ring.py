@@ -14,8 +14,6 @@ with the block, and one last transfer brings every dK/dV home (W - 1 + W transfe
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ..checks import check_flag, check_qkv, check_scale, check_softcap
@@ -30,7 +28,7 @@ _KV_TAG, _GRAD_TAG = 0, 1
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, group, rank: int, size: int, layout: str, causal: bool, scale: float,
-                softcap: Optional[float]):
+                softcap: float | None):
         ctx.set_materialize_grads(False)
         B, Hq, L, _ = q.shape
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -101,7 +99,7 @@ class _RingAttention(torch.autograd.Function):
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None, layout: str = "zigzag",
-                   causal: bool = False, scale: Optional[float] = None, softcap: Optional[float] = None,
+                   causal: bool = False, scale: float | None = None, softcap: float | None = None,
                    return_lse: bool = False):
     """Exact softmax attention over a sequence sharded across the ranks of ``group``.
 

@@ -14,8 +14,6 @@ partial results around a ring.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 
@@ -25,7 +23,7 @@ from ._comm import AllReduceSumReplicated, Field, agree, input_fields, world
 
 
 def tree_decode(q: torch.Tensor, k_shard: torch.Tensor, v_shard: torch.Tensor, *, group=None,
-                scale: Optional[float] = None) -> torch.Tensor:
+                scale: float | None = None) -> torch.Tensor:
     """Attention of replicated queries over a KV cache split across ranks.
 
     Args:
@@ -49,7 +47,7 @@ def tree_decode(q: torch.Tensor, k_shard: torch.Tensor, v_shard: torch.Tensor, *
     every rank); k_shard/v_shard get their gradients, and q, being replicated, gets
     this rank's share: the sum of q.grad over the ranks is the gradient.
     """
-    rank, size = world(group)
+    _, size = world(group)
 
     def check():                # this rank's arguments; agree() makes every rank raise if one fails
         shapes = check_qkv(q, k_shard, v_shard)
