@@ -1,4 +1,5 @@
-"""Split-KV decoding (flash-decoding) over contiguous and paged KV caches.
+"""Split-KV decoding (flash-decoding) over contiguous and paged KV caches; why decoding has
+its own kernels instead of the fused engine's: docs/architecture.md, The decode path.
 
 Three small kernels:
 

@@ -1,6 +1,7 @@
 """The fused softmax-attention engine: one forward and one backward for every
 softmax variant, parameterized by a block schedule, an in-block token mask, and
-optional score and mask mods (see ``attnkit.engine.Schedule`` and ``attnkit.mods``)."""
+optional score and mask mods (see ``attnkit.engine.Schedule`` and ``attnkit.mods``;
+docs/architecture.md, The fused softmax engine)."""
 
 from attnkit.engine import BlockLists, Const, Schedule
 

@@ -4,7 +4,8 @@ Notation: a *segment* is a run of key blocks (query blocks in the dK/dV pass) th
 program visits. Segment 0 holds the *full* blocks, visited without any token mask;
 every later segment holds *partial* blocks, visited with the variant's mask and the
 mask_mod. In range mode the variant's range function returns the segments as
-``(lo, hi)`` pairs; in list mode they are the full and partial block lists.
+``(lo, hi)`` pairs; in list mode they are the full and partial block lists
+(docs/architecture.md, Schedules and hooks).
 """
 
 import triton

@@ -6,7 +6,8 @@ the variant's kernel supports the inputs, and the PyTorch reference otherwise.
 cannot run); on CPU tensors it runs only under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before the kernels are first imported).
 ``backend="reference"`` runs the PyTorch specification, upcasting float16/bfloat16
-to float32 for accuracy. :func:`explain` tells which backend a call would take and why.
+to float32 for accuracy. :func:`explain` tells which backend a call would take and why
+(docs/architecture.md, Backends and dispatch).
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ cannot cross the op boundary, so they travel as keys of a table that holds each 
 by **identity**: two functions with the same name are two hooks, and a redefined
 function never runs its predecessor's code.
 
-Nothing here imports triton until a kernel runs.
+Nothing here imports triton until a kernel runs. docs/architecture.md (The fused softmax
+engine) explains how schedules, hooks and mods fit together.
 """
 
 from __future__ import annotations

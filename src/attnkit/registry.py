@@ -4,7 +4,7 @@ A variant states its options (with defaults), a reference, a kernel, how to
 validate its options, what the kernel supports, and a few example problems that
 the shared contract test and ``python -m attnkit`` run. Third-party code adds a
 variant with :func:`register_variant` and gets dispatch, ``explain`` and the
-verification harness for free.
+verification harness for free (docs/architecture.md, The registry).
 """
 
 from __future__ import annotations
