@@ -131,6 +131,13 @@ def ulysses_bad_head_window(rank):
                   "ranks 0, 1 rejected their inputs", "window")
 
 
+def ulysses_packed(rank):
+    q, k, v = qkv(n=6)
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    return raised(lambda: ulysses_attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu), ValueError,
+                  "ranks 0, 1 rejected their inputs", "does not take packed batches (cu_seqlens_q)")
+
+
 def tree_scale(rank):
     q, k, v = rand(1, 1, 2, 1, 16), rand(2, 1, 2, 3 + rank, 16), rand(3, 1, 2, 3 + rank, 16)
     return raised(lambda: tree_decode(q, k, v, scale=[0.25, 0.5][rank]), ValueError,
@@ -226,6 +233,7 @@ CHECKS = {
     "ulysses_dtype": ulysses_dtype,
     "ulysses_bad_window_on_one_rank": ulysses_bad_window,
     "ulysses_bad_head_window": ulysses_bad_head_window,
+    "ulysses_packed": ulysses_packed,
     "tree_scale": tree_scale,
     "tree_dtype": tree_dtype,
     "tree_bad_input_on_one_rank": tree_bad_input,

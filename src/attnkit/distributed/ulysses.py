@@ -74,6 +74,10 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grou
     def check():                # this rank's arguments; agree() makes every rank raise if one fails
         spec = get_variant(variant)
         shapes = check_qkv(q, k, v)
+        packed = [name for name, value in options.items()
+                  if name.startswith("cu_seqlens") and isinstance(value, torch.Tensor)]
+        if packed:
+            raise ValueError(f"ulysses_attention does not take packed batches ({packed[0]}): shard each sequence")
         resolved = spec.resolve_options(options)
         whole = shapes._replace(seqlen_q=shapes.seqlen_q * size, seqlen_k=shapes.seqlen_k * size)
         spec.validate(*_stand_ins(q, k, v, whole), resolved)       # the whole problem, as the user posed it
@@ -87,11 +91,8 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grou
         heads = shapes.heads_q // size
         local_options = {}
         for name, value in options.items():
-            if isinstance(value, torch.Tensor):
-                if name.startswith("cu_seqlens"):
-                    raise ValueError(f"ulysses_attention does not take packed batches ({name}): shard each sequence")
-                if value.dim() >= 1 and value.shape[0] == shapes.heads_q:
-                    value = value[rank * heads:(rank + 1) * heads]
+            if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == shapes.heads_q:
+                value = value[rank * heads:(rank + 1) * heads]
             local_options[name] = value
         # What this rank will run after the exchange: checked now, so that no rank fails
         # between the all-to-alls and leaves the others waiting.
