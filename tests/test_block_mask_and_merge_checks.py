@@ -7,13 +7,12 @@ import math
 
 import pytest
 import torch
+from conftest import DEVICE
 
 import attnkit
 from attnkit import BlockMask
 from attnkit.registry import Case
 from attnkit.testing import check_case
-
-from conftest import DEVICE
 
 # ----------------------------------------------------------------------------- BlockMask ranges
 

@@ -3,14 +3,15 @@ the LSE merge (split-KV decoding, ring attention, sinks kept apart from a window
 
 from __future__ import annotations
 
-from typing import Any, List, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from .checks import check_same, check_tensor, checking_values
 
 
-def _check_parts(outputs: Any, lses: Any) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+def _check_parts(outputs: Any, lses: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The parts as lists, checked: as many outputs as lses (at least one), every output
     (B, H, N, Dv) of one shape and dtype, every lse (B, H, N) floating of one dtype, all on
     one device."""
@@ -44,7 +45,7 @@ def _check_parts(outputs: Any, lses: Any) -> Tuple[List[torch.Tensor], List[torc
 
 
 def merge_attention(outputs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]
-                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine attention over disjoint key sets into attention over their union.
 
     Args:

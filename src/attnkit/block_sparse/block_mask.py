@@ -18,21 +18,22 @@ The optional causal mask of :func:`attnkit.block_sparse_attention` applies on to
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
 from ..engine import dense_to_lists, make_block_lists
 from ..mods import MaskMod, Problem
 
-BlockSize = Union[int, Sequence[int]]
+BlockSize = int | Sequence[int]
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _pair(name: str, value: Any) -> Tuple[int, int]:
+def _pair(name: str, value: Any) -> tuple[int, int]:
     """An int or a pair of ints, each >= 1."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int or a pair of ints, got bool")
@@ -97,7 +98,7 @@ def _check_list_values(count_name: str, index_name: str, kv_num_blocks: torch.Te
 
 
 def _checked_lists(count_name: str, index_name: str, kv_num_blocks: Any, kv_indices: Any, rows: int, cols: int
-                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Validated int32 (counts, indices) and their boolean (Bm, Hm, R, C) tile map."""
     _check_list_tensors(count_name, index_name, kv_num_blocks, kv_indices)
     if 0 in kv_num_blocks.shape[:2]:
@@ -141,8 +142,8 @@ class BlockMask:
     """
 
     def __init__(self, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, block_size: BlockSize,
-                 seq_lens: Sequence[int], *, full_kv_num_blocks: Optional[torch.Tensor] = None,
-                 full_kv_indices: Optional[torch.Tensor] = None, mask_mod: Optional[MaskMod] = None):
+                 seq_lens: Sequence[int], *, full_kv_num_blocks: torch.Tensor | None = None,
+                 full_kv_indices: torch.Tensor | None = None, mask_mod: MaskMod | None = None):
         self.block_size = _pair("block_size", block_size)
         self.seq_lens = _pair("seq_lens", seq_lens)
         if mask_mod is not None and not isinstance(mask_mod, MaskMod):
@@ -169,14 +170,14 @@ class BlockMask:
         self._partial = dense
         self._full = full_dense
         self._dense = dense | full_dense
-        self._transposed: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-        self._engine_cache: Dict[Any, Any] = {}
-        self._device_cache: Dict[torch.device, "BlockMask"] = {}
+        self._transposed: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._engine_cache: dict[Any, Any] = {}
+        self._device_cache: dict[torch.device, BlockMask] = {}
 
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_dense(cls, block_bool: torch.Tensor, block_size: BlockSize,
-                   seq_lens: Optional[Sequence[int]] = None) -> "BlockMask":
+                   seq_lens: Sequence[int] | None = None) -> BlockMask:
         """From a boolean block matrix.
 
         Args:
@@ -204,9 +205,9 @@ class BlockMask:
         return cls(counts, index, (bq, bk), (nq, nk))
 
     @classmethod
-    def from_mask_fn(cls, fn: Callable[..., torch.Tensor], B: Optional[int], H: Optional[int], Nq: int, Nk: int,
-                     block_size: BlockSize, *, device: Union[str, torch.device] = "cpu",
-                     chunk_elements: int = 1 << 24) -> "BlockMask":
+    def from_mask_fn(cls, fn: Callable[..., torch.Tensor], B: int | None, H: int | None, Nq: int, Nk: int,
+                     block_size: BlockSize, *, device: str | torch.device = "cpu",
+                     chunk_elements: int = 1 << 24) -> BlockMask:
         """From a token mask function, at block granularity: a tile is listed when any of its pairs is True.
 
         ``fn(b, h, q_idx, kv_idx) -> bool tensor`` is called vectorized, with int64 tensors
@@ -256,7 +257,7 @@ class BlockMask:
         return cls.from_dense(dense, (bq, bk), (Nq, Nk))
 
     @classmethod
-    def from_torch(cls, block_mask: Any) -> "BlockMask":
+    def from_torch(cls, block_mask: Any) -> BlockMask:
         """From a ``torch.nn.attention.flex_attention.BlockMask``: its partial and full
         blocks are merged into one list. Its ``mask_mod`` is not kept: attnkit computes
         every pair of a listed tile (so the result equals FlexAttention with the same
@@ -283,7 +284,7 @@ class BlockMask:
 
     # ------------------------------------------------------------------ views
     @property
-    def shape(self) -> Tuple[int, int, int, int]:
+    def shape(self) -> tuple[int, int, int, int]:
         """(Bm, Hm, R, C): batch and head dims of the lists (1 = broadcast), query and key blocks."""
         bm, hm, rows = self.kv_num_blocks.shape
         return bm, hm, rows, self.num_key_blocks
@@ -309,7 +310,7 @@ class BlockMask:
         """Fraction of tiles computed, in [0, 1]."""
         return 1.0 - self.sparsity() / 100.0
 
-    def _transpose(self) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _transpose(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._transposed is None:
             self._transposed = dense_to_lists(self._dense.transpose(-1, -2))
         return self._transposed
@@ -324,7 +325,7 @@ class BlockMask:
         """int32 (Bm, Hm, C, L'): for each key block, the query blocks that list it (ascending)."""
         return self._transpose()[1]
 
-    def to(self, device: Union[str, torch.device]) -> "BlockMask":
+    def to(self, device: str | torch.device) -> BlockMask:
         """This mask on ``device`` (cached; self when already there)."""
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
@@ -388,7 +389,7 @@ class BlockMask:
                 f"seq_lens={self.seq_lens}, sparsity={self.sparsity():.1f}%)")
 
     # ------------------------------------------------------------------ engine lists
-    def causal_split(self, causal: bool, masked: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    def causal_split(self, causal: bool, masked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Boolean (Bm, Hm, R, C) ``full`` and ``partial`` tiles for the engine.
 
         Tiles listed as partial need this mask's mask_mod; the others are full. With
@@ -425,8 +426,8 @@ class BlockMask:
         return self._engine_cache[key]
 
 
-def create_block_mask(mask_mod: MaskMod, B: Optional[int], H: Optional[int], Nq: int, Nk: int, *,
-                      block_size: BlockSize = 128, device: Union[str, torch.device, None] = None,
+def create_block_mask(mask_mod: MaskMod, B: int | None, H: int | None, Nq: int, Nk: int, *,
+                      block_size: BlockSize = 128, device: str | torch.device | None = None,
                       chunk_elements: int = 1 << 24) -> BlockMask:
     """A BlockMask whose tiles follow ``mask_mod`` exactly (FlexAttention's ``create_block_mask``).
 

@@ -7,7 +7,7 @@ only listed key blocks, forward and backward.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
 
@@ -19,8 +19,8 @@ from ..registry import Case, Variant, register_variant
 from .block_mask import BlockMask
 from .reference import block_sparse_mods, block_sparse_reference
 
-OPTIONS: Dict[str, Any] = dict(block_mask=None, causal=False, scale=None, softcap=None, score_mod=None,
-                               mask_mod=None, return_lse=False)
+OPTIONS: dict[str, Any] = {"block_mask": None, "causal": False, "scale": None, "softcap": None, "score_mod": None,
+                           "mask_mod": None, "return_lse": False}
 #: the engine's smallest kernel tile; list block sizes must be multiples of it
 KERNEL_TILE = 16
 
@@ -45,7 +45,7 @@ def check_block_mask(block_mask: Any, shapes: Shapes) -> BlockMask:
     return block_mask
 
 
-def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[str, Any]) -> Shapes:
+def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict[str, Any]) -> Shapes:
     shapes = check_qkv(q, k, v)
     check_block_mask(options["block_mask"], shapes)
     check_flag("causal", options["causal"])
@@ -56,7 +56,7 @@ def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[st
     return shapes
 
 
-def fixed_tile(list_block: Optional[Tuple[int, int]] = None) -> Optional[Dict[str, int]]:
+def fixed_tile(list_block: tuple[int, int] | None = None) -> dict[str, int] | None:
     """The engine's fixed kernel tile (the interpreter's, or force_config's), or None when it
     autotunes. ``list_block``: the (BQ, BK) of a list schedule, which the interpreter's tile
     shrinks to divide (a forced tile does not)."""
@@ -65,7 +65,7 @@ def fixed_tile(list_block: Optional[Tuple[int, int]] = None) -> Optional[Dict[st
     return configs.fixed_config(list_block)
 
 
-def list_tile_blockers(block_mask: BlockMask) -> List[str]:
+def list_tile_blockers(block_mask: BlockMask) -> list[str]:
     """Reasons the engine's list mode cannot take this mask's block sizes (empty if it can)."""
     reasons = []
     bq, bk = block_mask.block_size
@@ -81,13 +81,13 @@ def list_tile_blockers(block_mask: BlockMask) -> List[str]:
     return reasons
 
 
-def kernel_support(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[str, Any]) -> List[str]:
+def kernel_support(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict[str, Any]) -> list[str]:
     return head_dim_blockers(q, v) + list_tile_blockers(options["block_mask"])
 
 
 def block_sparse_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_mask: BlockMask,
-                        causal: bool = False, scale: Optional[float] = None, softcap: Optional[float] = None,
-                        score_mod: Optional[ScoreMod] = None, mask_mod: Optional[MaskMod] = None,
+                        causal: bool = False, scale: float | None = None, softcap: float | None = None,
+                        score_mod: ScoreMod | None = None, mask_mod: MaskMod | None = None,
                         return_lse: bool = False):
     """The Triton path of :func:`block_sparse_attention` (same arguments, no dispatch)."""
     from ..kernels import block_sparse as kernels
@@ -106,8 +106,8 @@ def block_sparse_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bl
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, *,
-                           causal: bool = False, scale: Optional[float] = None, softcap: Optional[float] = None,
-                           score_mod: Optional[ScoreMod] = None, mask_mod: Optional[MaskMod] = None,
+                           causal: bool = False, scale: float | None = None, softcap: float | None = None,
+                           score_mod: ScoreMod | None = None, mask_mod: MaskMod | None = None,
                            return_lse: bool = False, backend: str = "auto"):
     """Softmax attention over the tiles of a block mask.
 
@@ -148,7 +148,7 @@ def _random_mask(batch: int, heads: int, nq: int, nk: int, block_size, density: 
     return BlockMask.from_dense(dense, (bq, bk), (nq, nk))
 
 
-def examples() -> List[Case]:
+def examples() -> list[Case]:
     return [
         Case((1, 2, 100, 32), (1, 2, 100, 32), (1, 2, 100, 32),
              {"block_mask": _random_mask(1, 2, 100, 100, 32, 0.5, seed=1)}, name="random_per_head"),
