@@ -12,6 +12,10 @@ several kernel tilings (a bug in a schedule often shows at one tile shape only):
 
     attnkit.testing.check_variant("flash", dtype=torch.float16, device="cuda")
     attnkit.testing.check_variant("mine", tilings=attnkit.testing.TILINGS)
+
+The second line runs on CPU tensors (the default device), which the kernels take only
+through Triton's interpreter: set ``TRITON_INTERPRET=1`` before triton is first imported
+(on the command line, or in ``os.environ`` before ``import attnkit``).
 """
 
 from __future__ import annotations
@@ -241,6 +245,8 @@ def check_variant(variant: Any, cases: Optional[Sequence[Any]] = None, *, dtype:
     once per tiling with the engine forced to it (a tiling the kernel refuses for a case
     is reported, not failed). Without it the kernels use their own configuration.
     Raises AssertionError listing every failing comparison unless ``raise_on_failure=False``.
+    On CPU (``device="cpu"``) the kernel runs only under ``TRITON_INTERPRET=1`` (set before
+    triton is first imported); otherwise the call raises ValueError saying so.
     """
     from .registry import get_variant
 
