@@ -208,7 +208,10 @@ class BlockMask:
     def from_mask_fn(cls, fn: Callable[..., torch.Tensor], B: int | None, H: int | None, Nq: int, Nk: int,
                      block_size: BlockSize, *, device: str | torch.device = "cpu",
                      chunk_elements: int = 1 << 24) -> BlockMask:
-        """From a token mask function, at block granularity: a tile is listed when any of its pairs is True.
+        """From a token mask function, at block granularity: a tile is listed when any of its pairs is
+        True, and attention computes every pair of a listed tile (no mask_mod is kept; for
+        token-exact FlexAttention semantics use :func:`create_block_mask` with a MaskMod).
+        ``q_idx`` is the query row 0..Nq-1 (top-left, as FlexAttention's).
 
         ``fn(b, h, q_idx, kv_idx) -> bool tensor`` is called vectorized, with int64 tensors
         of shapes (Bm, 1, 1, 1), (1, Hm, 1, 1), (1, 1, Mq, 1) and (1, 1, 1, Mk), and must
@@ -302,7 +305,10 @@ class BlockMask:
         return self._dense.clone()
 
     def sparsity(self) -> float:
-        """Percentage of the (R * BQ) x (C * BK) block grid that is skipped (FlexAttention's definition)."""
+        """Percentage of tiles not computed: 100 * (1 - listed / (Bm * Hm * R * C)), i.e. of the padded
+        (R * BQ) x (C * BK) grid. torch's BlockMask.sparsity() divides by the unpadded Nq * Nk
+        instead, so the two differ (torch's can be negative) when Nq or Nk is not a multiple
+        of the block size."""
         bm, hm, rows, cols = self.shape
         return 100.0 * (1.0 - int(self._dense.sum()) / (bm * hm * rows * cols))
 
