@@ -3,10 +3,18 @@
 Each training sequence is a random pattern of ``--period`` tokens repeated to fill the
 context: after the first period every token is predictable by looking exactly one
 period back, which needs attention that can reach that far. Loss curves of the chosen
-variants are printed and, when matplotlib is installed, plotted to ``--plot``.
+variants are printed and, when matplotlib is installed (it is optional: the ``plot``
+extra, ``pip install -e '.[plot]'``), plotted to ``--plot``.
 
-    python examples/train_gpt.py                         # all four variants, about 20 s on a 2-core CPU
+    python examples/train_gpt.py                         # all four variants, 300 steps each
     python examples/train_gpt.py --variant sliding_window --steps 300
+
+On CPU the default run is about one minute of compute: 61 CPU-seconds measured on the
+project's 2-core box, with one thread. On a machine busy with other work, run it as
+``OMP_NUM_THREADS=1 python examples/train_gpt.py``: the model is tiny, and PyTorch's
+intra-op threads otherwise spin against the other processes. On that 2-core box, shared
+with other jobs, the default run took 3.5 min with one thread; with PyTorch's default
+two threads flash alone took 12.5 min (all four: about 55 min, extrapolated from 30 steps).
 
 Expect flash, sliding_window (window = period + 1) and moba (block = period, top-3) to
 learn the copy exactly, and lightning not to: a linear-attention layer keeps a fixed-size
@@ -95,6 +103,22 @@ def train(variant: str, args: argparse.Namespace) -> List[float]:
     return losses
 
 
+def pyplot():
+    """matplotlib.pyplot (non-interactive backend), or None with a note on how to get it:
+    the plot is optional, the training and the printed losses are not."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed, so no plot will be saved; install it with "
+              "pip install -e '.[plot]' in the attnkit checkout (or pip install matplotlib), or pass --plot '' "
+              "to skip the plot")
+        return None
+    return plt
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", default="all", help=f"one of {VARIANTS} or 'all'")
@@ -113,6 +137,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
+    plt = pyplot() if args.plot else None  # said before training, not after it
     variants = VARIANTS if args.variant == "all" else (args.variant,)
     curves = {}
     for variant in variants:
@@ -122,15 +147,7 @@ def main() -> None:
     print("\nfinal loss (mean of the last 20 steps):")
     for variant, losses in curves.items():
         print(f"  {variant:<15} {sum(losses[-20:]) / len(losses[-20:]):.3f}")
-    if args.plot:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            print("matplotlib is not installed: no plot")
-            return
+    if plt is not None:
         fig, ax = plt.subplots(figsize=(6, 4))
         for variant, losses in curves.items():
             ax.plot(losses, label=variant)
