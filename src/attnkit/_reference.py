@@ -20,9 +20,11 @@ ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def expand_kv_heads(x: torch.Tensor, heads_q: int) -> torch.Tensor:
-    """GQA/MQA mapping: (B, Hkv, ...) -> (B, Hq, ...); query head h reads kv head h // (Hq // Hkv)."""
-    groups = heads_q // x.shape[1]
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+    """GQA/MQA mapping: (B, Hkv, ...) -> (B, Hq, ...); query head h reads kv head h // (Hq // Hkv).
+    With Hq = 0 (an empty problem) no kv head is read: (B, 0, ...)."""
+    if x.shape[1] == heads_q:
+        return x
+    return x.repeat_interleave(heads_q // x.shape[1], dim=1)
 
 
 def softmax_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,

@@ -31,8 +31,14 @@ class Shapes(NamedTuple):
 
     @property
     def groups(self) -> int:
-        """Query heads per key/value head (1 for MHA, Hq for MQA)."""
-        return self.heads_q // self.heads_kv
+        """Query heads per key/value head (1 for MHA, Hq for MQA; 1 when both are 0)."""
+        return self.heads_q // self.heads_kv if self.heads_kv else 1
+
+    @property
+    def empty(self) -> bool:
+        """No batch entry, query head, query or key: nothing for a kernel to compute (dispatch
+        answers from the reference: empty outputs, or zeros with LSE -inf when Nk = 0)."""
+        return 0 in (self.batch, self.heads_q, self.seqlen_q, self.seqlen_k)
 
 
 def constant_under_compile(fn):
@@ -72,6 +78,13 @@ def check_same(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
                             "all inputs must share one dtype")
 
 
+def check_heads(heads_q: int, heads_kv: int, kv: str = "the number of key/value heads") -> None:
+    """GQA/MQA: the kv heads divide the query heads. No query heads (an empty problem, as
+    torch's SDPA allows) goes with any number of kv heads; query heads need at least one."""
+    if heads_q and (heads_kv == 0 or heads_q % heads_kv != 0):
+        raise ValueError(f"the number of query heads ({heads_q}) must be a multiple of {kv} ({heads_kv}) for GQA/MQA")
+
+
 def check_qkv(q: object, k: object, v: object, *, spatial_dims: int = 1) -> Shapes:
     """Check the common (B, H, *spatial, D) interface and return the sizes.
 
@@ -93,9 +106,7 @@ def check_qkv(q: object, k: object, v: object, *, spatial_dims: int = 1) -> Shap
     Hkv = k.shape[1]
     if v.shape[1] != Hkv:
         raise ValueError(f"k and v must have the same number of heads, got {Hkv} and {v.shape[1]}")
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"the number of query heads ({Hq}) must be a multiple of the number of "
-                         f"key/value heads ({Hkv}) for GQA/MQA")
+    check_heads(Hq, Hkv)
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(f"q and k must have the same head dim, got {q.shape[-1]} and {k.shape[-1]}")
     if k.shape[2:-1] != v.shape[2:-1]:
@@ -103,9 +114,7 @@ def check_qkv(q: object, k: object, v: object, *, spatial_dims: int = 1) -> Shap
                          f"and {tuple(v.shape[2:-1])}")
     if q.shape[-1] == 0 or v.shape[-1] == 0:
         raise ValueError("head dims must be at least 1")
-    if 0 in q.shape or 0 in k.shape:
-        raise ValueError(f"empty inputs: q has shape {tuple(q.shape)}, k has shape {tuple(k.shape)}; "
-                         "batch, heads and sequence lengths must be at least 1")
+    # Empty batches, heads and sequences are allowed, as in torch's SDPA (Shapes.empty).
     return Shapes(B, Hq, Hkv, math.prod(q.shape[2:-1]), math.prod(k.shape[2:-1]), q.shape[-1], v.shape[-1])
 
 

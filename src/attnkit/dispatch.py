@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .checks import constant_under_compile
+from .checks import Shapes, constant_under_compile
 from .registry import Variant, get_variant
 
 BACKENDS = ("auto", "triton", "reference")
@@ -83,11 +83,19 @@ def _kernel_blockers(variant: Variant, q: torch.Tensor, k: torch.Tensor, v: torc
     return reasons
 
 
+#: why an empty problem takes the reference on every backend
+EMPTY_REASON = ("empty inputs (no batch entry, query head, query or key): there is nothing for a kernel to "
+                "compute; the reference gives the result (empty outputs; zeros and LSE -inf when Nk = 0), "
+                "with its autograd graph, on every backend")
+
+
 def _decide(variant: Variant, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[str, Any],
-            backend: str) -> Explanation:
+            backend: str, empty: bool = False) -> Explanation:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     blockers = _kernel_blockers(variant, q, k, v, options)
+    if empty:  # one place for every variant: no kernel is launched on an empty grid
+        return Explanation(variant.name, backend, "reference", [EMPTY_REASON], blockers)
     if backend == "reference":
         return Explanation(variant.name, backend, "reference", ["requested explicitly"], blockers)
     if backend == "triton":
@@ -114,8 +122,14 @@ def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str = "f
     """
     spec = get_variant(variant)
     opts = spec.resolve_options(options)
-    spec.validate(q, k, v, opts)
-    return _decide(spec, q, k, v, opts, backend)
+    shapes = spec.validate(q, k, v, opts)
+    return _decide(spec, q, k, v, opts, backend, _is_empty(shapes))
+
+
+def _is_empty(shapes: Any) -> bool:
+    """Whether validate's sizes describe an empty problem (a third party's validator may
+    return something other than Shapes: then it is not treated as empty)."""
+    return isinstance(shapes, Shapes) and shapes.empty
 
 
 def _upcast(x: Any) -> Any:
@@ -140,8 +154,8 @@ def _checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str, ba
     the backend; returns the variant, the options with defaults, and the backend decision."""
     spec = get_variant(variant)
     opts = spec.resolve_options(options)
-    spec.validate(q, k, v, opts)
-    decision = _decide(spec, q, k, v, opts, backend)
+    shapes = spec.validate(q, k, v, opts)
+    decision = _decide(spec, q, k, v, opts, backend, _is_empty(shapes))
     if decision.backend == "error":
         raise ValueError(f"backend='triton' cannot run variant {spec.name!r} on these inputs:\n  - "
                          + "\n  - ".join(decision.kernel_blockers))

@@ -15,8 +15,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ..checks import (FLOAT_DTYPES, Shapes, check_flag, check_head_vector, check_int, check_scale, check_softcap,
-                      checking_values)
+from ..checks import (FLOAT_DTYPES, Shapes, check_flag, check_head_vector, check_heads, check_int, check_scale,
+                      check_softcap, checking_values)
 from ..dispatch import attention
 from ..engine import head_dim_blockers
 from ..mods import ScoreMod
@@ -57,8 +57,8 @@ def _check_int_tensor(name: str, x: Any, shape: Tuple[int, ...], q: torch.Tensor
 def validate(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, options: Dict[str, Any]) -> Shapes:
     if not isinstance(q, torch.Tensor) or q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"q must be a floating tensor, got {getattr(q, 'dtype', type(q).__name__)}")
-    if q.dim() != 4 or 0 in q.shape:
-        raise ValueError(f"q must have shape (B, Hq, Nq, D) with every size >= 1, got {tuple(q.shape)}")
+    if q.dim() != 4 or q.shape[-1] == 0:  # B, Hq or Nq = 0 is an empty problem (dispatch answers it)
+        raise ValueError(f"q must have shape (B, Hq, Nq, D) with D >= 1, got {tuple(q.shape)}")
     _check_cache("k_cache", k_cache, q)
     _check_cache("v_cache", v_cache, q)
     B, Hq, Nq, D = q.shape
@@ -71,8 +71,7 @@ def validate(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, opti
     if k_cache.shape[-1] != D:
         raise ValueError(f"k_cache has head dim {k_cache.shape[-1]} but q has {D}; k_cache must be {layout}")
     Hkv = k_cache.shape[1]
-    if Hkv == 0 or Hq % Hkv:
-        raise ValueError(f"the number of query heads ({Hq}) must be a multiple of the cache's kv heads ({Hkv})")
+    check_heads(Hq, Hkv, "the cache's kv heads")
     if paged:
         if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2:
             raise ValueError(f"block_table must be an int32 tensor (B, max_pages), got "

@@ -53,8 +53,9 @@ def decode_score_mod(q: torch.Tensor, capacity: int, alibi_slopes: Optional[torc
 
 def decode_selection(q: torch.Tensor, k_cache: torch.Tensor, block_table: Optional[torch.Tensor],
                      seqlens: torch.Tensor, page_top_k: Optional[int], bounds: Optional[Tuple[torch.Tensor, ...]]):
-    """(kept pages (B, Hkv, K) int32, counts (B, Hkv)) of page_top_k, or (None, None)."""
-    if page_top_k is None:
+    """(kept pages (B, Hkv, K) int32, counts (B, Hkv)) of page_top_k, or (None, None); also
+    (None, None) without queries (Hq or Nq = 0): nothing to rank the pages by, nothing to attend."""
+    if page_top_k is None or q.shape[1] == 0 or q.shape[2] == 0:
         return None, None
     kmin, kmax = bounds if bounds is not None else page_bounds(k_cache, block_table, seqlens)
     scores = page_scores(q, kmin, kmax, block_table, seqlens, k_cache.shape[2])
@@ -104,7 +105,8 @@ def decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         lse_b = q.new_full((1, Hq, Nq), float("-inf"), dtype=lse_dtype(q))
         for key_tuple, kv_heads in heads_of.items():
             keys = torch.tensor(key_tuple, dtype=torch.long, device=q.device)
-            heads = torch.tensor([hk * groups + g for hk in kv_heads for g in range(groups)], device=q.device)
+            heads = torch.tensor([hk * groups + g for hk in kv_heads for g in range(groups)], dtype=torch.long,
+                                 device=q.device)  # long: the list is empty when Hq = 0
             kv_idx = torch.tensor(kv_heads, device=q.device)
             k_b = expand_kv_heads(gather_keys(k_cache, b, keys, block_table)[kv_idx][None], len(heads))
             v_b = expand_kv_heads(gather_keys(v_cache, b, keys, block_table)[kv_idx][None], len(heads))
@@ -126,6 +128,8 @@ def decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                 key_scores[b, heads[:, None], keys[None, :]] = probs[0].sum(dim=1).to(key_scores.dtype)
         outs.append(out_b)
         lses.append(lse_b)
+    if not outs:  # B = 0: an empty batch (decode has no backward, so nothing to connect)
+        outs, lses = [q.new_zeros(0, Hq, Nq, v_cache.shape[-1])], [q.new_zeros((0, Hq, Nq), dtype=lse_dtype(q))]
     out, lse = torch.cat(outs), torch.cat(lses)
     result = (out,)
     if return_lse:

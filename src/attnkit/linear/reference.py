@@ -85,12 +85,11 @@ def chunked_form(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: Opti
     """Same contract as :func:`recurrent_form`: the parallel form on chunks of ``chunk``
     rows, the state carried from chunk to chunk. Memory O(N (D + Dv) + chunk^2 + D Dv)."""
     outs = []
-    for start in range(0, q.shape[2], chunk):
+    # N = 0 still runs one (empty) chunk: out (B, H, 0, Dv), and the state passes through unchanged
+    for start in range(0, max(1, q.shape[2]), chunk):
         rows = slice(start, start + chunk)
         out, state = parallel_form(q[:, :, rows], k[:, :, rows], v[:, :, rows], slopes, scale, state)
         outs.append(out)
-    if state is None:  # N == 0 cannot happen (checked), kept for completeness
-        state = _zero_state(q, v)
     return torch.cat(outs, dim=2), state
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import linecache
+import math
 import sys
 import textwrap
 from dataclasses import dataclass
@@ -67,7 +68,7 @@ class Problem:
             lengths_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
             return cls(variant, len(lengths_q), q.shape[1], max(lengths_q, default=0), max(lengths_k, default=0),
                        q.device, **geometry)
-        return cls(variant, q.shape[0], q.shape[1], q[0, 0, ..., 0].numel(), k[0, 0, ..., 0].numel(), q.device,
+        return cls(variant, q.shape[0], q.shape[1], math.prod(q.shape[2:-1]), math.prod(k.shape[2:-1]), q.device,
                    **geometry)
 
 

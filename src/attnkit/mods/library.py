@@ -94,7 +94,7 @@ def alibi(slopes: torch.Tensor) -> ScoreMod:
         if slopes.shape[-1] != p.heads_q:
             raise ValueError(f"alibi: slopes has {slopes.shape[-1]} heads but q has {p.heads_q}; slopes must be "
                              f"({p.heads_q},) or (B, {p.heads_q})")
-        table = slopes.reshape(-1, p.heads_q).contiguous()
+        table = (slopes if slopes.dim() == 2 else slopes[None]).contiguous()  # (B or 1, Hq); Hq may be 0
         shared = _batch_rows(owner, "slopes", table.shape[0], p)
         return ScoreMod(_K + "alibi_score", _alibi_reference, name=owner, tensors=(table, _meta([shared * p.heads_q],
                                                                                                  p.device)),

@@ -64,7 +64,7 @@ def normalize(spatial: Sequence[int], kernel_size: IntOrTuple, dilation: IntOrTu
     ss = [check_int("stride", x, minimum=1) for x in _per_axis("stride", stride, ndim)]
     axes = []
     for a, (L, k, d, c, s) in enumerate(zip(spatial, ks, ds, cs, ss)):
-        if k * d > L:
+        if L and k * d > L:  # an empty axis has no query to place a window around (an empty problem)
             raise ValueError(f"kernel_size * dilation must be <= the axis length on every spatial axis; axis {a} "
                              f"has length {L} but kernel_size={k} and dilation={d} ({k} * {d} = {k * d})")
         if s > k:
@@ -125,9 +125,9 @@ def neighbor_table(axes: Sequence[AxisParams], device: Union[str, torch.device] 
     for axis in axes:
         a_idx, a_valid = axis_neighbors(axis, device)
         # (N, K) x (L, k) -> (N * L, K * k): row-major over (previous axes, this axis)
-        idx = (idx[:, None, :, None] * axis.length + a_idx[None, :, None, :]).reshape(
-            idx.shape[0] * axis.length, -1)
-        valid = (valid[:, None, :, None] & a_valid[None, :, None, :]).reshape(idx.shape[0], -1)
+        n, kk = idx.shape[0] * axis.length, idx.shape[1] * axis.kernel  # explicit: N may be 0
+        idx = (idx[:, None, :, None] * axis.length + a_idx[None, :, None, :]).reshape(n, kk)
+        valid = (valid[:, None, :, None] & a_valid[None, :, None, :]).reshape(n, kk)
     return idx, valid
 
 

@@ -8,6 +8,7 @@ query chunk and never N x N.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -52,7 +53,7 @@ def neighborhood_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     score_mod = neighborhood_score_mod(q, k, axes, score_mod)
     sm_scale = check_scale(scale, q.shape[-1])
     B, Hq, D, Dv = q.shape[0], q.shape[1], q.shape[-1], v.shape[-1]
-    N = q[0, 0, ..., 0].numel()
+    N = math.prod(spatial)
     idx, valid = _cached_table(axes, str(q.device))  # (N, K): the key slots of every query
     K = idx.shape[1]
     qf = q.reshape(B, Hq, N, D)

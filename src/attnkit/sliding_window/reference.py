@@ -33,7 +33,8 @@ def visible_keys(first_row: int, rows: int, seqlen_q: int, seqlen_k: int, left: 
     """The keys query rows [first_row, first_row + rows) may see, and their mask.
 
     Returns ``key_index`` (L,) int64, sorted, the union of the sinks and the rows'
-    windows clipped to [0, seqlen_k), and ``mask`` (rows, L) bool, True where row i
+    windows clipped to [0, seqlen_k) (possibly empty: a row over no keys gets out 0 and
+    lse -inf from softmax_attend), and ``mask`` (rows, L) bool, True where row i
     sees key ``key_index[l]``: j <= p + right and (j >= p - left or j < sinks),
     with p = i + seqlen_k - seqlen_q (bottom-right aligned) and -1 = unbounded.
     """
@@ -42,8 +43,6 @@ def visible_keys(first_row: int, rows: int, seqlen_q: int, seqlen_k: int, left: 
     hi = seqlen_k if right < 0 else max(0, min(seqlen_k, p_last + right + 1))   # exclusive
     lo = 0 if left < 0 else min(max(0, p_first - left), hi)
     sink_hi = min(sinks, hi)
-    if hi == 0:  # no row sees anything: keep key 0, masked out, so shapes stay non-empty
-        hi = 1
     if sink_hi >= lo:  # sinks and window touch: one span
         key_index = torch.arange(0, hi, device=device)
     else:
@@ -95,19 +94,19 @@ def sliding_window_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     groups: Dict[Tuple[int, int], List[int]] = {}
     for h, w in enumerate(windows):
         groups.setdefault(w, []).append(h)
-    if len(groups) == 1:
-        (left, right), = groups
+    if len(groups) <= 1:  # one window for every head (or no heads: Hq = 0, an empty problem)
+        left, right = windows[0] if windows else (-1, -1)
         out, lse = _one_window(q, k, v, left, right, sinks, sm_scale, softcap, sink_logits, score_mod,
                                torch.arange(Hq, device=q.device))
     else:
         outs, lses, order = [], [], []
         for (left, right), heads in groups.items():
             idx = torch.tensor(heads, device=q.device)
-            o, l = _one_window(q.index_select(1, idx), k.index_select(1, idx), v.index_select(1, idx), left, right,
+            o, o_lse = _one_window(q.index_select(1, idx), k.index_select(1, idx), v.index_select(1, idx), left, right,
                                sinks, sm_scale, softcap, None if sink_logits is None else sink_logits[idx],
                                score_mod, idx)
             outs.append(o)
-            lses.append(l)
+            lses.append(o_lse)
             order += heads
         inverse = torch.empty(Hq, dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(Hq)
