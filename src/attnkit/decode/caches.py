@@ -9,35 +9,46 @@ before it changes anything.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any
 
 import torch
 
-from ..checks import check_int, check_qkv
+from ..checks import check_cache_entries, check_int, check_qkv
+from ..dispatch import check_call
 from ..sliding_window.cache import SlidingWindowCache
 
 
-def _check_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def check_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto", **options: Any) -> None:
+    """Check one step of a decode cache before the cache changes anything.
+
+    q (B, Hq, n, D) are the n new queries, k (B, Hkv, n, D) and v (B, Hkv, n, Dv) their keys
+    and values; ``options`` and ``backend`` are :func:`attnkit.decode_attention`'s. The decode
+    call is checked on the new tokens alone, as if they were the whole cache, so every option
+    the step's attention would refuse is refused here, before a key is stored. Whether the new
+    tokens match what the cache already stores is each cache's check (``check_cache_entries``).
+    """
     check_qkv(q, k, v)
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"q and k must hold the same new tokens: q has {q.shape[2]}, k has {k.shape[2]}")
+    check_call(q, k, v, "decode", backend, **options)
 
 
-class _GrowingKV:
-    """Keys and values of every token, in buffers that double when full."""
+class GrowingKV:
+    """Keys (B, Hkv, slots, D) and values (B, Hkv, slots, Dv) of every token seen, in buffers
+    that double when full (appending one token is amortized O(1) copies). Stored detached:
+    the caches are for inference."""
 
     def __init__(self) -> None:
-        self.keys: Optional[torch.Tensor] = None
-        self.values: Optional[torch.Tensor] = None
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
         self.seen = 0
 
     def check(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        if self.keys is not None and (k.shape[:2] != self.keys.shape[:2] or k.shape[3] != self.keys.shape[3]
-                                      or v.shape[3] != self.values.shape[3] or k.dtype != self.keys.dtype):
-            raise ValueError(f"k/v {tuple(k.shape)}/{tuple(v.shape)} ({k.dtype}) do not match the cache "
-                             f"{tuple(self.keys.shape)}/{tuple(self.values.shape)} ({self.keys.dtype})")
+        """New k (B, Hkv, n, D), v (B, Hkv, n, Dv) against what is stored."""
+        check_cache_entries(k, v, self.keys, self.values)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store n new tokens (checked with :meth:`check` first)."""
         n = k.shape[2]
         if self.keys is None:
             self.keys = k.new_empty(k.shape[:2] + (max(16, n),) + k.shape[3:])
@@ -60,7 +71,9 @@ class _GrowingKV:
             return 0
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
 
-    def attend(self, q: torch.Tensor, **options):
+    def decode(self, q: torch.Tensor, **options: Any):
+        """:func:`attnkit.decode_attention` of q (B, Hq, n, D) over every stored token (the n
+        newest are q's own)."""
         from . import decode_attention
 
         lengths = torch.full((q.shape[0],), self.seen, dtype=torch.int32, device=q.device)
@@ -92,7 +105,7 @@ class StreamingHeadsCache:
         self.window = check_int("window", window, minimum=1)
         self.sinks = check_int("sinks", sinks, minimum=0)
         self.full_heads = full_heads.cpu()
-        self.full = _GrowingKV()
+        self.full = GrowingKV()
         self.streaming = SlidingWindowCache(self.window, self.sinks)
         self.seen = 0
 
@@ -105,10 +118,12 @@ class StreamingHeadsCache:
         full = self.full_heads.repeat_interleave(groups)
         return torch.where(full[:, None], torch.tensor([-1, 0]), torch.tensor([self.window - 1, 0]))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float] = None,
-               softcap: Optional[float] = None, sink_logits: Optional[torch.Tensor] = None,
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+               softcap: float | None = None, sink_logits: torch.Tensor | None = None,
                return_lse: bool = False, backend: str = "auto"):
-        _check_step(q, k, v)
+        options = {"scale": scale, "softcap": softcap, "sink_logits": sink_logits, "return_lse": return_lse,
+                  "backend": backend}
+        check_step(q, k, v, **options)
         Hq, Hkv = q.shape[1], k.shape[1]
         if Hkv != self.full_heads.numel():
             raise ValueError(f"k has {Hkv} kv heads but full_heads names {self.full_heads.numel()}")
@@ -133,14 +148,12 @@ class StreamingHeadsCache:
             heads = query_heads(kv_heads).to(q.device)
             index = torch.tensor(kv_heads, device=q.device)
             q_part, k_part, v_part = q.index_select(1, heads), k.index_select(1, index), v.index_select(1, index)
-            sinks_part = None if sink_logits is None else sink_logits[heads]
-            options = dict(scale=scale, softcap=softcap, sink_logits=sinks_part, return_lse=return_lse,
-                           backend=backend)
+            part_options = dict(options, sink_logits=None if sink_logits is None else sink_logits[heads])
             if run == "full":
                 self.full.append(k_part, v_part)
-                result = self.full.attend(q_part, **options)
+                result = self.full.decode(q_part, **part_options)
             else:
-                result = self.streaming.attend(q_part, k_part, v_part, **options)
+                result = self.streaming.attend(q_part, k_part, v_part, **part_options)
             parts.append((heads, result))
         for heads, result in parts:
             o = result[0] if return_lse else result
@@ -176,10 +189,10 @@ class HeavyHitterCache:
         self.recent = check_int("recent", recent, minimum=0)
         if recent > budget:
             raise ValueError(f"recent ({recent}) must be <= budget ({budget})")
-        self.keys: Optional[torch.Tensor] = None
-        self.values: Optional[torch.Tensor] = None
-        self.positions: Optional[torch.Tensor] = None
-        self.scores: Optional[torch.Tensor] = None
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None
+        self.scores: torch.Tensor | None = None
         self.seen = 0
 
     def memory_bytes(self) -> int:
@@ -187,16 +200,14 @@ class HeavyHitterCache:
             return 0
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float] = None,
-               softcap: Optional[float] = None, sink_logits: Optional[torch.Tensor] = None,
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+               softcap: float | None = None, sink_logits: torch.Tensor | None = None,
                return_lse: bool = False, backend: str = "auto"):
         from . import decode_attention
 
-        _check_step(q, k, v)
-        if self.keys is not None and (k.shape[:2] != self.keys.shape[:2] or k.shape[3] != self.keys.shape[3]
-                                      or v.shape[3] != self.values.shape[3] or k.dtype != self.keys.dtype):
-            raise ValueError(f"k/v {tuple(k.shape)}/{tuple(v.shape)} do not match the cache's "
-                             f"{tuple(self.keys.shape)}/{tuple(self.values.shape)}")
+        check_step(q, k, v, scale=scale, softcap=softcap, sink_logits=sink_logits, return_lse=return_lse,
+                   backend=backend)
+        check_cache_entries(k, v, self.keys, self.values)
         B, Hq, n, _ = q.shape
         Hkv = k.shape[1]
         new_pos = torch.arange(self.seen, self.seen + n, device=q.device).expand(B, Hkv, n)

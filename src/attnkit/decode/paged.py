@@ -10,11 +10,11 @@ keys per kv head, which query-aware page selection (``page_top_k``, Quest) reads
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from ..checks import check_int
+from ..checks import check_cache_storage, check_int
 
 
 class PagedKVCache:
@@ -40,7 +40,7 @@ class PagedKVCache:
     """
 
     def __init__(self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, *,
-                 head_dim_v: Optional[int] = None, dtype: torch.dtype, device):
+                 head_dim_v: int | None = None, dtype: torch.dtype, device):
         for name, value in (("num_pages", num_pages), ("page_size", page_size), ("num_kv_heads", num_kv_heads),
                             ("head_dim", head_dim)):
             check_int(name, value, minimum=1)
@@ -57,9 +57,9 @@ class PagedKVCache:
         self.kmin = torch.full((num_pages, num_kv_heads, head_dim), float("inf"), dtype=dtype, device=device)
         self.kmax = torch.full((num_pages, num_kv_heads, head_dim), float("-inf"), dtype=dtype, device=device)
         # a stack: pages are taken in ascending order, and a freed page is the next one taken
-        self._free: List[int] = list(range(num_pages - 1, -1, -1))
-        self._pages: Dict[int, List[int]] = {}
-        self._lengths: Dict[int, int] = {}
+        self._free: list[int] = list(range(num_pages - 1, -1, -1))
+        self._pages: dict[int, list[int]] = {}
+        self._lengths: dict[int, int] = {}
         self._next_id = 0
 
     # ------------------------------------------------------------------ bookkeeping
@@ -72,7 +72,7 @@ class PagedKVCache:
         return len(self._free)
 
     @property
-    def sequences(self) -> List[int]:
+    def sequences(self) -> list[int]:
         """Ids of the live sequences, in the order they were added."""
         return list(self._pages)
 
@@ -103,7 +103,7 @@ class PagedKVCache:
         self._check_ids([seq_id])
         return self._lengths[seq_id]
 
-    def _check_ids(self, seq_ids: Sequence[int]) -> List[int]:
+    def _check_ids(self, seq_ids: Sequence[int]) -> list[int]:
         ids = list(seq_ids)
         if not ids:
             raise ValueError("seq_ids must name at least one sequence")
@@ -142,9 +142,7 @@ class PagedKVCache:
                 raise ValueError(f"{name} must have shape (len(seq_ids), Hkv, n, {'D' if name == 'k' else 'Dv'}) = "
                                  f"{want[:2] + ('n',) + want[3:]} with n >= 1, got "
                                  f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-            if x.dtype != self.keys.dtype or x.device != self.keys.device:
-                raise ValueError(f"{name} has dtype {x.dtype} on {x.device} but the cache holds {self.keys.dtype} on "
-                                 f"{self.keys.device}")
+            check_cache_storage(name, x, self.keys)
         if k.shape[2] != v.shape[2]:
             raise ValueError(f"k and v must hold the same tokens: {k.shape[2]} and {v.shape[2]}")
         n, ps = k.shape[2], self.page_size

@@ -4,6 +4,8 @@ Each cache has ``positions(n)`` (the positions of the next n tokens: (n,), or (B
 the sequences of a batch have different lengths) and ``attend(q, k, v, options,
 backend)``: append the n new tokens and return the output of their n queries over
 what the cache keeps. Softmax caches decode through :func:`attnkit.decode_attention`.
+A call that raises changes nothing: each cache checks the whole call before it stores
+a key, and a cache serves one batch of sequences from its first call to its last.
 
 * :class:`KVCache` (flash, and sliding_window with an unbounded head): every past token.
 * :class:`WindowCache` (sliding_window): ``attnkit.SlidingWindowCache``, sinks + the last W keys.
@@ -14,17 +16,19 @@ what the cache keeps. Softmax caches decode through :func:`attnkit.decode_attent
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
+from ..decode.caches import GrowingKV, check_step
 from ..dispatch import attention
 
 #: options of the softmax variants that a decoding step passes on
 _DECODE_OPTIONS = ("scale", "softcap", "sink_logits", "alibi_slopes", "score_mod", "window", "sinks")
 
 
-def decode_options(options: Dict[str, Any]) -> Dict[str, Any]:
+def decode_options(options: dict[str, Any]) -> dict[str, Any]:
     """The variant options that :func:`attnkit.decode_attention` takes (causal is implied)."""
     return {name: options[name] for name in _DECODE_OPTIONS if options.get(name) is not None}
 
@@ -38,43 +42,28 @@ class _Sequential:
         return torch.arange(self.seen, self.seen + n, device=device)
 
 
-class KVCache(_Sequential):
+class KVCache(GrowingKV, _Sequential):
     """Growing key/value cache for softmax attention: flash (causal), or sliding_window
     when some head's window is unbounded (a DuoAttention retrieval head needs every key).
 
     Buffers grow by doubling, so appending one token is amortized O(1) copies; the
-    keys and values are stored detached (the cache is for inference). Each step is a
-    :func:`attnkit.decode_attention` over the buffer with the length seen so far.
+    keys (B, Hkv, slots, D) and values (B, Hkv, slots, Dv) are stored detached (the cache
+    is for inference). Each step is a :func:`attnkit.decode_attention` over the buffer
+    with the length seen so far.
     """
 
     def __init__(self, variant: str = "flash") -> None:
+        super().__init__()
         self.variant = variant
-        self.keys: Optional[torch.Tensor] = None
-        self.values: Optional[torch.Tensor] = None
-        self.seen = 0
 
-    def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        n = k.shape[2]
-        if self.keys is None:
-            self.keys = k.new_empty(k.shape[:2] + (max(16, n),) + k.shape[3:])
-            self.values = v.new_empty(v.shape[:2] + (max(16, n),) + v.shape[3:])
-        if self.seen + n > self.keys.shape[2]:
-            size = max(2 * self.keys.shape[2], self.seen + n)
-            grow = lambda x: torch.cat([x[:, :, :self.seen], x.new_empty(x.shape[:2] + (size - self.seen,)  # noqa
-                                                                         + x.shape[3:])], dim=2)
-            self.keys, self.values = grow(self.keys), grow(self.values)
-        self.keys[:, :, self.seen:self.seen + n] = k.detach()
-        self.values[:, :, self.seen:self.seen + n] = v.detach()
-        self.seen += n
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[str, Any],
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict[str, Any],
                backend: str = "auto") -> torch.Tensor:
         """q (B, Hq, n, D), k (B, Hkv, n, D), v (B, Hkv, n, Dv) -> (B, Hq, n, Dv)."""
-        from ..decode import decode_attention
-
-        self._append(k, v)
-        lengths = torch.full((q.shape[0],), self.seen, dtype=torch.int32, device=q.device)
-        return decode_attention(q, self.keys, self.values, lengths, backend=backend, **decode_options(options))
+        options = decode_options(options)
+        check_step(q, k, v, backend, **options)
+        self.check(k, v)
+        self.append(k, v)
+        return self.decode(q, backend=backend, **options)
 
 
 class RecurrentStateCache(_Sequential):
@@ -82,13 +71,18 @@ class RecurrentStateCache(_Sequential):
 
     def __init__(self, variant: str) -> None:
         self.variant = variant
-        self.state: Optional[torch.Tensor] = None
+        self.state: torch.Tensor | None = None
         self.seen = 0
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[str, Any],
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict[str, Any],
                backend: str = "auto") -> torch.Tensor:
         """q (B, Hq, n, D), k (B, Hkv, n, D), v (B, Hkv, n, Dv) -> (B, Hq, n, Dv); n = 1 is the
         recurrent decode step."""
+        if self.state is not None and q.shape[0] != self.state.shape[0]:
+            raise ValueError(f"q has batch {q.shape[0]} but the cache holds the state of {self.state.shape[0]} "
+                             "sequences: a cache decodes one batch from its first call to its last; make a new "
+                             "cache for another batch")
+        # the state changes only once the step has been computed, so a call that raises changes nothing
         out, state = attention(q, k, v, self.variant, backend,
                                **dict(options, initial_state=self.state, return_state=True))
         self.state = state.detach()
@@ -111,7 +105,7 @@ class WindowCache:
     def seen(self) -> int:
         return self.inner.seen
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[str, Any],
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict[str, Any],
                backend: str = "auto") -> torch.Tensor:
         """q (B, Hq, n, D), k (B, Hkv, n, D), v (B, Hkv, n, Dv) -> (B, Hq, n, Dv); window and
         sinks are the cache's own."""
@@ -135,7 +129,7 @@ class StandaloneCache:
     def memory_bytes(self) -> int:
         return self.inner.memory_bytes()
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[str, Any],
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict[str, Any],
                backend: str = "auto") -> torch.Tensor:
         return self.inner.attend(q, k, v, scale=options.get("scale"), softcap=options.get("softcap"),
                                  sink_logits=options.get("sink_logits"), backend=backend)
@@ -151,14 +145,20 @@ class PagedCache:
 
     def __init__(self, cache: Any, seq_ids: Sequence[int]) -> None:
         self.cache = cache
-        self.seq_ids: List[int] = list(seq_ids)
+        self.seq_ids: list[int] = list(seq_ids)
 
     def positions(self, n: int, device=None) -> torch.Tensor:
         """(B, n): the positions of the next n tokens of each sequence."""
         start = self.cache.seqlens(self.seq_ids).to(device=device, dtype=torch.long)
         return start[:, None] + torch.arange(n, device=device)[None, :]
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[str, Any],
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict[str, Any],
                backend: str = "auto") -> torch.Tensor:
-        self.cache.append(self.seq_ids, k, v)
-        return self.cache.attend(self.seq_ids, q, backend=backend, **decode_options(options))
+        """q (B, Hq, n, D), k (B, Hkv, n, D), v (B, Hkv, n, Dv) -> (B, Hq, n, Dv), B = len(seq_ids)."""
+        options = decode_options(options)
+        check_step(q, k, v, backend, **options)
+        if k.shape[0] != len(self.seq_ids):
+            raise ValueError(f"k has batch {k.shape[0]} but the cache holds {len(self.seq_ids)} sequences "
+                             f"(seq_ids {self.seq_ids}): row b of the input is sequence seq_ids[b]")
+        self.cache.append(self.seq_ids, k, v)  # checks k and v against the pool before it writes
+        return self.cache.attend(self.seq_ids, q, backend=backend, **options)

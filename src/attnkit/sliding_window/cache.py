@@ -20,12 +20,12 @@ in memory does not matter, only which keys each query sees.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
-from ..checks import check_qkv
-from .window import check_sinks, head_windows, INT_DTYPES
+from ..checks import check_cache_entries
+from .window import INT_DTYPES, check_sinks, head_windows
 
 
 def _decode_window(window: Any) -> int:
@@ -69,15 +69,16 @@ class SlidingWindowCache:
     ``seen + n - 1``) and returns what ``sliding_window_attention`` over the whole
     sequence so far would return for those n queries. The buffers (B, Hkv, S + W, D)
     and (B, Hkv, S + W, Dv) are allocated on the first call, in k's dtype and device.
-    The cache is for inference: it stores detached copies of k and v.
+    The cache is for inference: it stores detached copies of k and v. A call that raises
+    changes nothing: every input and option is checked before a key is stored.
     """
 
     def __init__(self, window: Any, sinks: int = 0):
         self.window_size = _decode_window(window)
         self.sinks = check_sinks(sinks)
         self.window = window
-        self.keys: Optional[torch.Tensor] = None
-        self.values: Optional[torch.Tensor] = None
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
         self.seen = 0
 
     @property
@@ -101,22 +102,19 @@ class SlidingWindowCache:
         return torch.where(pos < S, pos, S + (pos - S).remainder(W))
 
     def _check_buffers(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        B, Hkv, _, D = k.shape
+        """New k (B, Hkv, n, D) and v (B, Hkv, n, Dv) against the buffers (once they exist)."""
+        check_cache_entries(k, v, self.keys, self.values)
+
+    def _allocate(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The buffers, at the first call that stores keys (after its checks passed)."""
         if self.keys is None:
+            B, Hkv, _, D = k.shape
             self.keys = torch.zeros((B, Hkv, self.capacity, D), dtype=k.dtype, device=k.device)
             self.values = torch.zeros((B, Hkv, self.capacity, v.shape[-1]), dtype=v.dtype, device=v.device)
-            return
-        want = (self.keys.shape[0], self.keys.shape[1], self.keys.shape[3], self.values.shape[3])
-        got = (B, Hkv, D, v.shape[-1])
-        if got != want:
-            raise ValueError(f"k/v do not match the cache: (batch, kv heads, head dim, value head dim) is {got}, "
-                             f"the cache holds {want}; call reset() only for the same shapes, or make a new cache")
-        if k.dtype != self.keys.dtype or k.device != self.keys.device:
-            raise ValueError(f"k has dtype {k.dtype} on {k.device} but the cache holds {self.keys.dtype} on "
-                             f"{self.keys.device}")
 
     def _write(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the new tokens: sinks by position, then the last W of the others in the ring."""
+        self._allocate(k, v)
         n = k.shape[2]
         pos = torch.arange(self.seen, self.seen + n, device=k.device)
         keep = (pos < self.sinks) | (pos >= max(self.sinks, self.seen + n - self.window_size))
@@ -125,8 +123,8 @@ class SlidingWindowCache:
         self.keys.index_copy_(2, slots, k.detach()[:, :, keep])
         self.values.index_copy_(2, slots, v.detach()[:, :, keep])
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float] = None,
-               softcap: Optional[float] = None, sink_logits: Optional[torch.Tensor] = None,
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+               softcap: float | None = None, sink_logits: torch.Tensor | None = None,
                return_lse: bool = False, backend: str = "auto"):
         """Append n tokens and attend their queries over the cached context.
 
@@ -138,17 +136,17 @@ class SlidingWindowCache:
             out (B, Hq, n, Dv) [, lse (B, Hq, n)], equal to the last n rows of
             ``sliding_window_attention`` over the whole sequence seen so far.
         """
+        from ..decode.caches import check_step
         from . import sliding_window_attention
 
-        check_qkv(q, k, v)
-        if q.shape[2] != k.shape[2]:
-            raise ValueError(f"q and k must hold the same new tokens: q has {q.shape[2]}, k has {k.shape[2]}")
-        heads_q = q.shape[1]
-        windows = head_windows(self.window, heads_q, q.device)
+        kwargs = {"scale": scale, "softcap": softcap, "sink_logits": sink_logits, "return_lse": return_lse,
+                 "backend": backend}
+        # everything is checked before the ring changes: a decode step overwrites the oldest key
+        check_step(q, k, v, **kwargs)
+        windows = head_windows(self.window, q.shape[1], q.device)
         self._check_buffers(k, v)
         n = q.shape[2]
         S, W = self.sinks, self.window_size
-        kwargs = dict(scale=scale, softcap=softcap, sink_logits=sink_logits, return_lse=return_lse, backend=backend)
 
         if n == 1 and len(set(windows)) == 1:
             # After the write the buffer holds exactly the keys this query sees (in ring order):
@@ -156,16 +154,21 @@ class SlidingWindowCache:
             from ..decode import decode_attention
 
             self._write(k, v)
+            filled = torch.full((q.shape[0],), min(self.seen + 1, self.capacity), dtype=torch.int32,
+                                device=q.device)
+            result = decode_attention(q, self.keys, self.values, filled, **kwargs)
             self.seen += 1
-            filled = torch.full((q.shape[0],), min(self.seen, self.capacity), dtype=torch.int32, device=q.device)
-            return decode_attention(q, self.keys, self.values, filled, **kwargs)
+            return result
 
-        recent_from = max(S, self.seen - W)
-        past = torch.cat([torch.arange(0, min(self.seen, S)),
-                          torch.arange(recent_from, max(recent_from, self.seen))]).to(q.device)
-        slots = self._slot(past)
-        k_all = torch.cat([self.keys.index_select(2, slots), k], dim=2)
-        v_all = torch.cat([self.values.index_select(2, slots), v], dim=2)
+        if self.keys is None:
+            k_all, v_all = k, v
+        else:
+            recent_from = max(S, self.seen - W)
+            past = torch.cat([torch.arange(0, min(self.seen, S)),
+                              torch.arange(recent_from, max(recent_from, self.seen))]).to(q.device)
+            slots = self._slot(past)
+            k_all = torch.cat([self.keys.index_select(2, slots), k], dim=2)
+            v_all = torch.cat([self.values.index_select(2, slots), v], dim=2)
         result = sliding_window_attention(q, k_all, v_all, window=self.window, sinks=S, **kwargs)
         self._write(k, v)
         self.seen += n
