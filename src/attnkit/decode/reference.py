@@ -118,12 +118,12 @@ def decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                 mask = mask & (window_ok | (j < sinks))
             positions = (torch.full((1, 1, 1, 1), b, device=q.device), heads.view(1, -1, 1, 1),
                          qpos.view(1, 1, -1, 1), keys.view(1, 1, 1, -1))
-            o, l, probs = softmax_attend(q[b:b + 1, heads], k_b, v_b, scale=sm_scale, mask=mask[None],
+            o, o_lse, probs = softmax_attend(q[b:b + 1, heads], k_b, v_b, scale=sm_scale, mask=mask[None],
                                          softcap=softcap,
                                          sink_logits=None if sink_logits is None else sink_logits[heads],
                                          score_mod=bind_score_mod(mod, positions), return_probs=True)
             out_b[:, heads] = o
-            lse_b[:, heads] = l.to(lse_b.dtype)
+            lse_b[:, heads] = o_lse.to(lse_b.dtype)
             if key_scores is not None:
                 key_scores[b, heads[:, None], keys[None, :]] = probs[0].sum(dim=1).to(key_scores.dtype)
         outs.append(out_b)
