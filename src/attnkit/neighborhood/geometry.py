@@ -49,6 +49,23 @@ def _per_axis(name: str, value: object, ndim: int) -> Tuple[object, ...]:
     return (value,) * ndim
 
 
+def check_axis_options(kernel_size: IntOrTuple, dilation: IntOrTuple, causal: BoolOrTuple, stride: IntOrTuple,
+                       ndim: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[bool, ...], tuple[int, ...]]:
+    """The checks of the options that do not depend on the input (modules run them when built):
+    one value or ``ndim`` per option, ints >= 1, bools, ``stride <= kernel_size``. Returns the
+    per-axis tuples (kernel_size, dilation, causal, stride); raises TypeError/ValueError naming
+    the option."""
+    ks = tuple(check_int("kernel_size", x, minimum=1) for x in _per_axis("kernel_size", kernel_size, ndim))
+    ds = tuple(check_int("dilation", x, minimum=1) for x in _per_axis("dilation", dilation, ndim))
+    cs = tuple(check_flag("causal", x) for x in _per_axis("causal", causal, ndim))
+    ss = tuple(check_int("stride", x, minimum=1) for x in _per_axis("stride", stride, ndim))
+    for a, (k, s) in enumerate(zip(ks, ss)):
+        if s > k:
+            raise ValueError(f"stride must be <= kernel_size on every spatial axis; axis {a} has stride={s} > "
+                             f"kernel_size={k}")
+    return ks, ds, cs, ss
+
+
 def normalize(spatial: Sequence[int], kernel_size: IntOrTuple, dilation: IntOrTuple, causal: BoolOrTuple,
               stride: IntOrTuple) -> Tuple[AxisParams, ...]:
     """Check the options against the spatial sizes and expand them per axis.
@@ -57,19 +74,12 @@ def normalize(spatial: Sequence[int], kernel_size: IntOrTuple, dilation: IntOrTu
     ``kernel_size < 1``, ``kernel_size * dilation > axis length``,
     ``stride > kernel_size`` or a tuple whose length is not the spatial rank.
     """
-    ndim = len(spatial)
-    ks = [check_int("kernel_size", x, minimum=1) for x in _per_axis("kernel_size", kernel_size, ndim)]
-    ds = [check_int("dilation", x, minimum=1) for x in _per_axis("dilation", dilation, ndim)]
-    cs = [check_flag("causal", x) for x in _per_axis("causal", causal, ndim)]
-    ss = [check_int("stride", x, minimum=1) for x in _per_axis("stride", stride, ndim)]
+    ks, ds, cs, ss = check_axis_options(kernel_size, dilation, causal, stride, len(spatial))
     axes = []
     for a, (L, k, d, c, s) in enumerate(zip(spatial, ks, ds, cs, ss)):
         if L and k * d > L:  # an empty axis has no query to place a window around (an empty problem)
             raise ValueError(f"kernel_size * dilation must be <= the axis length on every spatial axis; axis {a} "
                              f"has length {L} but kernel_size={k} and dilation={d} ({k} * {d} = {k * d})")
-        if s > k:
-            raise ValueError(f"stride must be <= kernel_size on every spatial axis; axis {a} has stride={s} > "
-                             f"kernel_size={k}")
         axes.append(AxisParams(int(L), k, d, c, s))
     return tuple(axes)
 

@@ -2,17 +2,54 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..checks import check_int
 from ..dispatch import attention
-from ..registry import get_variant
+from ..linear import lightning_slopes
+from ..neighborhood.geometry import check_axis_options
+from ..registry import Variant, get_variant
 from .cache import KVCache, RecurrentStateCache, StandaloneCache, WindowCache
 
 #: variants whose attention is causal by construction, and the cache each decodes with
 CACHES = {"flash": "kv", "sliding_window": "window", "linear": "state", "lightning": "state"}
+
+#: variants whose options a module checks when it is built, by the variant's own checks on a
+#: one-token problem; other variants' options are checked at the first call
+_CHECKED_WHEN_BUILT = ("flash", "sliding_window", "moba", "linear", "lightning")
+#: options that describe one particular input (its packing, its batch, its length) or carry
+#: tensors of their own (mods): checked against the input at each call
+_INPUT_OPTIONS = ("cu_seqlens_q", "cu_seqlens_k", "initial_state", "alibi_slopes", "score_mod")
+
+
+def check_module_options(spec: Variant, options: dict[str, Any], heads_q: int, heads_kv: int,
+                         head_dim: int) -> None:
+    """Check a module's variant options when it is built, with the variant's own checks, so that a
+    bad option (``window=-3``, a missing ``window``, ``kernel_size=0``) fails in ``__init__``
+    rather than at the first call.
+
+    ``options`` are the resolved options; heads_q, heads_kv and head_dim are the module's.
+    For the variants in ``_CHECKED_WHEN_BUILT`` the variant's ``validate`` runs on a one-token
+    problem q (1, heads_q, 1, head_dim), k and v (1, heads_kv, 1, head_dim) on the CPU (tensor
+    options are checked as CPU copies: modules move them with ``.to``); the options of
+    ``_INPUT_OPTIONS`` are left for the call, and so are all options of a module built on the
+    meta device (their values are not known yet). Neighborhood attention checks its per-axis
+    options.
+    """
+    if spec.name == "neighborhood":
+        check_axis_options(options["kernel_size"], options["dilation"], options["causal"], options["stride"], 1)
+        return
+    tensors = [value for value in options.values() if isinstance(value, torch.Tensor)]
+    if spec.name not in _CHECKED_WHEN_BUILT or any(t.is_meta for t in tensors):
+        return
+    probe = {name: value.detach().cpu() if isinstance(value, torch.Tensor) else value
+             for name, value in options.items()}
+    probe.update({name: spec.options[name] for name in _INPUT_OPTIONS if name in probe})
+    k = torch.zeros(1, heads_kv, 1, head_dim, device="cpu")
+    spec.validate(torch.zeros(1, heads_q, 1, head_dim, device="cpu"), k, k, probe)
 
 
 class RotaryEmbedding(nn.Module):
@@ -61,10 +98,18 @@ class Attention(nn.Module):
         rope: None (no positions), True (RoPE, base 10000), a float base, or a
             :class:`RotaryEmbedding`; applied to q and k.
         backend: "auto", "triton" or "reference".
+        layer_idx, num_layers: this block's index among the model's ``num_layers`` blocks
+            (0 <= layer_idx < num_layers), as flash-linear-attention's layers take them. A
+            lightning block without ``slopes`` uses the standard ones,
+            ``attnkit.lightning_slopes(num_heads, layer_idx, num_layers)`` (early layers decay
+            fast, the last one hardly at all); other variants only record them.
         **variant_options: the variant's options, e.g. ``causal=True`` (flash),
             ``window=4096, sinks=4`` or a per-head (Hq, 2) window tensor (sliding_window),
-            ``slopes=attnkit.lightning_slopes(Hq, l, L)`` (lightning), ``decay=...`` (linear).
-            Tensor options are buffers: they follow ``.to(device)``.
+            ``slopes=...`` (lightning; default above), ``decay=...`` (linear).
+            Tensor options are buffers: they follow ``.to(device)``. Options are checked when
+            the block is built (by the variant's own checks); those that describe one input
+            (packed offsets ``cu_seqlens_q/k``, an ``initial_state``, a block mask's lengths,
+            a neighborhood larger than the sequence) at each call.
 
     Shapes: ``forward(x (B, N, C), cache=None) -> (B, N, C)``.
 
@@ -80,26 +125,39 @@ class Attention(nn.Module):
     from the tokens each sequence has seen.
     """
 
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: Optional[int] = None, variant: str = "flash",
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int | None = None, variant: str = "flash",
                  qkv_bias: bool = False, out_bias: bool = True,
-                 rope: Union[None, bool, float, RotaryEmbedding] = None, backend: str = "auto",
-                 **variant_options: Any):
+                 rope: None | bool | float | RotaryEmbedding = None, backend: str = "auto",
+                 layer_idx: int = 0, num_layers: int = 1, **variant_options: Any):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_heads < 1 or dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         if num_kv_heads < 1 or num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.layer_idx = check_int("layer_idx", layer_idx, minimum=0)
+        self.num_layers = check_int("num_layers", num_layers, minimum=1)
+        if layer_idx >= num_layers:
+            raise ValueError(f"layer_idx must be < num_layers ({num_layers}), got {layer_idx}")
         self.spec = get_variant(variant)
+        if self.spec.name == "lightning":
+            if variant_options.get("slopes") is None:
+                variant_options["slopes"] = lightning_slopes(num_heads, layer_idx, num_layers)
+            elif (layer_idx, num_layers) != (0, 1):
+                raise ValueError("pass slopes or layer_idx/num_layers (which give the standard slopes), not both")
         options = self.spec.resolve_options(variant_options)
         self.dim, self.num_heads, self.num_kv_heads = dim, num_heads, num_kv_heads
         self.head_dim = dim // num_heads
+        check_module_options(self.spec, options, num_heads, num_kv_heads, self.head_dim)
         self.backend = backend
         self.qkv = nn.Linear(dim, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=out_bias)
         if rope is None or rope is False:
             self.rope = None
         elif isinstance(rope, RotaryEmbedding):
+            if rope.head_dim != self.head_dim:
+                raise ValueError(f"rope has head_dim {rope.head_dim} but this block's head dim is {self.head_dim} "
+                                 f"(dim // num_heads = {dim} // {num_heads})")
             self.rope = rope
         elif rope is True or (isinstance(rope, (int, float)) and not isinstance(rope, bool)):
             self.rope = RotaryEmbedding(self.head_dim, 10000.0 if rope is True else float(rope))
@@ -121,7 +179,7 @@ class Attention(nn.Module):
             opts[name] = getattr(self, f"option_{name}")
         return opts
 
-    def new_cache(self, kind: Optional[str] = None, **cache_options: Any):
+    def new_cache(self, kind: str | None = None, **cache_options: Any):
         """An empty incremental-decoding cache for this block's variant.
 
         ``kind=None``: the variant's own cache (KV, window or recurrent state).
@@ -158,10 +216,13 @@ class Attention(nn.Module):
         raise ValueError(f"variant {self.spec.name!r} has no incremental-decoding cache; "
                          f"supported: {sorted(CACHES)}")
 
-    def forward(self, x: torch.Tensor, cache: Optional[Any] = None) -> torch.Tensor:
-        B, N, C = x.shape
-        if C != self.dim:
+    def forward(self, x: torch.Tensor, cache: Any | None = None) -> torch.Tensor:
+        """x (B, N, C) -> (B, N, C); with a cache, x holds the next N tokens of each sequence."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor of shape (B, N, {self.dim}), got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (B, N, {self.dim}), got {tuple(x.shape)}")
+        B, N, C = x.shape
         qkv = self.qkv(x).view(B, N, self.num_heads + 2 * self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
         if self.rope is not None:
@@ -177,5 +238,6 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
     def extra_repr(self) -> str:
+        extra = f", layer_idx={self.layer_idx}, num_layers={self.num_layers}" if self.num_layers > 1 else ""
         return (f"dim={self.dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-                f"variant={self.spec.name!r}")
+                f"variant={self.spec.name!r}{extra}")

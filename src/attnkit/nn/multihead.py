@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..dispatch import attention
 from ..registry import get_variant
+from .attention import check_module_options
 
 
 class MultiheadAttention(torch.nn.MultiheadAttention):
@@ -36,8 +37,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     """
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
-                 add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: Optional[int] = None,
-                 vdim: Optional[int] = None, batch_first: bool = False, device=None, dtype=None, *,
+                 add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: int | None = None,
+                 vdim: int | None = None, batch_first: bool = False, device=None, dtype=None, *,
                  variant: str = "flash", backend: str = "auto", **variant_options: Any):
         if num_heads < 1 or embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
@@ -46,9 +47,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                          device=device, dtype=dtype)
         self.spec = get_variant(variant)
         self.variant_options = self.spec.resolve_options(variant_options)
+        check_module_options(self.spec, self.variant_options, num_heads, num_heads, embed_dim // num_heads)
         self.backend = backend
 
-    def _torch_path_blockers(self) -> List[str]:
+    def _torch_path_blockers(self) -> list[str]:
         """Why torch's masked/weights path cannot stand in for this variant."""
         if self.spec.name != "flash":
             return [f"variant={self.spec.name!r}"]
@@ -56,12 +58,40 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         return [f"{name}={value!r}" for name, value in self.variant_options.items()
                 if value is not defaults[name] and value != defaults[name]]
 
+    def _check_inputs(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """torch's shapes: batched query (L, N, E), key (S, N, kdim), value (S, N, vdim) (batch first
+        with ``batch_first``), or unbatched (L, E), (S, kdim), (S, vdim)."""
+        for name, x in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        E = self.embed_dim
+        if query.dim() not in (2, 3) or query.shape[-1] != E:
+            batched = f"(N, L, {E})" if self.batch_first else f"(L, N, {E})"
+            raise ValueError(f"query must have shape {batched} (batched) or (L, {E}) (unbatched), "
+                             f"got {tuple(query.shape)}")
+        if query.dim() == 3:
+            dims = ("N", "S", "width") if self.batch_first else ("S", "N", "width")
+            batch = query.shape[dims.index("N")]
+        else:
+            dims, batch = ("S", "width"), None
+        tokens = None  # value holds the tokens of key
+        for name, x, width in (("key", key, self.kdim), ("value", value, self.vdim)):
+            sizes = {"N": batch, "S": tokens, "width": width}
+            want = tuple(sizes[d] for d in dims)
+            if x.dim() != len(dims) or any(size is not None and x.shape[i] != size for i, size in enumerate(want)):
+                layout = ", ".join(str(width) if d == "width" else d for d in dims)
+                filled = ", ".join(d if size is None else str(size) for d, size in zip(dims, want))
+                raise ValueError(f"{name} must have shape ({layout}) = ({filled}) for a query of shape "
+                                 f"{tuple(query.shape)}, got {tuple(x.shape)}")
+            tokens = x.shape[dims.index("S")]
+
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
-                attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """query (L, N, E) or (N, L, E) with ``batch_first`` (or unbatched (L, E)); key/value
         (S, N, kdim/vdim) likewise. Returns (output like query, weights or None)."""
+        self._check_inputs(query, key, value)
         needs_torch = []
         if attn_mask is not None:
             needs_torch.append("attn_mask")
@@ -114,7 +144,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if self.add_zero_attn:  # one all-zero key/value token appended
             k = torch.cat([k, k.new_zeros(N, 1, E)], dim=1)
             v = torch.cat([v, v.new_zeros(N, 1, E)], dim=1)
-        heads = lambda x: x.reshape(N, x.shape[1], H, E // H).transpose(1, 2)  # noqa: E731
+
+        def heads(x: torch.Tensor) -> torch.Tensor:  # (N, L, E) -> (N, H, L, E / H)
+            return x.reshape(N, x.shape[1], H, E // H).transpose(1, 2)
+
         options = dict(self.variant_options)
         if causal:
             options["causal"] = True

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from ..neighborhood import neighborhood_attention
-from ..neighborhood.geometry import _per_axis
+from ..neighborhood.geometry import check_axis_options
 
 
 class _NeighborhoodAttentionND(nn.Module):
@@ -29,29 +29,31 @@ class _NeighborhoodAttentionND(nn.Module):
 
     NDIM = 0
 
-    def __init__(self, dim: int, num_heads: int, kernel_size: Union[int, Sequence[int]],
-                 dilation: Union[int, Sequence[int]] = 1, causal: Union[bool, Sequence[bool]] = False,
-                 stride: Union[int, Sequence[int]] = 1, qkv_bias: bool = True, proj_drop: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, kernel_size: int | Sequence[int],
+                 dilation: int | Sequence[int] = 1, causal: bool | Sequence[bool] = False,
+                 stride: int | Sequence[int] = 1, qkv_bias: bool = True, proj_drop: float = 0.0):
         super().__init__()
         if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
             raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1 or dim % num_heads:
             raise ValueError(f"dim ({dim!r}) must be a positive int divisible by num_heads ({num_heads})")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
-        # per-axis tuples (wrong tuple lengths fail here; ranges are checked against the input)
-        self.kernel_size = _per_axis("kernel_size", kernel_size, self.NDIM)
-        self.dilation = _per_axis("dilation", dilation, self.NDIM)
-        self.causal = _per_axis("causal", causal, self.NDIM)
-        self.stride = _per_axis("stride", stride, self.NDIM)
+        # per-axis tuples, checked now by the op's own checks; kernel_size * dilation <= the axis
+        # length is checked against each input
+        self.kernel_size, self.dilation, self.causal, self.stride = check_axis_options(
+            kernel_size, dilation, causal, stride, self.NDIM)
         self.backend = "auto"
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, *spatial, C) -> (B, *spatial, C)."""
+        layout = f"(B, {', '.join(f'X{i}' for i in range(self.NDIM))}, {self.dim})"
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor of shape {layout}, got {type(x).__name__}")
         if x.dim() != self.NDIM + 2 or x.shape[-1] != self.dim:
-            raise ValueError(f"{type(self).__name__} takes x of shape (B, {', '.join('X%d' % i for i in range(self.NDIM))}"
-                             f", {self.dim}), got {tuple(x.shape)}")
+            raise ValueError(f"{type(self).__name__} takes x of shape {layout}, got {tuple(x.shape)}")
         B, spatial = x.shape[0], tuple(x.shape[1:-1])
         qkv = self.qkv(x).view(B, *spatial, 3, self.num_heads, self.head_dim)
         # (B, *spatial, 3, H, hd) -> (3, B, H, *spatial, hd)
