@@ -2,6 +2,8 @@
 have no derivative of their own), the reference path supports it. torch.compile with
 dynamic shapes: the reference paths compile once for every sequence length."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -54,3 +56,64 @@ def test_reference_double_backward_gradgradcheck(name):
     q, k, v = _leaves(1, 2, 5, 3, dtype=torch.float64)
     fn = DOUBLE_BACKWARD[name]
     assert torch.autograd.gradgradcheck(lambda q, k, v: fn(q, k, v, "reference"), (q, k, v))
+
+
+# --------------------------------------------------------------------------- compile without recompiles
+
+def _modules():
+    """The modules whose reference path compiled once per sequence length (a tensor size
+    specialized by a Python loop over it); each takes x (2, N, 32)."""
+    def attention(variant, **options):
+        return lambda: attnkit.nn.Attention(32, num_heads=4, num_kv_heads=2, variant=variant, backend="reference",
+                                            **options)
+
+    def neighborhood():
+        module = attnkit.nn.NeighborhoodAttention1D(32, 4, kernel_size=3)
+        module.backend = "reference"
+        return module
+
+    def multihead():
+        module = attnkit.nn.MultiheadAttention(32, 4, backend="reference")
+        # (L, N, E) layout, torch's default; need_weights=False takes attnkit's path
+        return lambda x: module(x.transpose(0, 1), x.transpose(0, 1), x.transpose(0, 1),
+                                need_weights=False)[0].transpose(0, 1)
+
+    return {
+        "flash": attention("flash", causal=True),
+        "sliding_window": attention("sliding_window", window=4, sinks=1),
+        "linear": attention("linear", feature_map="elu+1"),
+        "moba": attention("moba", block_size=4, top_k=2),
+        "multihead": multihead,
+        "neighborhood1d": neighborhood,
+    }
+
+
+MODULES = _modules()
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_reference_compiles_once_for_every_length(name):
+    torch.manual_seed(0)
+    module = MODULES[name]()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(module, dynamic=True, backend=counting_backend)
+    for n in (8, 12, 16, 20):
+        x = torch.randn(2, n, 32, device=DEVICE)
+        torch.testing.assert_close(compiled(x), module(x), rtol=1e-5, atol=1e-5)
+    assert len(graphs) == 1, f"{name}: {len(graphs)} graphs for 4 sequence lengths"
+
+
+def test_neighborhood_reference_compiles_without_lru_cache_warning():
+    module = MODULES["neighborhood1d"]()
+    torch._dynamo.reset()
+    compiled = torch.compile(module, dynamic=True, backend="eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled(torch.randn(1, 10, 32, device=DEVICE))
+    assert not [w for w in caught if "lru_cache" in str(w.message)]

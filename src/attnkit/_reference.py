@@ -67,6 +67,12 @@ def softmax_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: 
     return (out, lse, p) if return_probs else (out, lse)
 
 
+#: the fewest query rows of a chunk whose keys follow its rows (a sliding window) when the
+#: budget allows more: fewer Python steps, and since torch.compile fixes the number of chunks
+#: when it traces, one graph serves every length up to a chunk
+MIN_CHUNK_ROWS = 128
+
+
 def query_chunk_rows(batch_heads: int, keys: int, budget: int = 1 << 23) -> int:
     """Rows per query chunk so that one chunk's score matrix holds about ``budget`` elements."""
     return max(16, budget // max(1, batch_heads * keys))
@@ -84,9 +90,11 @@ def map_query_chunks(fn: Callable[[torch.Tensor, int], Tuple[torch.Tensor, torch
     """
     grad = torch.is_grad_enabled()
     out = lse = None
-    # With no query rows fn still runs once, on the empty chunk, so the outputs get their shapes.
-    for start in range(0, max(1, q.shape[2]), rows):
-        chunk = q[:, :, start:start + rows]
+    # split (not range over the length) keeps the length symbolic under torch.compile: only the
+    # number of chunks is fixed when tracing. With no query rows it still gives one (empty) chunk,
+    # so fn runs once and the outputs get their shapes.
+    for i, chunk in enumerate(q.split(rows, dim=2)):
+        start = i * rows
         if grad:
             o, o_lse = torch.utils.checkpoint.checkpoint(fn, chunk, start, use_reentrant=False)
         else:

@@ -85,10 +85,11 @@ def chunked_form(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: Opti
     """Same contract as :func:`recurrent_form`: the parallel form on chunks of ``chunk``
     rows, the state carried from chunk to chunk. Memory O(N (D + Dv) + chunk^2 + D Dv)."""
     outs = []
-    # N = 0 still runs one (empty) chunk: out (B, H, 0, Dv), and the state passes through unchanged
-    for start in range(0, max(1, q.shape[2]), chunk):
-        rows = slice(start, start + chunk)
-        out, state = parallel_form(q[:, :, rows], k[:, :, rows], v[:, :, rows], slopes, scale, state)
+    # split (not range over N) keeps N symbolic under torch.compile: only the number of chunks is
+    # fixed when tracing. N = 0 still gives one (empty) chunk: out (B, H, 0, Dv), and the state
+    # passes through unchanged.
+    for q_c, k_c, v_c in zip(q.split(chunk, dim=2), k.split(chunk, dim=2), v.split(chunk, dim=2)):
+        out, state = parallel_form(q_c, k_c, v_c, slopes, scale, state)
         outs.append(out)
     return torch.cat(outs, dim=2), state
 

@@ -37,6 +37,15 @@ def _cached_table(axes: Tuple[AxisParams, ...], device: str) -> Tuple[torch.Tens
     return neighbor_table(axes, device)
 
 
+def _table(axes: tuple[AxisParams, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The neighbour table of a geometry: cached when eager; under torch.compile it is part of
+    the graph, built from the (symbolic) lengths, since Dynamo does not trace through an
+    lru_cache (it would warn and call the function anyway)."""
+    if torch.compiler.is_compiling():
+        return neighbor_table(axes, device)
+    return _cached_table(axes, str(device))
+
+
 def neighborhood_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                            kernel_size: Union[int, Sequence[int]], dilation: Union[int, Sequence[int]] = 1,
                            causal: Union[bool, Sequence[bool]] = False, stride: Union[int, Sequence[int]] = 1,
@@ -54,7 +63,7 @@ def neighborhood_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     sm_scale = check_scale(scale, q.shape[-1])
     B, Hq, D, Dv = q.shape[0], q.shape[1], q.shape[-1], v.shape[-1]
     N = math.prod(spatial)
-    idx, valid = _cached_table(axes, str(q.device))  # (N, K): the key slots of every query
+    idx, valid = _table(axes, q.device)  # (N, K): the key slots of every query
     K = idx.shape[1]
     qf = q.reshape(B, Hq, N, D)
     kf = expand_kv_heads(k.reshape(B, k.shape[1], N, D), Hq)

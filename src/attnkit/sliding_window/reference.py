@@ -13,8 +13,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 
-from .._reference import (bind_score_mod, bottom_right, expand_kv_heads, lse_dtype, map_query_chunks, mod_positions,
-                          query_chunk_rows, softmax_attend)
+from .._reference import (MIN_CHUNK_ROWS, bind_score_mod, bottom_right, expand_kv_heads, lse_dtype, map_query_chunks,
+                          mod_positions, query_chunk_rows, softmax_attend)
 from ..checks import check_scale
 from ..mods import Problem, ScoreMod
 from ..mods.core import check_score_mod
@@ -62,7 +62,10 @@ def _one_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int, ri
     q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv)."""
     Nq, Nk = q.shape[2], k.shape[2]
     span = min(Nk, (Nk if left < 0 else left) + (Nk if right < 0 else right) + 1) + min(sinks, Nk)
-    rows = min(query_chunk_rows(q.shape[0] * q.shape[1], 2 * span), max(16, span))
+    # a chunk of rows sees at most rows + span keys: at least span rows (and MIN_CHUNK_ROWS), as
+    # many as the memory budget allows
+    rows = max(MIN_CHUNK_ROWS, span)
+    rows = min(rows, query_chunk_rows(q.shape[0] * q.shape[1], rows + span))
 
     def attend(q_chunk: torch.Tensor, first_row: int):
         key_index, mask = visible_keys(first_row, q_chunk.shape[2], Nq, Nk, left, right, sinks, q.device)
