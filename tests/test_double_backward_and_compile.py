@@ -117,3 +117,15 @@ def test_neighborhood_reference_compiles_without_lru_cache_warning():
         warnings.simplefilter("always")
         compiled(torch.randn(1, 10, 32, device=DEVICE))
     assert not [w for w in caught if "lru_cache" in str(w.message)]
+
+
+def test_distributed_local_block_refuses_double_backward():
+    """The ring's and tree decoding's local block runs the engine's backward *kernel* on
+    GPUs, which has no derivative: a second-order gradient must raise, not vanish."""
+    from attnkit.distributed._blocks import LocalAttention
+
+    q, k, v = (torch.randn(1, 2, 8, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out, lse = LocalAttention.apply(q, k, v, False, 0.25, None)
+    (dq,) = torch.autograd.grad(out.sum() + lse.sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice|does not require grad"):
+        torch.autograd.grad(dq.sum(), k)

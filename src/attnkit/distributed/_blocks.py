@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .._reference import expand_kv_heads, query_chunk_rows
 from ..engine import head_dim_blockers
@@ -123,6 +124,7 @@ class LocalAttention(torch.autograd.Function):
         return out.to(q.dtype), lse
 
     @staticmethod
+    @once_differentiable  # the GPU backward is a kernel: a second-order gradient would be silently lost
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         causal, scale, softcap = ctx.args

@@ -15,6 +15,7 @@ with the block, and one last transfer brings every dK/dV home (W - 1 + W transfe
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..checks import check_flag, check_qkv, check_scale, check_softcap
 from ..merge import merge_attention
@@ -55,6 +56,7 @@ class _RingAttention(torch.autograd.Function):
         return result, lse
 
     @staticmethod
+    @once_differentiable  # gradients travel the ring: they are not differentiable again
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         group, rank, size, layout, causal, scale, softcap = ctx.args
