@@ -9,6 +9,7 @@ so memory stays proportional to ``chunk * keys`` rather than ``N * N``.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Callable, Optional, Tuple
 
@@ -105,6 +106,25 @@ def map_query_chunks(fn: Callable[[torch.Tensor, int], Tuple[torch.Tensor, torch
         out[:, :, start:start + rows] = o
         lse[:, :, start:start + rows] = o_lse
     return out, lse
+
+
+def map_sequences(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]],
+                  q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                  cu_seqlens_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A packed batch as its sequences one by one: the reference form of ``cu_seqlens``.
+
+    q (1, Hq, Nq, D), k (1, Hkv, Nk, D), v (1, Hkv, Nk, Dv) hold S sequences packed along
+    N at the (S + 1,) offsets ``cu_seqlens_q/k``. ``fn(q_s, k_s, v_s, s) -> (out, lse)``
+    runs sequence s alone (its own positions from 0, bottom-right within it); the
+    results are concatenated along N: out (1, Hq, Nq, Dv), lse (1, Hq, Nq).
+    """
+    outs, lses = [], []
+    spans = zip(itertools.pairwise(cu_seqlens_q.tolist()), itertools.pairwise(cu_seqlens_k.tolist()))
+    for seq, ((q0, q1), (k0, k1)) in enumerate(spans):
+        o, o_lse = fn(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], seq)
+        outs.append(o)
+        lses.append(o_lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
 def lse_dtype(x: torch.Tensor) -> torch.dtype:

@@ -193,6 +193,29 @@ def check_cu_seqlens(name: str, cu: object, total: int, device: torch.device) ->
     return cu
 
 
+def check_varlen(shapes: Shapes, cu_seqlens_q: object, cu_seqlens_k: object, device: torch.device) -> bool:
+    """A packed variable-length batch's offsets, the same rules on every variant.
+
+    Both or neither of ``cu_seqlens_q``/``cu_seqlens_k`` (S + 1,) int32 are given; when
+    given, B must be 1 (the sequences are packed along N), each passes
+    :func:`check_cu_seqlens` against Nq / Nk and both describe the same S sequences.
+    Returns whether the batch is packed.
+    """
+    if (cu_seqlens_q is None) != (cu_seqlens_k is None):
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together (packed variable-length batch)")
+    if cu_seqlens_q is None:
+        return False
+    if shapes.batch != 1:
+        raise ValueError(f"with cu_seqlens_q/k the sequences are packed along N and the batch size must be 1, "
+                         f"got {shapes.batch}")
+    check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, shapes.seqlen_q, device)
+    check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, shapes.seqlen_k, device)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
+                         f"got {cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
+    return True
+
+
 def first_order_only(backward_op: torch.library.CustomOpDef, *, what: str) -> None:
     """Give a Triton backward custom op an autograd formula that refuses double backward.
 

@@ -11,8 +11,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..checks import (Shapes, check_cu_seqlens, check_flag, check_head_vector, check_qkv, check_scale,
-                      check_softcap)
+from ..checks import (Shapes, check_flag, check_head_vector, check_qkv, check_scale, check_softcap,
+                      check_varlen)
 from ..dispatch import attention
 from ..engine import Const, Schedule, fused_attention, head_dim_blockers
 from ..mods import ScoreMod
@@ -40,17 +40,7 @@ def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[st
     if options["sink_logits"] is not None:
         check_head_vector("sink_logits", options["sink_logits"], shapes.heads_q, q)
     cu_q, cu_k = options["cu_seqlens_q"], options["cu_seqlens_k"]
-    if (cu_q is None) != (cu_k is None):
-        raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together (packed variable-length batch)")
-    if cu_q is not None:
-        if shapes.batch != 1:
-            raise ValueError(f"with cu_seqlens_q/k the sequences are packed along N and the batch size must be 1, "
-                             f"got {shapes.batch}")
-        check_cu_seqlens("cu_seqlens_q", cu_q, shapes.seqlen_q, q.device)
-        check_cu_seqlens("cu_seqlens_k", cu_k, shapes.seqlen_k, q.device)
-        if cu_q.numel() != cu_k.numel():
-            raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
-                             f"got {cu_q.numel() - 1} and {cu_k.numel() - 1}")
+    check_varlen(shapes, cu_q, cu_k, q.device)
     flash_score_mod(q, k, options["alibi_slopes"], options["score_mod"], cu_q, cu_k)
     return shapes
 

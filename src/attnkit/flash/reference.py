@@ -6,8 +6,8 @@ from typing import Optional
 
 import torch
 
-from .._reference import (bind_score_mod, bottom_right, expand_kv_heads, lse_dtype, map_query_chunks, mod_positions,
-                          query_chunk_rows, softmax_attend)
+from .._reference import (bind_score_mod, bottom_right, expand_kv_heads, lse_dtype, map_query_chunks, map_sequences,
+                          mod_positions, query_chunk_rows, softmax_attend)
 from ..checks import check_scale
 from ..mods import MaskMod, Problem, ScoreMod, alibi, chain_score_mods
 from ..mods.core import check_score_mod
@@ -85,13 +85,8 @@ def flash_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     mod = flash_score_mod(q, k, alibi_slopes, score_mod, cu_seqlens_q, cu_seqlens_k)
     options = dict(causal=causal, sm_scale=sm_scale, softcap=softcap, sink_logits=sink_logits, score_mod=mod)
     if cu_seqlens_q is not None:
-        outs, lses = [], []
-        bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-        for seq, ((q0, q1), (k0, k1)) in enumerate(zip(zip(bounds_q, bounds_q[1:]), zip(bounds_k, bounds_k[1:]))):
-            o, l = dense_attention(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], first_batch=seq, **options)
-            outs.append(o)
-            lses.append(l)
-        out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+        out, lse = map_sequences(lambda q_s, k_s, v_s, seq: dense_attention(q_s, k_s, v_s, first_batch=seq, **options),
+                                 q, k, v, cu_seqlens_q, cu_seqlens_k)
     else:
         out, lse = dense_attention(q, k, v, **options)
     lse = lse.to(lse_dtype(q))
