@@ -74,6 +74,15 @@ class Case:
                                                     "x".join(map(str, self.v)))
 
 
+def packed_offsets(*lengths: int) -> Callable[[torch.Generator], torch.Tensor]:
+    """A :class:`Case` tensor builder of ``cu_seqlens_q/k``: the (S + 1,) int32 offsets of
+    sequences of these lengths packed along N, e.g. ``packed_offsets(17, 23, 1)``."""
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    return lambda g: torch.tensor(offsets, dtype=torch.int32)
+
+
 @dataclass(frozen=True)
 class Variant:
     """A registered attention variant.

@@ -16,7 +16,7 @@ from ..checks import (Shapes, check_flag, check_head_vector, check_qkv, check_sc
 from ..dispatch import attention
 from ..engine import Const, Schedule, fused_attention, head_dim_blockers
 from ..mods import ScoreMod
-from ..registry import Case, Variant, register_variant
+from ..registry import Case, Variant, packed_offsets, register_variant
 from .reference import flash_reference, flash_score_mod
 
 OPTIONS: Dict[str, Any] = dict(causal=False, scale=None, softcap=None, sink_logits=None, alibi_slopes=None,
@@ -105,12 +105,6 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                      cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse)
 
 
-def _offsets(*lengths: int):
-    import itertools
-
-    return lambda g: torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
-
-
 def _sinks(heads: int):
     return lambda g: torch.randn(heads, generator=g, dtype=torch.float64)
 
@@ -126,7 +120,8 @@ def examples() -> List[Case]:
              {"sink_logits": _sinks(2)}, name="softcap_sink_d80"),
         Case((1, 2, 41, 32), (1, 2, 55, 32), (1, 2, 55, 32),
              {"causal": True, "scale": 0.3},
-             {"cu_seqlens_q": _offsets(17, 23, 1), "cu_seqlens_k": _offsets(20, 34, 1)}, name="varlen_causal"),
+             {"cu_seqlens_q": packed_offsets(17, 23, 1), "cu_seqlens_k": packed_offsets(20, 34, 1)},
+             name="varlen_causal"),
     ]
 
 
