@@ -10,7 +10,7 @@ references at small sizes, so ``pytest benchmarks/ --benchmark-only`` always wor
 from __future__ import annotations
 
 import importlib.util
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -36,7 +36,17 @@ def causal_pairs(seqlen_q: int, seqlen_k: int) -> int:
     return int(visible.clamp(0, seqlen_k).sum())
 
 
-def run(benchmark, fn: Callable[[], object], flops: Optional[float] = None, **info) -> None:
+def mixed_lengths(total: int, count: int, seed: int = 0) -> list:
+    """``count`` lengths between about total / (4 count) and 2.5 total / count, summing to ``total``:
+    the packed variable-length batches of the varlen benchmarks."""
+    g = torch.Generator().manual_seed(seed)
+    weights = 0.25 + 2 * torch.rand(count, generator=g, dtype=torch.float64)
+    lengths = (weights / weights.sum() * total).floor().long()
+    lengths[0] += total - int(lengths.sum())
+    return lengths.tolist()
+
+
+def run(benchmark, fn: Callable[[], object], flops: float | None = None, **info) -> None:
     """Time ``fn`` and record milliseconds and TFLOP/s in ``benchmark.extra_info``."""
     benchmark.extra_info.update(info)
     if CUDA:

@@ -12,8 +12,8 @@ from typing import Optional
 
 import torch
 
-from .._reference import (bind_score_mod, bottom_right, expand_kv_heads, lse_dtype, map_query_chunks, mod_positions,
-                          softmax_attend)
+from .._reference import (bind_score_mod, bottom_right, expand_kv_heads, lse_dtype, map_query_chunks, map_sequences,
+                          mod_positions, softmax_attend)
 from ..checks import check_scale
 from ..mods import MaskMod, Problem, ScoreMod
 from ..mods.core import check_mask_mod, check_score_mod
@@ -108,15 +108,30 @@ def moba_gate(q: torch.Tensor, k: torch.Tensor, *, block_size: int, top_k: int, 
 
 
 def moba_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int, top_k: int,
-                   scale: Optional[float] = None, return_lse: bool = False):
+                   scale: float | None = None, cu_seqlens_q: torch.Tensor | None = None,
+                   cu_seqlens_k: torch.Tensor | None = None, return_lse: bool = False):
     """MoBA attention (causal, bottom-right), in the dtype of the inputs.
 
     q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> out (B, Hq, Nq, Dv)
     [, lse (B, Hq, Nq)]. Query i (key position p = i + Nk - Nq) attends the keys
     j <= p of its own block p // block_size plus every key of the top-(top_k - 1)
-    blocks chosen by :func:`moba_gate`. Memory: one (chunk x Nk) mask per step.
+    blocks chosen by :func:`moba_gate`. A packed batch (B = 1, ``cu_seqlens_q/k``
+    (S + 1,)) is its sequences run one by one: blocks, gate and positions restart at
+    each sequence. Memory: one (chunk x Nk) mask per step.
     """
     sm_scale = check_scale(scale, q.shape[-1])
+    if cu_seqlens_q is not None:
+        out, lse = map_sequences(lambda q_s, k_s, v_s, _: moba_attend(q_s, k_s, v_s, block_size, top_k, sm_scale),
+                                 q, k, v, cu_seqlens_q, cu_seqlens_k)
+    else:
+        out, lse = moba_attend(q, k, v, block_size, top_k, sm_scale)
+    lse = lse.to(lse_dtype(q))
+    return (out, lse) if return_lse else out
+
+
+def moba_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, top_k: int, sm_scale: float
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoBA of one (B, H, N, D) problem, chunked over queries: -> (out (B, Hq, Nq, Dv), lse (B, Hq, Nq))."""
     Hq, Nq, Nk = q.shape[1], q.shape[2], k.shape[2]
     k, v = expand_kv_heads(k, Hq), expand_kv_heads(v, Hq)
     key_pos = torch.arange(Nk, device=q.device)
@@ -134,6 +149,4 @@ def moba_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_s
         return softmax_attend(q_chunk, k, v, scale=sm_scale, mask=mask)
 
     rows = max(1, min(Nq, (1 << 22) // max(1, q.shape[0] * Hq * Nk)))
-    out, lse = map_query_chunks(attend, q, rows)
-    lse = lse.to(lse_dtype(q))
-    return (out, lse) if return_lse else out
+    return map_query_chunks(attend, q, rows)
