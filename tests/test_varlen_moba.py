@@ -8,12 +8,11 @@ import itertools
 
 import pytest
 import torch
+from conftest import DEVICE
 
 import attnkit
 from attnkit.block_sparse.moba import moba_select
 from attnkit.block_sparse.reference import moba_gate
-
-from conftest import DEVICE
 
 BACKENDS = ["reference", "triton"]
 
@@ -51,7 +50,7 @@ def one_by_one(q, k, v, lengths_q, lengths_k, **options):
 
 def check_packed_equals_one_by_one(lengths_q, lengths_k, block_size, top_k, backend):
     q, k, v = packed_inputs(lengths_q, lengths_k)
-    options = dict(block_size=block_size, top_k=top_k, backend=backend)
+    options = {"block_size": block_size, "top_k": top_k, "backend": backend}
     cu_q, cu_k = offsets(lengths_q), offsets(lengths_k)
     packed = run_with_grads(lambda q, k, v: attnkit.moba_attention(
         q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True, **options), q, k, v)
