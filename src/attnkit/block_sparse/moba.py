@@ -192,7 +192,8 @@ def moba_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size
 
 def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int, top_k: int,
                    scale: Optional[float] = None, cu_seqlens_q: torch.Tensor | None = None,
-                   cu_seqlens_k: torch.Tensor | None = None, return_lse: bool = False, backend: str = "auto"):
+                   cu_seqlens_k: torch.Tensor | None = None, return_lse: bool = False, backend: str = "auto",
+                   layout: str = "bhsd"):
     """MoBA: causal attention to the own block plus the top-(top_k - 1) gated past blocks.
 
     Args:
@@ -212,6 +213,9 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_s
             short), its gate ranks only its own blocks and its positions (Nq, Nk,
             bottom-right) are its own, so the result equals the sequences run one by one.
         return_lse: also return the log-sum-exp (B, Hq, Nq), float32, natural log.
+        layout: "bhsd" (default) or "bshd": q (B, Nq, Hq, D), k/v (B, Nk, Hkv, D) and out
+            (B, Nq, Hq, Dv) (flash-attn's layout); read without a copy. The LSE stays
+            (B, Hq, Nq), as flash-attn's (see ``attnkit.attention``).
         backend: "auto", "triton" or "reference" (see ``attnkit.explain``).
 
     Returns:
@@ -231,7 +235,7 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_s
         torch.Size([1, 4, 256])
     """
     return attention(q, k, v, "moba", backend, block_size=block_size, top_k=top_k, scale=scale,
-                     cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse)
+                     cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse, layout=layout)
 
 
 def examples() -> List[Case]:

@@ -108,7 +108,7 @@ def block_sparse_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bl
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, *,
                            causal: bool = False, scale: float | None = None, softcap: float | None = None,
                            score_mod: ScoreMod | None = None, mask_mod: MaskMod | None = None,
-                           return_lse: bool = False, backend: str = "auto"):
+                           return_lse: bool = False, backend: str = "auto", layout: str = "bhsd"):
     """Softmax attention over the tiles of a block mask.
 
     Args:
@@ -125,6 +125,9 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         mask_mod: an :class:`attnkit.MaskMod` intersected with the block mask (and with its
             own mask_mod, if it carries one): every listed tile is then computed with it.
         return_lse: also return the log-sum-exp (B, Hq, Nq), float32, natural log.
+        layout: "bhsd" (default) or "bshd": q (B, Nq, Hq, D), k/v (B, Nk, Hkv, D) and out
+            (B, Nq, Hq, Dv) (flash-attn's layout); read without a copy. The LSE stays
+            (B, Hq, Nq), as flash-attn's (see ``attnkit.attention``).
         backend: "auto", "triton" or "reference" (see ``attnkit.explain``). The kernel
             needs block sizes that are multiples of 16; auto falls back to the
             reference otherwise.
@@ -134,7 +137,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         that sees no key has out 0 and lse -inf (and zero gradients).
     """
     return attention(q, k, v, "block_sparse", backend, block_mask=block_mask, causal=causal, scale=scale,
-                     softcap=softcap, score_mod=score_mod, mask_mod=mask_mod, return_lse=return_lse)
+                     softcap=softcap, score_mod=score_mod, mask_mod=mask_mod, return_lse=return_lse, layout=layout)
 
 
 def _random_mask(batch: int, heads: int, nq: int, nk: int, block_size, density: float, seed: int,

@@ -154,7 +154,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      score_mod: Optional[ScoreMod] = None, scale: Optional[float] = None,
                      page_top_k: Optional[int] = None, return_lse: bool = False, return_key_scores: bool = False,
                      backend: str = "auto", page_bounds: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-                     num_splits: Optional[int] = None):
+                     num_splits: Optional[int] = None, layout: str = "bhsd"):
     """Attention of the newest Nq tokens of each sequence over its KV cache (decoding, serving).
 
     Query i of sequence b sits at position ``L_b - Nq + i`` and sees the cached keys j <= that
@@ -184,6 +184,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return_key_scores: also return (B, Hq, capacity) float32: per query head, the sum over
             the Nq queries of their softmax probability on each key position (sink share
             excluded; 0 past L_b and on unselected pages): what H2O, SnapKV and CAKE read.
+        layout: "bhsd" (default) or "bshd": q (B, Nq, Hq, D), caches (B, Nmax, Hkv, D) or paged
+            (num_pages, page_size, Hkv, D) (flash-attn's), out (B, Nq, Hq, Dv); read without a
+            copy. LSE and key scores keep their shapes (see ``attnkit.attention``).
         backend: "auto", "triton" or "reference".
         page_bounds: (kmin, kmax) (num_pages, Hkv, D) page key bounds (any float dtype) for page_top_k
             (what :class:`attnkit.PagedKVCache` maintains); computed from the cache when None.
@@ -203,7 +206,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return attention(q, k_cache, v_cache, "decode", backend, cache_seqlens=cache_seqlens, block_table=block_table,
                      window=window, sinks=sinks, sink_logits=sink_logits, softcap=softcap, alibi_slopes=alibi_slopes,
                      score_mod=score_mod, scale=scale, page_top_k=page_top_k, page_bounds=page_bounds,
-                     num_splits=num_splits, return_lse=return_lse, return_key_scores=return_key_scores)
+                     num_splits=num_splits, return_lse=return_lse, return_key_scores=return_key_scores, layout=layout)
 
 
 def _ints(*values: int):

@@ -67,7 +67,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                     sink_logits: Optional[torch.Tensor] = None, alibi_slopes: Optional[torch.Tensor] = None,
                     score_mod: Optional[ScoreMod] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
                     cu_seqlens_k: Optional[torch.Tensor] = None, return_lse: bool = False,
-                    backend: str = "auto"):
+                    backend: str = "auto", layout: str = "bhsd"):
     """Exact softmax attention.
 
     Args:
@@ -87,6 +87,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
             sequence index as ``b`` and positions from the sequence's start).
         return_lse: also return the log-sum-exp (B, Hq, Nq), float32, natural log
             (including the sink); -inf for a row that sees no key.
+        layout: "bhsd" (default) or "bshd": q (B, Nq, Hq, D), k/v (B, Nk, Hkv, D) and out
+            (B, Nq, Hq, Dv) (flash-attn's layout); read without a copy. The LSE stays
+            (B, Hq, Nq), as flash-attn's (see ``attnkit.attention``).
         backend: "auto", "triton" or "reference" (see ``attnkit.explain``).
 
     Returns:
@@ -102,7 +105,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     """
     return attention(q, k, v, "flash", backend, causal=causal, scale=scale, softcap=softcap,
                      sink_logits=sink_logits, alibi_slopes=alibi_slopes, score_mod=score_mod,
-                     cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse)
+                     cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse, layout=layout)
 
 
 def _sinks(heads: int):

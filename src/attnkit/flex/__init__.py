@@ -71,7 +71,7 @@ def flex_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, score_mod:
 def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod: Optional[ScoreMod] = None,
                    mask_mod: Optional[MaskMod] = None, block_mask: Optional[BlockMask] = None, *,
                    scale: Optional[float] = None, return_lse: bool = False, backend: str = "auto",
-                   softcap: Optional[float] = None):
+                   softcap: Optional[float] = None, layout: str = "bhsd"):
     """FlexAttention on attnkit's engine: softmax attention with a score mod, a mask mod and a block mask.
 
     Scores: s = scale * q.k, then ``softcap`` (if given), then ``score_mod``; a pair
@@ -90,6 +90,9 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod:
         scale: score scale, default 1/sqrt(D).
         return_lse: also return the log-sum-exp (B, Hq, Nq), float32, natural log; -inf
             (and output 0) for a row that sees no key.
+        layout: "bhsd" (default) or "bshd": q (B, Nq, Hq, D), k/v (B, Nk, Hkv, D) and out
+            (B, Nq, Hq, Dv) (flash-attn's layout); read without a copy. The LSE stays
+            (B, Hq, Nq), as flash-attn's (see ``attnkit.attention``).
         backend: "auto", "triton" or "reference" (see ``attnkit.explain``).
         softcap: scores s become softcap * tanh(s / softcap) before the score_mod.
 
@@ -107,7 +110,7 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod:
         torch.Size([1, 4, 256, 64])
     """
     return attention(q, k, v, "flex", backend, score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask,
-                     scale=scale, softcap=softcap, return_lse=return_lse)
+                     scale=scale, softcap=softcap, return_lse=return_lse, layout=layout)
 
 
 def _slopes(heads: int):

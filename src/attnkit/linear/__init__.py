@@ -113,7 +113,7 @@ def kernel_support_lightning(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                      decay: Optional[torch.Tensor] = None, scale: Optional[float] = None, normalize: bool = False,
                      feature_map=None, initial_state: Optional[torch.Tensor] = None, return_state: bool = False,
-                     backend: str = "auto"):
+                     backend: str = "auto", layout: str = "bhsd"):
     """Linear attention (no softmax), optionally with a per-head decay.
 
     Causal form, per head h: S_t = lambda_h S_{t-1} + phi(k_t)^T v_t, o_t = scale phi(q_t) S_t,
@@ -137,6 +137,9 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
         initial_state: (B, Hq, F, Dv) (Dv + 1 with normalize), float32 or q's dtype: the
             state after a previous piece of the sequence (default zeros). Differentiable.
         return_state: also return the final state (B, Hq, F, Dv[+1]), float32.
+        layout: "bhsd" (default) or "bshd": q (B, N, Hq, D), k/v (B, N, Hkv, D) and out
+            (B, N, Hq, Dv) (flash-linear-attention's layout); read without a copy. States keep
+            their shape (see ``attnkit.attention``).
         backend: "auto", "triton" or "reference" (see ``attnkit.explain``).
 
     Returns:
@@ -147,12 +150,12 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     runs a recurrent step for it, with no padding to a chunk).
     """
     return attention(q, k, v, "linear", backend, causal=causal, decay=decay, scale=scale, normalize=normalize,
-                     feature_map=feature_map, initial_state=initial_state, return_state=return_state)
+                     feature_map=feature_map, initial_state=initial_state, return_state=return_state, layout=layout)
 
 
 def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor, *,
                         initial_state: Optional[torch.Tensor] = None, return_state: bool = False,
-                        backend: str = "auto"):
+                        backend: str = "auto", layout: str = "bhsd"):
     """Lightning attention (TransNormerLLM, Lightning Attention-2, MiniMax-01): causal linear
     attention with scale 1 and a per-head decay.
 
@@ -165,13 +168,16 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope
             Differentiable when it requires grad.
         initial_state: (B, Hq, D, Dv), float32 or q's dtype, or None (zeros).
         return_state: also return the final state (B, Hq, D, Dv), float32.
+        layout: "bhsd" (default) or "bshd": q (B, N, Hq, D), k/v (B, N, Hkv, D) and out
+            (B, N, Hq, Dv) (flash-linear-attention's layout); read without a copy. States keep
+            their shape (see ``attnkit.attention``).
         backend: "auto", "triton" or "reference".
 
     Returns:
         out (B, Hq, N, Dv) in q's dtype, or (out, state) with ``return_state``.
     """
     return attention(q, k, v, "lightning", backend, slopes=slopes, initial_state=initial_state,
-                     return_state=return_state)
+                     return_state=return_state, layout=layout)
 
 
 def lightning_slopes(num_heads: int, layer_idx: int = 0, num_layers: int = 1) -> torch.Tensor:

@@ -68,7 +68,7 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                            kernel_size: Union[int, Sequence[int]], dilation: Union[int, Sequence[int]] = 1,
                            causal: Union[bool, Sequence[bool]] = False, stride: Union[int, Sequence[int]] = 1,
                            scale: Optional[float] = None, score_mod: Optional[ScoreMod] = None,
-                           return_lse: bool = False, backend: str = "auto"):
+                           return_lse: bool = False, backend: str = "auto", layout: str = "bhsd"):
     """Neighborhood attention (NATTEN semantics) over 1 to 3 spatial axes.
 
     Each query attends to the keys of its neighborhood: the product over spatial axes
@@ -96,13 +96,15 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             flat row-major token indices over ``spatial`` as ``q_idx``/``kv_idx`` (e.g.
             ``attnkit.mods.relative_position_bias_2d(rpb, kernel_size)``, NATTEN's rpb).
         return_lse: also return the log-sum-exp (B, Hq, *spatial), float32, natural log.
+        layout: "bhsd" (default) or "bshd": heads second to last, q/k/v (B, *spatial, H, D) and out
+            (B, *spatial, H, Dv) (NATTEN's heads-last layout); read without a copy.
         backend: "auto", "triton" or "reference" (see ``attnkit.explain``).
 
     Returns:
         out (B, Hq, *spatial, Dv) in q's dtype, or (out, lse) with ``return_lse``.
     """
     return attention(q, k, v, "neighborhood", backend, kernel_size=kernel_size, dilation=dilation, causal=causal,
-                     stride=stride, scale=scale, score_mod=score_mod, return_lse=return_lse)
+                     stride=stride, scale=scale, score_mod=score_mod, return_lse=return_lse, layout=layout)
 
 
 def examples() -> List[Case]:

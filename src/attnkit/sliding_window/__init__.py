@@ -80,7 +80,7 @@ def sliding_window_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
 def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window, sinks: int = 0,
                              scale: Optional[float] = None, softcap: Optional[float] = None,
                              sink_logits: Optional[torch.Tensor] = None, score_mod: Optional[ScoreMod] = None,
-                             return_lse: bool = False, backend: str = "auto"):
+                             return_lse: bool = False, backend: str = "auto", layout: str = "bhsd"):
     """Sliding-window softmax attention with attention sinks and per-head windows.
 
     Query i sits at key position p = i + Nk - Nq (bottom-right aligned, as FlashAttention)
@@ -105,13 +105,16 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             softcap (e.g. ``attnkit.mods.alibi(slopes)``); see docs/mods.md.
         return_lse: also return the log-sum-exp (B, Hq, Nq), float32, natural log;
             -inf for a row that sees no key (its output is 0).
+        layout: "bhsd" (default) or "bshd": q (B, Nq, Hq, D), k/v (B, Nk, Hkv, D) and out
+            (B, Nq, Hq, Dv) (flash-attn's layout); read without a copy. The LSE stays
+            (B, Hq, Nq), as flash-attn's (see ``attnkit.attention``).
         backend: "auto", "triton" or "reference" (see ``attnkit.explain``).
 
     Returns:
         out (B, Hq, Nq, Dv) in q's dtype, or (out, lse) with ``return_lse``.
     """
     return attention(q, k, v, "sliding_window", backend, window=window, sinks=sinks, scale=scale, softcap=softcap,
-                     sink_logits=sink_logits, score_mod=score_mod, return_lse=return_lse)
+                     sink_logits=sink_logits, score_mod=score_mod, return_lse=return_lse, layout=layout)
 
 
 def _per_head(rows):
