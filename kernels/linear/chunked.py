@@ -21,6 +21,12 @@ The backward passes are the same computation on other operands:
 
 and the final P of the dv pass is d initial_state. Head indices of Q, K and V are
 ``h // g*`` so that GQA (shared k, v) needs no copies.
+
+Packed variable-length batches (VARLEN, B = 1, CU_SEQLENS (S + 1,) int32): program
+(e, s * H + h) walks sequence s alone, rows CU_SEQLENS[s] to CU_SEQLENS[s + 1], with
+row s of P0 and PN as its states. Its chunks start at the sequence's first row, so no
+chunk crosses a boundary; the last one is cut at the sequence's end like the last
+chunk of an unpacked sequence, and the decay restarts with each sequence.
 """
 
 import triton
@@ -29,7 +35,7 @@ import triton.language as tl
 
 @triton.jit
 def linear_chunk_kernel(
-    Q, K, V, O, P0, PN, SLOPES,
+    Q, K, V, O, P0, PN, SLOPES, CU_SEQLENS,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -41,16 +47,23 @@ def linear_chunk_kernel(
     DIM_K: tl.constexpr, DIM_E: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr,
     HAS_DECAY: tl.constexpr, HAS_P0: tl.constexpr, STORE_PN: tl.constexpr, REVERSE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr,
 ):
     pid_e = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    off_b = (pid_bh // num_heads).to(tl.int64)
+    off_b = (pid_bh // num_heads).to(tl.int64)   # batch entry, or packed sequence (its state row)
     off_h = pid_bh % num_heads
-    q_base = Q + off_b * stride_qb + (off_h // group_q).to(tl.int64) * stride_qh
-    k_base = K + off_b * stride_kb + (off_h // group_k).to(tl.int64) * stride_kh
-    v_base = V + off_b * stride_vb + (off_h // group_v).to(tl.int64) * stride_vh
-    o_base = O + off_b * stride_ob + off_h.to(tl.int64) * stride_oh
+    if VARLEN:
+        bos = tl.load(CU_SEQLENS + off_b).to(tl.int64)
+        seqlen = (tl.load(CU_SEQLENS + off_b + 1) - tl.load(CU_SEQLENS + off_b)).to(tl.int32)
+        row0_q, row0_k, row0_v, row0_o = bos * stride_qn, bos * stride_kn, bos * stride_vn, bos * stride_on
+    else:
+        row0_q, row0_k, row0_v, row0_o = (off_b * stride_qb, off_b * stride_kb, off_b * stride_vb,
+                                          off_b * stride_ob)
+    q_base = Q + row0_q + (off_h // group_q).to(tl.int64) * stride_qh
+    k_base = K + row0_k + (off_h // group_k).to(tl.int64) * stride_kh
+    v_base = V + row0_v + (off_h // group_v).to(tl.int64) * stride_vh
+    o_base = O + row0_o + off_h.to(tl.int64) * stride_oh
 
     offs_c = tl.arange(0, BLOCK_C)
     offs_k = tl.arange(0, BLOCK_K)
@@ -83,7 +96,7 @@ def linear_chunk_kernel(
         intra = tl.where(visible, scale, 0.0)
 
     n_chunks = tl.cdiv(seqlen, BLOCK_C)
-    for it in range(0, n_chunks):
+    for it in range(n_chunks):
         if REVERSE:
             chunk = n_chunks - 1 - it
         else:
@@ -136,7 +149,7 @@ def linear_chunk_kernel(
 
 @triton.jit
 def linear_recurrent_kernel(
-    Q, K, V, O, S0, SN, SLOPES,
+    Q, K, V, O, S0, SN, SLOPES, CU_SEQLENS,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -144,20 +157,28 @@ def linear_recurrent_kernel(
     stride_sb, stride_sh, stride_sr,
     num_heads, groups, seqlen, scale,
     DIM_K: tl.constexpr, DIM_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-    HAS_DECAY: tl.constexpr, HAS_S0: tl.constexpr,
+    HAS_DECAY: tl.constexpr, HAS_S0: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Token-by-token recurrence S_t = lambda S_{t-1} + k_t^T v_t, o_t = scale q_t S_t:
     the decoding step (N = 1), with no padding to a chunk. S0 and SN are fp32
-    (B, H, K, E) with the same strides (last one 1)."""
+    (B, H, K, E) with the same strides (last one 1); (S, H, K, E) for a packed batch
+    (VARLEN: program s * H + h runs sequence s, as in ``linear_chunk_kernel``)."""
     pid_e = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // num_heads).to(tl.int64)
     off_h = pid_bh % num_heads
     off_hk = (off_h // groups).to(tl.int64)
-    q_base = Q + off_b * stride_qb + off_h.to(tl.int64) * stride_qh
-    k_base = K + off_b * stride_kb + off_hk * stride_kh
-    v_base = V + off_b * stride_vb + off_hk * stride_vh
-    o_base = O + off_b * stride_ob + off_h.to(tl.int64) * stride_oh
+    if VARLEN:
+        bos = tl.load(CU_SEQLENS + off_b).to(tl.int64)
+        seqlen = (tl.load(CU_SEQLENS + off_b + 1) - tl.load(CU_SEQLENS + off_b)).to(tl.int32)
+        row0_q, row0_k, row0_v, row0_o = bos * stride_qn, bos * stride_kn, bos * stride_vn, bos * stride_on
+    else:
+        row0_q, row0_k, row0_v, row0_o = (off_b * stride_qb, off_b * stride_kb, off_b * stride_vb,
+                                          off_b * stride_ob)
+    q_base = Q + row0_q + off_h.to(tl.int64) * stride_qh
+    k_base = K + row0_k + off_hk * stride_kh
+    v_base = V + row0_v + off_hk * stride_vh
+    o_base = O + row0_o + off_h.to(tl.int64) * stride_oh
     offs_k = tl.arange(0, BLOCK_K)
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     mask_k = offs_k < DIM_K
@@ -172,7 +193,7 @@ def linear_recurrent_kernel(
         lam = tl.exp(-tl.load(SLOPES + off_h).to(tl.float32))
     else:
         lam = 1.0
-    for t in range(0, seqlen):
+    for t in range(seqlen):
         q = tl.load(q_base + t * stride_qn + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         k = tl.load(k_base + t * stride_kn + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         v = tl.load(v_base + t * stride_vn + offs_e, mask=mask_e, other=0.0).to(tl.float32)
