@@ -587,3 +587,17 @@ def test_kvcache_bad_arguments_are_named_and_leave_the_cache_alone(kwargs, error
     with pytest.raises(error, match=match):
         fa.flash_attn_with_kvcache(q, k_cache, v_cache, **kwargs)
     assert torch.equal(k_cache, before)
+
+
+def test_compat_outputs_are_contiguous_as_flash_attns():
+    """flash-attn returns contiguous outputs and callers .view them (attnkit's own bshd ops give views)."""
+    q, k, v = rand(2, 9, 4, 16, seed=1), rand(2, 9, 2, 16, seed=2), rand(2, 9, 2, 16, seed=3)
+    assert not attnkit.flash_attention(q, k, v, layout="bshd").is_contiguous()
+    outs = [fa.flash_attn_func(q, k, v), fa.flash_attn_func(q, k, v, return_attn_probs=True)[0],
+            fa.flash_attn_func(q, k, v, window_size=(3, 0)), fa.flash_attn_varlen_func(q[0], k[0], v[0], _cu(9), _cu(9),
+                                                                                         9, 9),
+            fa.flash_attn_with_kvcache(q[:, :1], k, v), fa.flash_attn_with_kvcache(q[:, :1], k, v,
+                                                                                   return_softmax_lse=True)[0]]
+    for out in outs:
+        assert out.is_contiguous()
+        out.view(*out.shape[:-2], -1)

@@ -249,3 +249,19 @@ def test_key_padding_varlen_through_the_kernel(spy, backend):
         expected = theirs(x, src_key_padding_mask=pad)
     assert spy.varlen == 1
     torch.testing.assert_close(out, expected.detach(), rtol=2e-4, atol=2e-4)
+
+
+def test_entry_with_every_key_padded_equals_torch_without_weights(spy):
+    torch.manual_seed(22)
+    theirs = nn.MultiheadAttention(E, H, batch_first=True).to(DEVICE)
+    with torch.no_grad():
+        theirs.out_proj.bias.uniform_(-1, 1)
+        theirs.in_proj_bias.uniform_(-1, 1)
+    ours = attnkit.nn.MultiheadAttention(E, H, batch_first=True, device=DEVICE)
+    ours.load_state_dict(theirs.state_dict())
+    x = rand(2, 6, E, seed=23)
+    pad = padding([6, 0], 6)
+    out, _ = ours(x, x, x, key_padding_mask=pad, need_weights=False)
+    expected, _ = theirs(x, x, x, key_padding_mask=pad, need_weights=False)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)       # attention 0: the out_proj bias
+    assert spy.varlen == 1

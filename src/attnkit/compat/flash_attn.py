@@ -18,7 +18,9 @@ Semantics, as flash-attn's:
 * the LSE (``return_attn_probs``, ``return_softmax_lse``) is (batch, nheads, seqlen_q),
   or (nheads, total_q) for varlen, float32, natural log, **+inf** for a row that sees no
   key (flash-attn's convention; attnkit's own ops return -inf there). The output is 0
-  there.
+  there;
+* outputs are contiguous, as flash-attn's (callers ``.view`` them): one copy of the
+  output, where attnkit's own ``layout="bshd"`` ops return a view.
 
 Not supported, with a clear error naming the argument: ``dropout_p > 0`` where the attnkit
 op has no ``dropout_p``; ``return_attn_probs`` together with dropout (the dropout pattern
@@ -140,10 +142,11 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dropout_p: obj
         options.update(window=(left, right), score_mod=None if alibi_slopes is None else alibi(alibi_slopes))
     options.update(_dropout(op, dropout_p, return_attn_probs))
     result = op(q, k, v, **options)
+    # flash-attn returns a contiguous (B, Nq, Hq, Dv) tensor, which callers may .view(B, Nq, -1)
     if not return_attn_probs:
-        return result
+        return result.contiguous()
     out, lse = result
-    return out, flash_lse(lse), None  # S_dmask: None without dropout, as flash-attn returns it
+    return out.contiguous(), flash_lse(lse), None  # S_dmask: None without dropout, as flash-attn returns it
 
 
 # ----------------------------------------------------------------------------- batched (B, S, H, D)
@@ -241,7 +244,7 @@ def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
     result = _attend(q[None], k[None], v[None], seqlen_k=max_seqlen_k, cu_seqlens=(cu_seqlens_q, cu_seqlens_k),
                      **kwargs)
     if isinstance(result, tuple):
-        return result[0][0], result[1][0], result[2]  # out (total, H, Dv), lse (H, total)
+        return result[0][0], result[1][0], result[2]  # out (total, H, Dv) contiguous, lse (H, total)
     return result[0]
 
 
@@ -535,5 +538,5 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         k_read, v_read = k_cache.index_select(0, rows.long()), v_cache.index_select(0, rows.long())
     result = decode_attention(q, k_read, v_read, lengths, **options)
     if return_softmax_lse:
-        return result[0], flash_lse(result[1])
-    return result
+        return result[0].contiguous(), flash_lse(result[1])
+    return result.contiguous()

@@ -42,7 +42,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
       sequences (``cu_seqlens_q/k``: unpad -> varlen -> pad), every query row over its
       entry's kept keys, as torch computes it. This needs a variant with packed batches and
       no position-dependent option (flash without causal, ALiBi or a score mod): dropping
-      keys moves the ones after them. A batch entry with every key padded gets 0 (torch: NaN).
+      keys moves the ones after them. A batch entry with every key padded gets attention
+      output 0, as torch's path without weights does.
     * nested tensors (``TransformerEncoder`` packs a right-padded batch into one in eval mode
       under no_grad): run as packed sequences too, and returned nested.
     * another mask (``attn_mask``, an additive float ``key_padding_mask``), ``need_weights=True``
