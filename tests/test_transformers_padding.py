@@ -358,3 +358,22 @@ def test_padded_gpt_oss_through_the_triton_kernel(monkeypatch):
     for name, grad in grads["eager"].items():
         torch.testing.assert_close(grads["attnkit"][name], grad, rtol=1e-3, atol=1e-4, msg=name)
     assert spy.packed == attention_layers(cfg)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+def test_left_padded_generation_with_a_static_cache_equals_eager(kind, monkeypatch):
+    """A static cache hands the layers keys of its full length; the slots past the mask are
+    unused (transformers' flash route slices them off)."""
+    cfg = tiny(kind)
+    ids, mask = batch("left", seed=14)
+    ids, mask = ids[:, :8], mask[:, :8]
+    out = {}
+    for impl in ("eager", "attnkit"):
+        model = build(cfg, impl).eval()
+        if impl == "attnkit":
+            spy = Spy(monkeypatch)
+        with torch.no_grad():
+            out[impl] = model.generate(ids, attention_mask=mask, max_new_tokens=7, do_sample=False, pad_token_id=0,
+                                       cache_implementation="static")
+    assert torch.equal(out["attnkit"], out["eager"])
+    assert spy.packed + spy.dense == attention_layers(cfg) * STEPS and spy.packed >= attention_layers(cfg)

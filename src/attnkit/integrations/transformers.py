@@ -360,7 +360,24 @@ def attnkit_sliding_window_attention_forward(module: torch.nn.Module, query: tor
 
 
 def register() -> None:
-    """Register "attnkit" and "attnkit_sliding_window" with transformers (idempotent)."""
+    """Register "attnkit" and "attnkit_sliding_window" with transformers (idempotent).
+
+    Layers then get query (B, Hq, Nq, D), key/value (B, Hkv, Nk, D) and a padding mask
+    (B, Nk) or None, and return (B, Nq, Hq, D); padded batches run packed on attnkit.
+
+    Examples::
+
+        >>> import torch, transformers
+        >>> import attnkit.integrations.transformers as hf
+        >>> hf.register()
+        >>> cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128,
+        ...                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        >>> model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="attnkit").eval()
+        >>> ids = torch.randint(1, 97, (2, 12))
+        >>> mask = torch.ones(2, 12, dtype=torch.long); mask[1, :4] = 0   # row 1 left-padded
+        >>> model(input_ids=ids, attention_mask=mask).logits.shape
+        torch.Size([2, 12, 97])
+    """
     try:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface
