@@ -13,22 +13,37 @@ d loss / d s_in, the softcap chain rule into d loss / d (scale * q.k). The dK/dV
 works on transposed tiles (S^T), so hooks get transposed position tiles there. The
 gradients of a score mod's tensors are accumulated in the dQ pass only (every
 (query tile, key tile, head) is visited exactly once there), by ``SCORE_GRADS_FN``.
+
+Attention dropout (``DROPOUT``): both passes regenerate the forward's keep bits. With
+Z the keep mask and r = 1 / (1 - p), out = (P * Z * r) V, so dV = (P * Z)^T dO * r
+(r applied once, at the end) and dP = (dO V^T) * Z * r; Delta = rowsum(dO * O) is
+rowsum(P * dP) as without dropout, so dS = P * (dP - Delta) keeps its form.
 """
 
 import triton
 import triton.language as tl
 
-from .common import LOG2E, block_index, load_tile, mod_positions, scores, segments, sequence_bounds, token_mask
+from .common import (
+    LOG2E,
+    block_index,
+    load_tile,
+    mod_positions,
+    scores,
+    segments,
+    sequence_bounds,
+    token_mask,
+)
+from .dropout import dropout_keep
 
 
 @triton.jit
 def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
                  offs_n, offs_d, offs_dv, lo, hi, INDEX, seq, sm_scale, softcap, VARIANT_ARGS, SCORE_ARGS, MASK_ARGS,
-                 VARIANT_MASK: tl.constexpr, POSITIONS: tl.constexpr, SCORE_MOD: tl.constexpr,
+                 DROPOUT_ARGS, VARIANT_MASK: tl.constexpr, POSITIONS: tl.constexpr, SCORE_MOD: tl.constexpr,
                  SCORE_DERIV: tl.constexpr, MASK_MOD: tl.constexpr, LIST: tl.constexpr, SUB: tl.constexpr,
                  BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                  CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
-                 HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One segment of the dK/dV pass: query blocks lo .. hi - 1 against this program's keys."""
     seqlen_q = seq[2]
     seqlen_k = seq[3]
@@ -58,8 +73,13 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm,
             p_t = tl.where(offs_m[None, :] < seqlen_q, p_t, 0.0)
         if CHECK_N:
             p_t = tl.where(offs_n[:, None] < seqlen_k, p_t, 0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep_t = dropout_keep(offs_m[None, :], offs_n[:, None], seq, VARIANT_ARGS, POSITIONS, DROPOUT_ARGS)
+            dv = tl.dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            dp_t = tl.where(keep_t, dp_t * DROPOUT_ARGS[2], 0.0)
+        else:
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         if SCORE_DERIV is not None:
             b, h, q_idx, kv_idx = mod_positions(offs_m[None, :], offs_n[:, None], seq, VARIANT_ARGS, POSITIONS)
@@ -83,11 +103,11 @@ def attn_bwd_dkdv_kernel(
     stride_lb, stride_lh,
     num_heads_kv, groups, seqlen_q_arg, seqlen_k_arg, CU_Q, CU_K,
     sm_scale, softcap,
-    VARIANT_ARGS, LISTS, SCORE_ARGS, MASK_ARGS,
+    VARIANT_ARGS, LISTS, SCORE_ARGS, MASK_ARGS, DROPOUT_ARGS,
     RANGE_FN: tl.constexpr, VARIANT_MASK: tl.constexpr, POSITIONS: tl.constexpr,
     SCORE_MOD: tl.constexpr, SCORE_DERIV: tl.constexpr, MASK_MOD: tl.constexpr, MASK_FULL_BLOCKS: tl.constexpr,
     LIST_BQ: tl.constexpr, LIST_BK: tl.constexpr,
-    VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -117,7 +137,7 @@ def attn_bwd_dkdv_kernel(
                       + offs_dv[None, :], offs_n, seqlen_k, offs_dv, HEAD_DIM_V, CHECK_N, PAD_DV)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-        for g in range(0, groups):
+        for g in range(groups):
             off_h = off_hk * groups + g
             q_base = Q + tb * stride_qb + off_h.to(tl.int64) * stride_qh + q_row * stride_qm
             do_base = DO + tb * stride_dob + off_h.to(tl.int64) * stride_doh + q_row * stride_dom
@@ -130,11 +150,13 @@ def attn_bwd_dkdv_kernel(
                 dk, dv = _dkdv_blocks(
                     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
                     offs_n, offs_d, offs_dv, ranges[seg][0], ranges[seg][1], index[seg if LIST else 0], seq,
-                    sm_scale, softcap, VARIANT_ARGS, SCORE_ARGS, MASK_ARGS, VARIANT_MASK if seg > 0 else None,
-                    POSITIONS, SCORE_MOD, SCORE_DERIV, MASK_MOD if seg > 0 or MASK_FULL_BLOCKS else None,
-                    LIST, SUB, BLOCK_M, HEAD_DIM, HEAD_DIM_V,
-                    CHECK_M, CHECK_N, PAD_D, PAD_DV, HAS_SOFTCAP, DOT_PRECISION)
+                    sm_scale, softcap, VARIANT_ARGS, SCORE_ARGS, MASK_ARGS, DROPOUT_ARGS,
+                    VARIANT_MASK if seg > 0 else None, POSITIONS, SCORE_MOD, SCORE_DERIV,
+                    MASK_MOD if seg > 0 or MASK_FULL_BLOCKS else None, LIST, SUB, BLOCK_M, HEAD_DIM, HEAD_DIM_V,
+                    CHECK_M, CHECK_N, PAD_D, PAD_DV, HAS_SOFTCAP, DROPOUT, DOT_PRECISION)
         dk = dk * sm_scale
+        if DROPOUT:
+            dv = dv * DROPOUT_ARGS[2]
         mask_nd = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
         mask_ndv = (offs_n[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V)
         tl.store(DK + tb * stride_dkb + off_hk.to(tl.int64) * stride_dkh + (k_row + offs_n[:, None]) * stride_dkn
@@ -145,12 +167,13 @@ def attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, offs_dv,
-               lo, hi, INDEX, seq, sm_scale, softcap, VARIANT_ARGS, SCORE_ARGS, SCORE_GRADS, MASK_ARGS,
+               lo, hi, INDEX, seq, sm_scale, softcap, VARIANT_ARGS, SCORE_ARGS, SCORE_GRADS, MASK_ARGS, DROPOUT_ARGS,
                VARIANT_MASK: tl.constexpr, POSITIONS: tl.constexpr, SCORE_MOD: tl.constexpr,
                SCORE_DERIV: tl.constexpr, SCORE_GRADS_FN: tl.constexpr, MASK_MOD: tl.constexpr,
                LIST: tl.constexpr, SUB: tl.constexpr, BLOCK_N: tl.constexpr,
                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
-               PAD_D: tl.constexpr, PAD_DV: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               PAD_D: tl.constexpr, PAD_DV: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
     """One segment of the dQ pass: key blocks lo .. hi - 1 against this program's queries."""
     seqlen_q = seq[2]
     seqlen_k = seq[3]
@@ -171,6 +194,9 @@ def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs
         if CHECK_N:
             p = tl.where(offs_n[None, :] < seqlen_k, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = dropout_keep(offs_m[:, None], offs_n[None, :], seq, VARIANT_ARGS, POSITIONS, DROPOUT_ARGS)
+            dp = tl.where(keep, dp * DROPOUT_ARGS[2], 0.0)
         ds = p * (dp - delta[:, None])
         if SCORE_GRADS_FN is not None:
             if CHECK_M:  # padding rows must add nothing to a tensor's gradient
@@ -197,11 +223,11 @@ def attn_bwd_dq_kernel(
     stride_lb, stride_lh,
     num_heads_q, groups, seqlen_q_arg, seqlen_k_arg, CU_Q, CU_K,
     sm_scale, softcap,
-    VARIANT_ARGS, LISTS, SCORE_ARGS, SCORE_GRADS, MASK_ARGS,
+    VARIANT_ARGS, LISTS, SCORE_ARGS, SCORE_GRADS, MASK_ARGS, DROPOUT_ARGS,
     RANGE_FN: tl.constexpr, VARIANT_MASK: tl.constexpr, POSITIONS: tl.constexpr,
     SCORE_MOD: tl.constexpr, SCORE_DERIV: tl.constexpr, SCORE_GRADS_FN: tl.constexpr, MASK_MOD: tl.constexpr,
     MASK_FULL_BLOCKS: tl.constexpr, LIST_BQ: tl.constexpr, LIST_BK: tl.constexpr,
-    VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -243,10 +269,10 @@ def attn_bwd_dq_kernel(
         for seg in tl.static_range(len(ranges)):
             dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, offs_dv,
                             ranges[seg][0], ranges[seg][1], index[seg if LIST else 0], seq, sm_scale, softcap,
-                            VARIANT_ARGS, SCORE_ARGS, SCORE_GRADS, MASK_ARGS, VARIANT_MASK if seg > 0 else None,
-                            POSITIONS, SCORE_MOD, SCORE_DERIV, SCORE_GRADS_FN,
+                            VARIANT_ARGS, SCORE_ARGS, SCORE_GRADS, MASK_ARGS, DROPOUT_ARGS,
+                            VARIANT_MASK if seg > 0 else None, POSITIONS, SCORE_MOD, SCORE_DERIV, SCORE_GRADS_FN,
                             MASK_MOD if seg > 0 or MASK_FULL_BLOCKS else None, LIST, SUB, BLOCK_N, HEAD_DIM,
-                            HEAD_DIM_V, CHECK_M, CHECK_N, PAD_D, PAD_DV, HAS_SOFTCAP, DOT_PRECISION)
+                            HEAD_DIM_V, CHECK_M, CHECK_N, PAD_D, PAD_DV, HAS_SOFTCAP, DROPOUT, DOT_PRECISION)
         dq = dq * sm_scale
         tl.store(DQ + tb * stride_dqb + off_h.to(tl.int64) * stride_dqh + (q_row + offs_m[:, None]) * stride_dqm
                  + offs_d[None, :], dq.to(DQ.dtype.element_ty),

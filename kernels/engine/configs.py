@@ -20,12 +20,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from collections.abc import Iterator
+from typing import Any
 
 import triton
 
 from ..common import INTERPRET
-
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). The order does not affect the choice (every
 # kept config is timed); configs that rarely spill come first, so that the compile check
@@ -49,7 +49,7 @@ TABLES = {"fwd": _FWD, "dkdv": _DKDV, "dq": _DQ}
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16}
 #: the smallest tile of the tables: list block sizes are multiples of it
 MIN_TILE = min(min(bm, bn) for table in TABLES.values() for bm, bn, _, _ in table)
-_forced: Optional[Dict[str, int]] = None
+_forced: dict[str, int] | None = None
 
 
 @contextlib.contextmanager
@@ -71,7 +71,7 @@ def _interpreter_tile(default: int, list_block: int) -> int:
     return tile
 
 
-def fixed_config(list_block: Optional[Tuple[int, int]] = None) -> Optional[Dict[str, int]]:
+def fixed_config(list_block: tuple[int, int] | None = None) -> dict[str, int] | None:
     """The config to use without autotuning, or None to autotune.
 
     ``list_block``: the (BQ, BK) block sizes of a list-mode schedule, whose blocks a tile
@@ -95,7 +95,7 @@ def _smem_bytes(block_m: int, block_n: int, stages: int, block_d: int, block_dv:
     return elem * (block_m * block_d + stages * block_n * (block_d + block_dv))
 
 
-def prune(configs: List[triton.Config], named_args: Dict, kernel: Any = None, **kwargs) -> List[triton.Config]:
+def prune(configs: list[triton.Config], named_args: dict, kernel: Any = None, **kwargs) -> list[triton.Config]:
     """The configs worth timing for this launch: those that fit (see the module docstring),
     then, on a GPU (``kernel`` given), those whose compiled kernel does not spill."""
     args = dict(named_args)
@@ -122,7 +122,7 @@ def prune(configs: List[triton.Config], named_args: Dict, kernel: Any = None, **
     return kept
 
 
-def spilled_bytes(kernel: Any, args: Dict, config: triton.Config) -> int:
+def spilled_bytes(kernel: Any, args: dict, config: triton.Config) -> int:
     """Bytes of registers a config's compiled kernel spills (compiles it: only on a GPU;
     the autotuner would compile it anyway, and the binary is cached for the timing).
     If Triton's API does not give the count, 0: the config is kept and timed as before."""
@@ -132,20 +132,20 @@ def spilled_bytes(kernel: Any, args: Dict, config: triton.Config) -> int:
             compiled = compiled.result()
         compiled._init_handles()
         return int(compiled.n_spills)
-    except Exception as exc:  # a compile error surfaces when the autotuner runs the config
+    except Exception as exc:  # noqa: BLE001 -- whatever fails keeps the config; a compile error surfaces when timed
         warnings.warn(f"attnkit: could not read the register spills of {config} ({type(exc).__name__}: {exc}); "
                       "keeping it", stacklevel=2)
         return 0
 
 
-def without_spills(configs: List[triton.Config], spills: Any) -> List[triton.Config]:
+def without_spills(configs: list[triton.Config], spills: Any) -> list[triton.Config]:
     """The configs for which ``spills(config)`` is 0; if every one spills, the one that spills least."""
     counted = [(spills(cfg), i, cfg) for i, cfg in enumerate(configs)]
     clean = [cfg for n, _, cfg in counted if n == 0]
     return clean or [min(counted)[2]]
 
 
-def zero_tensor_grads(nargs: Dict) -> None:
+def zero_tensor_grads(nargs: dict) -> None:
     """Config pre-hook of the dQ pass: a score mod's tensor gradients are accumulated with
     atomics, so every launch (autotuning benchmarks included) must start from zero."""
     for grad in nargs.get("SCORE_GRADS") or ():
@@ -153,11 +153,12 @@ def zero_tensor_grads(nargs: Dict) -> None:
             grad.zero_()
 
 
-def autotune_configs(kind: str) -> List[triton.Config]:
+def autotune_configs(kind: str) -> list[triton.Config]:
     hook = zero_tensor_grads if kind == "dq" else None
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=hook)
             for bm, bn, w, s in TABLES[kind]]
 
 
 AUTOTUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "RANGE_FN", "VARIANT_MASK", "POSITIONS", "SCORE_MOD", "MASK_MOD",
-                "LIST_BQ", "LIST_BK", "VARLEN", "HAS_SOFTCAP", "DOT_PRECISION", "seqlen_q_arg", "seqlen_k_arg"]
+                "LIST_BQ", "LIST_BK", "VARLEN", "HAS_SOFTCAP", "DROPOUT", "DOT_PRECISION", "seqlen_q_arg",
+                "seqlen_k_arg"]

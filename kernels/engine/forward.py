@@ -16,6 +16,11 @@ own runtime arguments passed as tuples):
   in full blocks too unless MASK_FULL_BLOCKS is False (the schedule's full blocks were
   built from this mask_mod, as create_block_mask's are).
 
+Attention dropout (``DROPOUT``, a compile-time flag; off, the kernel is the same as
+without it): the probabilities are dropped after they update the softmax sums (the
+LSE is the undropped one) and before P.V, by the keep bits of ``dropout_keep``
+(dropout.py) read with ``DROPOUT_ARGS``; the output is scaled by 1 / (1 - p) once.
+
 Constexprs: HEAD_DIM/HEAD_DIM_V are the real head dims and BLOCK_D/BLOCK_DV their
 power-of-two tiles; EVEN_M/EVEN_N drop row/key bounds checks when the lengths are
 multiples of every tile; LIST_BQ/LIST_BK are the list block sizes (multiples of
@@ -26,17 +31,26 @@ Keys at or past seqlen_k are masked by the engine itself, in every block.
 import triton
 import triton.language as tl
 
-from .common import LN2, block_index, load_tile, scores, segments, sequence_bounds, token_mask
+from .common import (
+    LN2,
+    block_index,
+    load_tile,
+    scores,
+    segments,
+    sequence_bounds,
+    token_mask,
+)
+from .dropout import dropout_keep
 
 
 @triton.jit
 def _forward_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, offs_dv,
-                    lo, hi, INDEX, seq, sm_scale, softcap, VARIANT_ARGS, SCORE_ARGS, MASK_ARGS,
+                    lo, hi, INDEX, seq, sm_scale, softcap, VARIANT_ARGS, SCORE_ARGS, MASK_ARGS, DROPOUT_ARGS,
                     VARIANT_MASK: tl.constexpr, POSITIONS: tl.constexpr, SCORE_MOD: tl.constexpr,
                     MASK_MOD: tl.constexpr, LIST: tl.constexpr, SUB: tl.constexpr,
                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                     CHECK_N: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
-                    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One segment: the online-softmax update over key blocks lo .. hi - 1, with the token
     masks this segment needs (None for a hook it does not apply)."""
     seqlen_k = seq[3]
@@ -59,6 +73,9 @@ def _forward_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs
         p = tl.math.exp2(s - m_shift[:, None])
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:  # after the sums: the LSE is the undropped softmax's
+            p = tl.where(dropout_keep(offs_m[:, None], offs_n[None, :], seq, VARIANT_ARGS, POSITIONS, DROPOUT_ARGS),
+                         p, 0.0)
         v = load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, seqlen_k,
                       offs_dv, HEAD_DIM_V, CHECK_N, PAD_DV)
         acc = acc * alpha[:, None]
@@ -77,11 +94,11 @@ def attn_fwd_kernel(
     stride_lb, stride_lh,
     num_heads_q, groups, seqlen_q_arg, seqlen_k_arg, CU_Q, CU_K,
     sm_scale, softcap,
-    VARIANT_ARGS, LISTS, SCORE_ARGS, MASK_ARGS,
+    VARIANT_ARGS, LISTS, SCORE_ARGS, MASK_ARGS, DROPOUT_ARGS,
     RANGE_FN: tl.constexpr, VARIANT_MASK: tl.constexpr, POSITIONS: tl.constexpr,
     SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, MASK_FULL_BLOCKS: tl.constexpr,
     LIST_BQ: tl.constexpr, LIST_BK: tl.constexpr,
-    VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -126,13 +143,16 @@ def attn_fwd_kernel(
             acc, l_i, m_i = _forward_blocks(
                 acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, offs_dv,
                 ranges[seg][0], ranges[seg][1], index[seg if LIST else 0], seq, sm_scale, softcap,
-                VARIANT_ARGS, SCORE_ARGS, MASK_ARGS, VARIANT_MASK if seg > 0 else None, POSITIONS, SCORE_MOD,
-                MASK_MOD if seg > 0 or MASK_FULL_BLOCKS else None,
-                LIST, SUB, BLOCK_N, HEAD_DIM, HEAD_DIM_V, CHECK_N, PAD_D, PAD_DV, HAS_SOFTCAP, DOT_PRECISION)
+                VARIANT_ARGS, SCORE_ARGS, MASK_ARGS, DROPOUT_ARGS, VARIANT_MASK if seg > 0 else None, POSITIONS,
+                SCORE_MOD, MASK_MOD if seg > 0 or MASK_FULL_BLOCKS else None,
+                LIST, SUB, BLOCK_N, HEAD_DIM, HEAD_DIM_V, CHECK_N, PAD_D, PAD_DV, HAS_SOFTCAP, DROPOUT, DOT_PRECISION)
 
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
-        out = acc / l_safe[:, None]
+        if DROPOUT:  # the kept probabilities' 1 / (1 - p), once per row
+            out = acc * (DROPOUT_ARGS[2] / l_safe)[:, None]
+        else:
+            out = acc / l_safe[:, None]
         lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
         o_base = O + tensor_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_om
         o_ptrs = o_base + offs_m[:, None] * stride_om + offs_dv[None, :]

@@ -31,14 +31,16 @@ def expand_kv_heads(x: torch.Tensor, heads_q: int) -> torch.Tensor:
 def softmax_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
                    mask: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
                    sink_logits: Optional[torch.Tensor] = None, score_mod: Optional[ScoreFn] = None,
-                   return_probs: bool = False):
+                   dropout: Callable[[torch.Tensor], torch.Tensor] | None = None, return_probs: bool = False):
     """Exact softmax attention on one block of queries.
 
     q: (B, H, M, D), k: (B, H, L, D), v: (B, H, L, Dv); ``mask`` is boolean,
     broadcastable to (B, H, M, L), True where a query may see a key. ``sink_logits``
     (H,) adds one logit per head to every row's denominator, with no value.
     ``score_mod`` maps the scores after scale and softcap, before the mask (see
-    :func:`bind_score_mod`). Returns out (B, H, M, Dv) and lse (B, H, M); a row that
+    :func:`bind_score_mod`). ``dropout`` maps the probabilities (B, H, M, L) before they
+    multiply v (attention dropout, see :func:`attnkit.dropout.bind_dropout`); the LSE is
+    the undropped softmax's. Returns out (B, H, M, Dv) and lse (B, H, M); a row that
     sees nothing has out 0 and lse -inf (with a sink: lse = the sink logit), and
     finite gradients.
     """
@@ -64,6 +66,8 @@ def softmax_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: 
     lse = (torch.log(denom) + row_max).squeeze(-1)
     if sink_logits is not None:
         p = p[..., :-1]
+    if dropout is not None:
+        p = dropout(p)
     out = torch.matmul(p.to(v.dtype), v)
     return (out, lse, p) if return_probs else (out, lse)
 

@@ -144,6 +144,16 @@ def check_softcap(softcap: object) -> Optional[float]:
     return float(softcap)
 
 
+def check_dropout(dropout_p: object) -> float:
+    """Attention dropout probability (FlashAttention's ``dropout_p``): a float in [0, 1); 0
+    disables dropout."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:  # NaN fails too
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p}")
+    return float(dropout_p)
+
+
 def check_flag(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")

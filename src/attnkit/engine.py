@@ -2,8 +2,9 @@
 
 A variant describes how it plugs into the engine with a :class:`Schedule` (which key
 blocks each query block visits, its token mask, and the arguments its hooks read)
-and calls :func:`fused_attention`; GQA, softcap, sink logits, score and mask mods and
-packed variable-length batches are handled here and in the engine, once for all.
+and calls :func:`fused_attention`; GQA, softcap, sink logits, score and mask mods,
+packed variable-length batches and attention dropout are handled here and in the
+engine, once for all.
 
 The forward and backward kernels are registered as the custom ops
 ``attnkit::fused_attention_fwd`` / ``attnkit::fused_attention_bwd`` (torch.library,
@@ -19,19 +20,21 @@ engine) explains how schedules, hooks and mods fit together.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import torch
 
 from .checks import constant_under_compile, first_order_only
+from .dropout import Dropout
 from .mods.core import MaskMod, ModKernel, ScoreMod
 
 #: largest head dim (of q/k and of v) the fused engine's tiles and autotune tables cover
 MAX_HEAD_DIM = 256
 
 
-def head_dim_blockers(q: torch.Tensor, v: torch.Tensor) -> List[str]:
+def head_dim_blockers(q: torch.Tensor, v: torch.Tensor) -> list[str]:
     """Reasons the fused engine cannot take these head dims (empty if it can); every
     softmax variant's ``kernel_support`` starts from this."""
     reasons = []
@@ -65,7 +68,7 @@ class BlockLists:
     q_part_count: torch.Tensor
     q_part_index: torch.Tensor
 
-    def tensors(self) -> List[torch.Tensor]:
+    def tensors(self) -> list[torch.Tensor]:
         return [self.kv_full_count, self.kv_full_index, self.kv_part_count, self.kv_part_index,
                 self.q_full_count, self.q_full_index, self.q_part_count, self.q_part_index]
 
@@ -115,8 +118,8 @@ class Schedule:
     mask: Any = None
     kv_range: Any = None
     q_range: Any = None
-    lists: Optional[BlockLists] = None
-    args: Tuple[ScheduleArg, ...] = ()
+    lists: BlockLists | None = None
+    args: tuple[ScheduleArg, ...] = ()
     positions: Any = None
 
 
@@ -130,8 +133,8 @@ class _HookTable:
     """
 
     def __init__(self) -> None:
-        self._by_key: Dict[str, Any] = {}
-        self._keys: Dict[int, str] = {}
+        self._by_key: dict[str, Any] = {}
+        self._keys: dict[int, str] = {}
 
     def key(self, spec: Any) -> str:
         if spec is None:
@@ -153,13 +156,14 @@ class _HookTable:
     def get(self, key: str) -> Any:
         if not key:
             return None
-        from .mods.core import materialize  # cheap: generated hooks are cached by their parts
+        # cheap: generated hooks are cached by their parts
+        from .mods.core import materialize
 
         return materialize(self._by_key[key])
 
 
-def _flatten(spec: tuple) -> List[Any]:
-    out: List[Any] = []
+def _flatten(spec: tuple) -> list[Any]:
+    out: list[Any] = []
     for part in spec:
         out.extend(_flatten(part) if isinstance(part, tuple) else [part])
     return out
@@ -178,7 +182,7 @@ def hook_key(fn: Any) -> str:
 # A schedule's args are a mix of tensors, ints, floats, None and Const: they travel as
 # a kinds string plus one list per type, and are rebuilt in order on the other side.
 
-def _pack_args(args: Sequence[ScheduleArg]) -> Tuple[str, List[torch.Tensor], List[int], List[float]]:
+def _pack_args(args: Sequence[ScheduleArg]) -> tuple[str, list[torch.Tensor], list[int], list[float]]:
     kinds, tensors, ints, floats = [], [], [], []
     for a in args:
         if isinstance(a, torch.Tensor):
@@ -189,7 +193,7 @@ def _pack_args(args: Sequence[ScheduleArg]) -> Tuple[str, List[torch.Tensor], Li
                 raise TypeError(f"Const holds an int here, got {a.value!r}")
             kinds.append("c")
             ints.append(a.value)
-        elif isinstance(a, bool) or isinstance(a, int):
+        elif isinstance(a, (bool, int)):
             kinds.append("i")
             ints.append(int(a))
         elif isinstance(a, float):
@@ -202,9 +206,9 @@ def _pack_args(args: Sequence[ScheduleArg]) -> Tuple[str, List[torch.Tensor], Li
     return "".join(kinds), tensors, ints, floats
 
 
-def _unpack_args(kinds: str, tensors: List[torch.Tensor], ints: List[int], floats: List[float]) -> Tuple:
+def _unpack_args(kinds: str, tensors: list[torch.Tensor], ints: list[int], floats: list[float]) -> tuple:
     t, i, f = iter(tensors), iter(ints), iter(floats)
-    out: List[Any] = []
+    out: list[Any] = []
     for kind in kinds:
         if kind == "t":
             out.append(next(t))
@@ -219,14 +223,14 @@ def _unpack_args(kinds: str, tensors: List[torch.Tensor], ints: List[int], float
     return tuple(out)
 
 
-def _encode(schedule: Schedule, score: Optional[ModKernel], mask: Optional[ModKernel]):
+def _encode(schedule: Schedule, score: ModKernel | None, mask: ModKernel | None):
     """Everything a custom op needs to rebuild the schedule and the mods."""
     hooks = "|".join(hook_key(fn) for fn in (
         schedule.mask, schedule.kv_range, schedule.q_range, schedule.positions,
         score.kernel if score else None, score.derivative if score else None, score.tensor_grads if score else None,
         mask.kernel if mask else None))
     kinds, arg_tensors, ints, floats = _pack_args(schedule.args)
-    lists: List[torch.Tensor] = []
+    lists: list[torch.Tensor] = []
     if schedule.lists is not None:
         ints = ints + [schedule.lists.block_q, schedule.lists.block_k]
         lists = schedule.lists.tensors()
@@ -256,48 +260,56 @@ def _launcher():
     return engine
 
 
+def _dropout(p: float, seed: torch.Tensor | None) -> Dropout | None:
+    """The Dropout a custom op's (dropout_p, dropout_seed) stand for (ops take plain values)."""
+    return Dropout(p, seed) if seed is not None else None
+
+
 # ----------------------------------------------------------------------------- custom ops
 
 @torch.library.custom_op("attnkit::fused_attention_fwd", mutates_args=())
-def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink_logits: Optional[torch.Tensor],
-            hooks: str, kinds: str, arg_tensors: List[torch.Tensor], ints: List[int], floats: List[float],
-            lists: List[torch.Tensor], score_tensors: List[torch.Tensor], mask_tensors: List[torch.Tensor],
-            needs: List[bool], mask_full: bool, sm_scale: float, softcap: Optional[float],
-            cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tensor], max_q: int, max_k: int
-            ) -> Tuple[torch.Tensor, torch.Tensor]:
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink_logits: torch.Tensor | None,
+            hooks: str, kinds: str, arg_tensors: list[torch.Tensor], ints: list[int], floats: list[float],
+            lists: list[torch.Tensor], score_tensors: list[torch.Tensor], mask_tensors: list[torch.Tensor],
+            needs: list[bool], mask_full: bool, sm_scale: float, softcap: float | None,
+            cu_q: torch.Tensor | None, cu_k: torch.Tensor | None, max_q: int, max_k: int,
+            dropout_p: float = 0.0, dropout_seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     schedule, score, mask = _decode(hooks, kinds, arg_tensors, ints, floats, lists, score_tensors, mask_tensors,
                                     needs, mask_full)
     sink = None if sink_logits is None else sink_logits.float().contiguous()
     return _launcher().attention_forward(
         q, k, v, schedule, sm_scale=sm_scale, softcap=softcap, sink_logits=sink, score_mod=score, mask_mod=mask,
-        cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k)
+        cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
+        dropout=_dropout(dropout_p, dropout_seed))
 
 
 @_fwd_op.register_fake
 def _(q, k, v, sink_logits, hooks, kinds, arg_tensors, ints, floats, lists, score_tensors, mask_tensors, needs,
-      mask_full, sm_scale, softcap, cu_q, cu_k, max_q, max_k):
+      mask_full, sm_scale, softcap, cu_q, cu_k, max_q, max_k, dropout_p=0.0, dropout_seed=None):
     out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
     return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("attnkit::fused_attention_bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-            lse: torch.Tensor, hooks: str, kinds: str, arg_tensors: List[torch.Tensor], ints: List[int],
-            floats: List[float], lists: List[torch.Tensor], score_tensors: List[torch.Tensor],
-            mask_tensors: List[torch.Tensor], needs: List[bool], mask_full: bool, sm_scale: float,
-            softcap: Optional[float], cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tensor], max_q: int,
-            max_k: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+            lse: torch.Tensor, hooks: str, kinds: str, arg_tensors: list[torch.Tensor], ints: list[int],
+            floats: list[float], lists: list[torch.Tensor], score_tensors: list[torch.Tensor],
+            mask_tensors: list[torch.Tensor], needs: list[bool], mask_full: bool, sm_scale: float,
+            softcap: float | None, cu_q: torch.Tensor | None, cu_k: torch.Tensor | None, max_q: int,
+            max_k: int, dropout_p: float = 0.0, dropout_seed: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     schedule, score, mask = _decode(hooks, kinds, arg_tensors, ints, floats, lists, score_tensors, mask_tensors,
                                     needs, mask_full)
     dq, dk, dv, delta, tensor_grads = _launcher().attention_backward(
         do, q, k, v, o, lse, schedule, sm_scale=sm_scale, softcap=softcap, score_mod=score, mask_mod=mask,
-        cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k)
+        cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
+        dropout=_dropout(dropout_p, dropout_seed))
     return dq, dk, dv, delta, tensor_grads
 
 
 @_bwd_op.register_fake
 def _(do, q, k, v, o, lse, hooks, kinds, arg_tensors, ints, floats, lists, score_tensors, mask_tensors, needs,
-      mask_full, sm_scale, softcap, cu_q, cu_k, max_q, max_k):
+      mask_full, sm_scale, softcap, cu_q, cu_k, max_q, max_k, dropout_p=0.0, dropout_seed=None):
     grads = [torch.empty_like(t) for t, n in zip(score_tensors, needs) if n]
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             q.new_empty(q.shape[:-1], dtype=torch.float32), grads)
@@ -305,25 +317,27 @@ def _(do, q, k, v, o, lse, hooks, kinds, arg_tensors, ints, floats, lists, score
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, sink_logits, hooks, kinds, arg_tensors, ints, floats, lists, score_tensors, mask_tensors, needs,
-     mask_full, sm_scale, softcap, cu_q, cu_k, max_q, max_k) = inputs
+     mask_full, sm_scale, softcap, cu_q, cu_k, max_q, max_k, dropout_p, dropout_seed) = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, sink_logits, cu_q, cu_k, *arg_tensors, *lists, *score_tensors,
-                          *mask_tensors)
+    ctx.save_for_backward(q, k, v, o, lse, sink_logits, cu_q, cu_k, dropout_seed, *arg_tensors, *lists,
+                          *score_tensors, *mask_tensors)
     ctx.sizes = (len(arg_tensors), len(lists), len(score_tensors), len(mask_tensors))
-    ctx.params = (hooks, kinds, ints, floats, needs, mask_full, sm_scale, softcap, max_q, max_k)
+    ctx.params = (hooks, kinds, ints, floats, needs, mask_full, sm_scale, softcap, max_q, max_k, dropout_p)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, do, _dlse):
-    q, k, v, o, lse, sink_logits, cu_q, cu_k, *rest = ctx.saved_tensors
+    q, k, v, o, lse, sink_logits, cu_q, cu_k, dropout_seed, *rest = ctx.saved_tensors
     n_args, n_lists, n_score, n_mask = ctx.sizes
     arg_tensors, rest = rest[:n_args], rest[n_args:]
     lists, rest = rest[:n_lists], rest[n_lists:]
     score_tensors, mask_tensors = rest[:n_score], rest[n_score:n_score + n_mask]
-    hooks, kinds, ints, floats, needs, mask_full, sm_scale, softcap, max_q, max_k = ctx.params
+    hooks, kinds, ints, floats, needs, mask_full, sm_scale, softcap, max_q, max_k, dropout_p = ctx.params
+    # the forward's dropout key: the backward passes regenerate its mask
     dq, dk, dv, delta, tensor_grads = _bwd_op(do.contiguous(), q, k, v, o, lse, hooks, kinds, list(arg_tensors),
                                               ints, floats, list(lists), list(score_tensors), list(mask_tensors),
-                                              needs, mask_full, sm_scale, softcap, cu_q, cu_k, max_q, max_k)
+                                              needs, mask_full, sm_scale, softcap, cu_q, cu_k, max_q, max_k,
+                                              dropout_p, dropout_seed)
     d_sink = None
     if sink_logits is not None and ctx.needs_input_grad[3]:
         # d sink_h = -sum_rows P_sink * rowsum(dO * O), with P_sink = exp(sink_h - lse)
@@ -336,9 +350,12 @@ def _backward(ctx, do, _dlse):
     def numbers(x):
         return [] if len(x) == 0 else None
 
-    return (dq, dk, dv, d_sink, None, None, [None] * len(arg_tensors), numbers(ints), numbers(floats),
-            [None] * len(lists), d_score, [None] * len(mask_tensors), numbers(needs), None, None, None, None, None,
-            None, None)
+    result = (dq, dk, dv, d_sink, None, None, [None] * len(arg_tensors), numbers(ints), numbers(floats),
+              [None] * len(lists), d_score, [None] * len(mask_tensors), numbers(needs), None, None, None, None,
+              None, None, None, None, None)
+    # under torch.compile the dispatcher drops trailing arguments equal to their defaults
+    # (dropout_p, dropout_seed without dropout): one gradient per argument actually passed
+    return result[:len(ctx.needs_input_grad)]
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -347,7 +364,7 @@ first_order_only(_bwd_op, what="the fused softmax engine")
 
 # ----------------------------------------------------------------------------- public helpers
 
-def dense_to_lists(dense: torch.Tensor, capacity: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def dense_to_lists(dense: torch.Tensor, capacity: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Block lists from a tile map: boolean (..., R, C) -> counts int32 (..., R) and indices
     int32 (..., R, L), ascending.
 
@@ -376,12 +393,12 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule: Schedule, *, sm_scale: float,
-                    softcap: Optional[float] = None, sink_logits: Optional[torch.Tensor] = None,
-                    score_mod: Optional[ScoreMod] = None, mask_mod: Optional[MaskMod] = None,
+                    softcap: float | None = None, sink_logits: torch.Tensor | None = None,
+                    score_mod: ScoreMod | None = None, mask_mod: MaskMod | None = None,
                     mask_mod_in_full_blocks: bool = True,
-                    cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
-                    max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
-                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+                    cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
+                    max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
+                    dropout: Dropout | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable fused attention with a variant's schedule.
 
     Args:
@@ -398,9 +415,14 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule:
             from create_block_mask): then full blocks run without it.
         cu_seqlens_q, cu_seqlens_k: (S + 1,) int32 offsets of a packed batch (B = 1); the
             longest lengths are computed from them unless given.
+        dropout: attention dropout (``attnkit.dropout.Dropout.draw(p, q.device)``; None: none):
+            the probabilities of the pairs its hash drops are zeroed before P.V, the others
+            scaled by 1 / (1 - p), keyed by the positions mods see (b, h, q_idx, kv_idx), so
+            a reference reproduces the mask; the backward regenerates it.
 
     Returns:
-        out (B, Hq, Nq, Dv) in q's dtype and lse (B, Hq, Nq) float32 (not differentiable).
+        out (B, Hq, Nq, Dv) in q's dtype and lse (B, Hq, Nq) float32 (not differentiable;
+        the undropped softmax's).
     """
     max_q, max_k = 0, 0
     if cu_seqlens_q is not None:
@@ -413,4 +435,5 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule:
         view = mask_mod.kernel_view()
         mask = ModKernel(view.kernel, view.tensors, full_blocks=bool(mask_mod_in_full_blocks))
     return _fwd_op(q, k, v, sink_logits, *_encode(schedule, score, mask), sm_scale, softcap, cu_seqlens_q,
-                   cu_seqlens_k, max_q, max_k)
+                   cu_seqlens_k, max_q, max_k, dropout.p if dropout is not None else 0.0,
+                   dropout.seed if dropout is not None else None)

@@ -132,13 +132,24 @@ def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype) if x.is_floating_point() else x
 
 
-def _run(fn, q, k, v, tensors, options, make_grad, need_grad, case):
-    """Call fn; return its outputs (list) and the gradients of every floating input (dict)."""
+def _run(fn, q, k, v, tensors, options, make_grad, need_grad, case, seed):
+    """Call fn; return its outputs (list) and the gradients of every floating input (dict).
+
+    The call starts from the same state of q's device generator in every run of a check
+    (restored afterwards): a random draw inside (the key of attention dropout) is then the
+    same for the oracle, the baseline and the kernel, which must drop the same pairs."""
     leaves = {"q": q, "k": k, "v": v, **{n: t for n, t in tensors.items() if t.is_floating_point()}}
     if need_grad:
         for t in leaves.values():
             t.requires_grad_(True)
-    result = fn(q, k, v, **options, **case.tensor_options(tensors))
+    cuda = q.device.type == "cuda"
+    with torch.random.fork_rng(devices=[q.device] if cuda else []):
+        if cuda:
+            with torch.cuda.device(q.device):
+                torch.cuda.manual_seed(seed)
+        else:
+            torch.default_generator.manual_seed(seed)
+        result = fn(q, k, v, **options, **case.tensor_options(tensors))
     outputs = list(result) if isinstance(result, tuple) else [result]
     grads: Dict[str, torch.Tensor] = {}
     if need_grad and outputs[0].requires_grad:  # a non-differentiable kernel output fails every grad check
@@ -185,16 +196,16 @@ def check_case(variant: Any, case: Any, *, dtype: torch.dtype = torch.float16,
 
     # the oracle sees exactly the rounded inputs the kernel sees
     (oq, ok_, ov), ot = fresh(low, t_low, torch.float64)
-    oracle, oracle_grads = _run(spec.reference, oq, ok_, ov, ot, options, make_grad, need_grad, case)
+    oracle, oracle_grads = _run(spec.reference, oq, ok_, ov, ot, options, make_grad, need_grad, case, seed)
     (bq, bk, bv), bt = fresh(low, t_low)
-    baseline, baseline_grads = _run(spec.reference, bq, bk, bv, bt, options, make_grad, need_grad, case)
+    baseline, baseline_grads = _run(spec.reference, bq, bk, bv, bt, options, make_grad, need_grad, case, seed)
 
     def kernel_fn(q, k, v, **kw):
         return attention(q, k, v, spec.name, backend, **kw)
 
     (kq, kk, kv), kt = fresh(low, t_low)
     with poison_outputs():
-        kernel, kernel_grads = _run(kernel_fn, kq, kk, kv, kt, options, make_grad, need_grad, case)
+        kernel, kernel_grads = _run(kernel_fn, kq, kk, kv, kt, options, make_grad, need_grad, case, seed)
 
     for i, name in enumerate(["out"] + extra_names):
         _compare(report, name, kernel[i], baseline[i], oracle[i], forward_multiplier)
