@@ -26,15 +26,24 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ..checks import Shapes, check_flag, check_int, check_qkv, check_scale, check_varlen
+from ..checks import (
+    Shapes,
+    check_dropout,
+    check_flag,
+    check_int,
+    check_qkv,
+    check_scale,
+    check_varlen,
+)
 from ..dispatch import attention
+from ..dropout import Dropout
 from ..engine import Schedule, fused_attention, head_dim_blockers, make_block_lists
 from ..registry import Case, Variant, packed_offsets, register_variant
 from .reference import moba_reference
 from .variant import fixed_tile
 
 OPTIONS: Dict[str, Any] = dict(block_size=None, top_k=None, scale=None, cu_seqlens_q=None, cu_seqlens_k=None,
-                               return_lse=False)
+                               dropout_p=0.0, return_lse=False)
 #: query rows per tile of the engine's lists: the union of these rows' selections is visited
 LIST_BLOCK_Q = 64
 
@@ -48,6 +57,7 @@ def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[st
     check_int("block_size", options["block_size"], minimum=1)
     check_int("top_k", options["top_k"], minimum=1)
     check_scale(options["scale"], shapes.head_dim)
+    check_dropout(options["dropout_p"])
     check_flag("return_lse", options["return_lse"])
     check_varlen(shapes, options["cu_seqlens_q"], options["cu_seqlens_k"], q.device)
     return shapes
@@ -173,7 +183,7 @@ def moba_tiles(sel: torch.Tensor, seqlen_q: int | Sequence[int], seqlen_k: int |
 
 def moba_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int, top_k: int,
                 scale: float | None = None, cu_seqlens_q: torch.Tensor | None = None,
-                cu_seqlens_k: torch.Tensor | None = None, return_lse: bool = False):
+                cu_seqlens_k: torch.Tensor | None = None, dropout_p: float = 0.0, return_lse: bool = False):
     """The Triton path of :func:`moba_attention` (same arguments, no dispatch)."""
     from ..kernels import moba as kernels
 
@@ -186,14 +196,15 @@ def moba_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size
                         args=(sel, sel.stride(0), sel.stride(1), block_size, sel.shape[-1]))
     out, lse = fused_attention(q, k, v, schedule, sm_scale=check_scale(scale, q.shape[-1]),
                                cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                               max_seqlen_q=max(lengths_q), max_seqlen_k=max(lengths_k))
+                               max_seqlen_q=max(lengths_q), max_seqlen_k=max(lengths_k),
+                               dropout=Dropout.draw(dropout_p, q.device))
     return (out, lse) if return_lse else out
 
 
 def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int, top_k: int,
                    scale: Optional[float] = None, cu_seqlens_q: torch.Tensor | None = None,
-                   cu_seqlens_k: torch.Tensor | None = None, return_lse: bool = False, backend: str = "auto",
-                   layout: str = "bhsd"):
+                   cu_seqlens_k: torch.Tensor | None = None, dropout_p: float = 0.0, return_lse: bool = False,
+                   backend: str = "auto", layout: str = "bhsd"):
     """MoBA: causal attention to the own block plus the top-(top_k - 1) gated past blocks.
 
     Args:
@@ -212,6 +223,10 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_s
             problem of its own: its blocks start at its first key (the last one possibly
             short), its gate ranks only its own blocks and its positions (Nq, Nk,
             bottom-right) are its own, so the result equals the sequences run one by one.
+        dropout_p: attention dropout probability in [0, 1), as FlashAttention's: attended
+            probabilities are dropped with probability p, the kept ones scaled by
+            1 / (1 - p), before they multiply v (the gate is not dropped); the mask is drawn
+            from torch's default generator of q's device (docs/flash.md, Dropout).
         return_lse: also return the log-sum-exp (B, Hq, Nq), float32, natural log.
         layout: "bhsd" (default) or "bshd": q (B, Nq, Hq, D), k/v (B, Nk, Hkv, D) and out
             (B, Nq, Hq, Dv) (flash-attn's layout); read without a copy. The LSE stays
@@ -235,7 +250,8 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_s
         torch.Size([1, 4, 256])
     """
     return attention(q, k, v, "moba", backend, block_size=block_size, top_k=top_k, scale=scale,
-                     cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse, layout=layout)
+                     cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, dropout_p=dropout_p, return_lse=return_lse,
+                     layout=layout)
 
 
 def examples() -> List[Case]:
@@ -250,6 +266,9 @@ def examples() -> List[Case]:
         Case((1, 4, 48, 32), (1, 2, 74, 32), (1, 2, 74, 32), {"block_size": 16, "top_k": 2},
              {"cu_seqlens_q": packed_offsets(17, 0, 30, 1), "cu_seqlens_k": packed_offsets(20, 3, 50, 1)},
              name="varlen_gqa_bs16"),
+        Case((1, 4, 48, 32), (1, 2, 74, 32), (1, 2, 74, 32), {"block_size": 16, "top_k": 2, "dropout_p": 0.3},
+             {"cu_seqlens_q": packed_offsets(17, 0, 30, 1), "cu_seqlens_k": packed_offsets(20, 3, 50, 1)},
+             name="dropout_varlen_gqa_bs16"),
     ]
 
 

@@ -12,9 +12,18 @@ from typing import Optional
 
 import torch
 
-from .._reference import (bind_score_mod, bottom_right, expand_kv_heads, lse_dtype, map_query_chunks, map_sequences,
-                          mod_positions, softmax_attend)
+from .._reference import (
+    bind_score_mod,
+    bottom_right,
+    expand_kv_heads,
+    lse_dtype,
+    map_query_chunks,
+    map_sequences,
+    mod_positions,
+    softmax_attend,
+)
 from ..checks import check_scale
+from ..dropout import Dropout, bind_dropout
 from ..mods import MaskMod, Problem, ScoreMod
 from ..mods.core import check_mask_mod, check_score_mod
 from .block_mask import BlockMask
@@ -34,7 +43,7 @@ def block_sparse_mods(q: torch.Tensor, k: torch.Tensor, block_mask: BlockMask, s
 def block_sparse_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_mask: BlockMask,
                            causal: bool = False, scale: Optional[float] = None, softcap: Optional[float] = None,
                            score_mod: Optional[ScoreMod] = None, mask_mod: Optional[MaskMod] = None,
-                           return_lse: bool = False):
+                           dropout_p: float = 0.0, return_lse: bool = False):
     """Block-sparse softmax attention, in the dtype of the inputs.
 
     q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> out (B, Hq, Nq, Dv)
@@ -42,9 +51,12 @@ def block_sparse_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     of the key blocks ``block_mask`` lists for it (per batch entry and head, or shared
     when the mask's dim is 1): every key of a full tile, and in a partial tile the keys
     the mask's mask_mod allows; intersected with ``mask_mod`` and with the bottom-right
-    causal mask when ``causal``. A row that sees nothing has out 0 and lse -inf.
+    causal mask when ``causal``. A row that sees nothing has out 0 and lse -inf. With
+    ``dropout_p`` > 0 the probabilities are dropped by the kernel's mask for the same
+    generator state (attnkit.dropout).
     """
     sm_scale = check_scale(scale, q.shape[-1])
+    dropout = Dropout.draw(dropout_p, q.device)
     block_mask = block_mask.to(q.device)
     score_mod, own_mask, extra_mask = block_sparse_mods(q, k, block_mask, score_mod, mask_mod)
     B, Hq, Nq, Nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
@@ -71,7 +83,8 @@ def block_sparse_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         if causal:
             mask = mask & (key_idx[None, :] <= query_pos[:, None])
         return softmax_attend(q_block, k[:, :, key_idx], v[:, :, key_idx], scale=sm_scale, mask=mask,
-                              softcap=softcap, score_mod=bind_score_mod(score_mod, positions))
+                              softcap=softcap, score_mod=bind_score_mod(score_mod, positions),
+                              dropout=bind_dropout(dropout, positions))
 
     out, lse = map_query_chunks(attend, q, bq)
     lse = lse.to(lse_dtype(q))
@@ -109,7 +122,7 @@ def moba_gate(q: torch.Tensor, k: torch.Tensor, *, block_size: int, top_k: int, 
 
 def moba_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int, top_k: int,
                    scale: float | None = None, cu_seqlens_q: torch.Tensor | None = None,
-                   cu_seqlens_k: torch.Tensor | None = None, return_lse: bool = False):
+                   cu_seqlens_k: torch.Tensor | None = None, dropout_p: float = 0.0, return_lse: bool = False):
     """MoBA attention (causal, bottom-right), in the dtype of the inputs.
 
     q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> out (B, Hq, Nq, Dv)
@@ -117,22 +130,27 @@ def moba_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_s
     j <= p of its own block p // block_size plus every key of the top-(top_k - 1)
     blocks chosen by :func:`moba_gate`. A packed batch (B = 1, ``cu_seqlens_q/k``
     (S + 1,)) is its sequences run one by one: blocks, gate and positions restart at
-    each sequence. Memory: one (chunk x Nk) mask per step.
+    each sequence. With ``dropout_p`` > 0 the probabilities are dropped by the kernel's
+    mask for the same generator state (attnkit.dropout). Memory: one (chunk x Nk) mask
+    per step.
     """
     sm_scale = check_scale(scale, q.shape[-1])
+    dropout = Dropout.draw(dropout_p, q.device)
     if cu_seqlens_q is not None:
-        out, lse = map_sequences(lambda q_s, k_s, v_s, _: moba_attend(q_s, k_s, v_s, block_size, top_k, sm_scale),
+        out, lse = map_sequences(lambda q_s, k_s, v_s, seq: moba_attend(q_s, k_s, v_s, block_size, top_k, sm_scale,
+                                                                        seq, dropout),
                                  q, k, v, cu_seqlens_q, cu_seqlens_k)
     else:
-        out, lse = moba_attend(q, k, v, block_size, top_k, sm_scale)
+        out, lse = moba_attend(q, k, v, block_size, top_k, sm_scale, dropout=dropout)
     lse = lse.to(lse_dtype(q))
     return (out, lse) if return_lse else out
 
 
-def moba_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, top_k: int, sm_scale: float
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """MoBA of one (B, H, N, D) problem, chunked over queries: -> (out (B, Hq, Nq, Dv), lse (B, Hq, Nq))."""
-    Hq, Nq, Nk = q.shape[1], q.shape[2], k.shape[2]
+def moba_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, top_k: int, sm_scale: float,
+                first_batch: int = 0, dropout: Dropout | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoBA of one (B, H, N, D) problem, chunked over queries: -> (out (B, Hq, Nq, Dv), lse (B, Hq, Nq)).
+    ``dropout`` is keyed by positions whose batch entry 0 is ``first_batch`` (a packed sequence's index)."""
+    B, Hq, Nq, Nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     k, v = expand_kv_heads(k, Hq), expand_kv_heads(v, Hq)
     key_pos = torch.arange(Nk, device=q.device)
     n_blocks = Nk // block_size
@@ -146,7 +164,8 @@ def moba_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: i
         own = torch.div(query_pos, block_size, rounding_mode="floor")
         in_chosen = chosen[..., key_block.clamp(max=n_blocks)]                      # (B, Hq, M, Nk)
         mask = (in_chosen | (key_block[None, :] == own[:, None])) & (key_pos[None, :] <= query_pos[:, None])
-        return softmax_attend(q_chunk, k, v, scale=sm_scale, mask=mask)
+        positions = mod_positions(B, Hq, query_pos, key_pos, first_batch=first_batch)
+        return softmax_attend(q_chunk, k, v, scale=sm_scale, mask=mask, dropout=bind_dropout(dropout, positions))
 
     rows = max(1, min(Nq, (1 << 22) // max(1, q.shape[0] * Hq * Nk)))
     return map_query_chunks(attend, q, rows)

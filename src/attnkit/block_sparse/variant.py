@@ -11,8 +11,16 @@ from typing import Any
 
 import torch
 
-from ..checks import Shapes, check_flag, check_qkv, check_scale, check_softcap
+from ..checks import (
+    Shapes,
+    check_dropout,
+    check_flag,
+    check_qkv,
+    check_scale,
+    check_softcap,
+)
 from ..dispatch import attention, triton_import_error
+from ..dropout import Dropout
 from ..engine import Schedule, fused_attention, head_dim_blockers
 from ..mods import MaskMod, ScoreMod, and_masks
 from ..registry import Case, Variant, register_variant
@@ -20,7 +28,7 @@ from .block_mask import BlockMask
 from .reference import block_sparse_mods, block_sparse_reference
 
 OPTIONS: dict[str, Any] = {"block_mask": None, "causal": False, "scale": None, "softcap": None, "score_mod": None,
-                           "mask_mod": None, "return_lse": False}
+                           "mask_mod": None, "dropout_p": 0.0, "return_lse": False}
 #: the engine's smallest kernel tile; list block sizes must be multiples of it
 KERNEL_TILE = 16
 
@@ -52,6 +60,7 @@ def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict[st
     check_flag("return_lse", options["return_lse"])
     check_scale(options["scale"], shapes.head_dim)
     check_softcap(options["softcap"])
+    check_dropout(options["dropout_p"])
     block_sparse_mods(q, k, options["block_mask"], options["score_mod"], options["mask_mod"])
     return shapes
 
@@ -88,7 +97,7 @@ def kernel_support(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: d
 def block_sparse_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_mask: BlockMask,
                         causal: bool = False, scale: float | None = None, softcap: float | None = None,
                         score_mod: ScoreMod | None = None, mask_mod: MaskMod | None = None,
-                        return_lse: bool = False):
+                        dropout_p: float = 0.0, return_lse: bool = False):
     """The Triton path of :func:`block_sparse_attention` (same arguments, no dispatch)."""
     from ..kernels import block_sparse as kernels
 
@@ -101,14 +110,15 @@ def block_sparse_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bl
     # which turns every listed tile partial) runs in partial tiles only
     out, lse = fused_attention(q, k, v, schedule, sm_scale=check_scale(scale, q.shape[-1]), softcap=softcap,
                                score_mod=score, mask_mod=and_masks(*token_masks) if token_masks else None,
-                               mask_mod_in_full_blocks=False)
+                               mask_mod_in_full_blocks=False, dropout=Dropout.draw(dropout_p, q.device))
     return (out, lse) if return_lse else out
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, *,
                            causal: bool = False, scale: float | None = None, softcap: float | None = None,
                            score_mod: ScoreMod | None = None, mask_mod: MaskMod | None = None,
-                           return_lse: bool = False, backend: str = "auto", layout: str = "bhsd"):
+                           dropout_p: float = 0.0, return_lse: bool = False, backend: str = "auto",
+                           layout: str = "bhsd"):
     """Softmax attention over the tiles of a block mask.
 
     Args:
@@ -124,6 +134,10 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
             softcap; see docs/mods.md.
         mask_mod: an :class:`attnkit.MaskMod` intersected with the block mask (and with its
             own mask_mod, if it carries one): every listed tile is then computed with it.
+        dropout_p: attention dropout probability in [0, 1), as FlashAttention's: computed
+            probabilities are dropped with probability p, the kept ones scaled by
+            1 / (1 - p), before they multiply v; the mask is drawn from torch's default
+            generator of q's device (docs/flash.md, Dropout).
         return_lse: also return the log-sum-exp (B, Hq, Nq), float32, natural log.
         layout: "bhsd" (default) or "bshd": q (B, Nq, Hq, D), k/v (B, Nk, Hkv, D) and out
             (B, Nq, Hq, Dv) (flash-attn's layout); read without a copy. The LSE stays
@@ -137,7 +151,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         that sees no key has out 0 and lse -inf (and zero gradients).
     """
     return attention(q, k, v, "block_sparse", backend, block_mask=block_mask, causal=causal, scale=scale,
-                     softcap=softcap, score_mod=score_mod, mask_mod=mask_mod, return_lse=return_lse, layout=layout)
+                     softcap=softcap, score_mod=score_mod, mask_mod=mask_mod, dropout_p=dropout_p,
+                     return_lse=return_lse, layout=layout)
 
 
 def _random_mask(batch: int, heads: int, nq: int, nk: int, block_size, density: float, seed: int,
@@ -164,6 +179,9 @@ def examples() -> list[Case]:
         Case((1, 1, 64, 64), (1, 1, 80, 64), (1, 1, 80, 64),
              {"block_mask": _random_mask(1, 1, 64, 80, 32, 0.6, seed=4), "softcap": 2.5, "scale": 0.2},
              name="softcap_scale"),
+        Case((1, 2, 70, 32), (1, 1, 90, 32), (1, 1, 90, 32),
+             {"block_mask": _random_mask(1, 2, 70, 90, (32, 16), 0.6, seed=5), "causal": True, "dropout_p": 0.3},
+             name="dropout_causal_gqa"),
     ]
 
 

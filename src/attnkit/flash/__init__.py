@@ -2,7 +2,7 @@
 
 Options: bottom-right ``causal``, ``scale``, ``softcap``, learnable ``sink_logits``
 (gpt-oss), ``alibi_slopes`` (FlashAttention's convention), any ``score_mod``, packed
-variable-length batches (``cu_seqlens_q/k``), ``return_lse``.
+variable-length batches (``cu_seqlens_q/k``), attention ``dropout_p``, ``return_lse``.
 """
 
 from __future__ import annotations
@@ -11,16 +11,25 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..checks import (Shapes, check_flag, check_head_vector, check_qkv, check_scale, check_softcap,
-                      check_varlen)
+from ..checks import (
+    Shapes,
+    check_dropout,
+    check_flag,
+    check_head_vector,
+    check_qkv,
+    check_scale,
+    check_softcap,
+    check_varlen,
+)
 from ..dispatch import attention
+from ..dropout import Dropout
 from ..engine import Const, Schedule, fused_attention, head_dim_blockers
 from ..mods import ScoreMod
 from ..registry import Case, Variant, packed_offsets, register_variant
 from .reference import flash_reference, flash_score_mod
 
 OPTIONS: Dict[str, Any] = dict(causal=False, scale=None, softcap=None, sink_logits=None, alibi_slopes=None,
-                               score_mod=None, cu_seqlens_q=None, cu_seqlens_k=None, return_lse=False)
+                               score_mod=None, cu_seqlens_q=None, cu_seqlens_k=None, dropout_p=0.0, return_lse=False)
 
 
 def flash_schedule(causal: bool) -> Schedule:
@@ -37,6 +46,7 @@ def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[st
     check_flag("return_lse", options["return_lse"])
     check_scale(options["scale"], shapes.head_dim)
     check_softcap(options["softcap"])
+    check_dropout(options["dropout_p"])
     if options["sink_logits"] is not None:
         check_head_vector("sink_logits", options["sink_logits"], shapes.heads_q, q)
     cu_q, cu_k = options["cu_seqlens_q"], options["cu_seqlens_k"]
@@ -53,12 +63,12 @@ def flash_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: b
                  scale: Optional[float] = None, softcap: Optional[float] = None,
                  sink_logits: Optional[torch.Tensor] = None, alibi_slopes: Optional[torch.Tensor] = None,
                  score_mod: Optional[ScoreMod] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
-                 cu_seqlens_k: Optional[torch.Tensor] = None, return_lse: bool = False):
+                 cu_seqlens_k: Optional[torch.Tensor] = None, dropout_p: float = 0.0, return_lse: bool = False):
     """The Triton path of :func:`flash_attention` (same arguments, no dispatch)."""
     mod = flash_score_mod(q, k, alibi_slopes, score_mod, cu_seqlens_q, cu_seqlens_k)
     out, lse = fused_attention(q, k, v, flash_schedule(causal), sm_scale=check_scale(scale, q.shape[-1]),
                                softcap=softcap, sink_logits=sink_logits, score_mod=mod, cu_seqlens_q=cu_seqlens_q,
-                               cu_seqlens_k=cu_seqlens_k)
+                               cu_seqlens_k=cu_seqlens_k, dropout=Dropout.draw(dropout_p, q.device))
     return (out, lse) if return_lse else out
 
 
@@ -66,7 +76,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                     scale: Optional[float] = None, softcap: Optional[float] = None,
                     sink_logits: Optional[torch.Tensor] = None, alibi_slopes: Optional[torch.Tensor] = None,
                     score_mod: Optional[ScoreMod] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
-                    cu_seqlens_k: Optional[torch.Tensor] = None, return_lse: bool = False,
+                    cu_seqlens_k: Optional[torch.Tensor] = None, dropout_p: float = 0.0, return_lse: bool = False,
                     backend: str = "auto", layout: str = "bhsd"):
     """Exact softmax attention.
 
@@ -85,8 +95,14 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         cu_seqlens_q, cu_seqlens_k: (S + 1,) int32 offsets of S sequences packed along N
             (B must be 1); each sequence attends only within itself (mods see the
             sequence index as ``b`` and positions from the sequence's start).
+        dropout_p: attention dropout probability in [0, 1), as FlashAttention's: the
+            softmax probabilities are dropped with probability p (the kept ones scaled by
+            1 / (1 - p)) before they multiply v; applied whenever p > 0 (pass 0.0 in
+            eval: ``attnkit.nn.Attention`` does). The mask is drawn from torch's default
+            generator of q's device, so ``torch.manual_seed`` reproduces it, on either
+            backend (docs/flash.md, Dropout).
         return_lse: also return the log-sum-exp (B, Hq, Nq), float32, natural log
-            (including the sink); -inf for a row that sees no key.
+            (including the sink; never dropped); -inf for a row that sees no key.
         layout: "bhsd" (default) or "bshd": q (B, Nq, Hq, D), k/v (B, Nk, Hkv, D) and out
             (B, Nq, Hq, Dv) (flash-attn's layout); read without a copy. The LSE stays
             (B, Hq, Nq), as flash-attn's (see ``attnkit.attention``).
@@ -102,10 +118,13 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         torch.Size([2, 8, 128, 64])
         >>> slopes = attnkit.mods.alibi_slopes(8)
         >>> out, lse = attnkit.flash_attention(q, k, v, causal=True, alibi_slopes=slopes, return_lse=True)
+        >>> _ = torch.manual_seed(0)
+        >>> train = attnkit.flash_attention(q, k, v, causal=True, dropout_p=0.1)
     """
     return attention(q, k, v, "flash", backend, causal=causal, scale=scale, softcap=softcap,
                      sink_logits=sink_logits, alibi_slopes=alibi_slopes, score_mod=score_mod,
-                     cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse, layout=layout)
+                     cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, dropout_p=dropout_p, return_lse=return_lse,
+                     layout=layout)
 
 
 def _sinks(heads: int):
@@ -125,6 +144,10 @@ def examples() -> List[Case]:
              {"causal": True, "scale": 0.3},
              {"cu_seqlens_q": packed_offsets(17, 23, 1), "cu_seqlens_k": packed_offsets(20, 34, 1)},
              name="varlen_causal"),
+        Case((1, 2, 45, 32), (1, 2, 30, 32), (1, 2, 30, 24), {"dropout_p": 0.3}, name="dropout_nq>nk_dv24"),
+        Case((1, 4, 41, 32), (1, 2, 55, 32), (1, 2, 55, 32), {"causal": True, "softcap": 3.0, "dropout_p": 0.2},
+             {"sink_logits": _sinks(4), "cu_seqlens_q": packed_offsets(17, 23, 1),
+              "cu_seqlens_k": packed_offsets(20, 34, 1)}, name="dropout_varlen_gqa_softcap_sink"),
     ]
 
 

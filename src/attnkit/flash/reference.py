@@ -6,9 +6,19 @@ from typing import Optional
 
 import torch
 
-from .._reference import (bind_score_mod, bottom_right, expand_kv_heads, lse_dtype, map_query_chunks, map_sequences,
-                          mod_positions, query_chunk_rows, softmax_attend)
+from .._reference import (
+    bind_score_mod,
+    bottom_right,
+    expand_kv_heads,
+    lse_dtype,
+    map_query_chunks,
+    map_sequences,
+    mod_positions,
+    query_chunk_rows,
+    softmax_attend,
+)
 from ..checks import check_scale
+from ..dropout import Dropout, bind_dropout
 from ..mods import MaskMod, Problem, ScoreMod, alibi, chain_score_mods
 from ..mods.core import check_score_mod
 
@@ -46,11 +56,13 @@ def flash_score_mod(q: torch.Tensor, k: torch.Tensor, alibi_slopes: Optional[tor
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, sm_scale: float,
                     softcap: Optional[float] = None, sink_logits: Optional[torch.Tensor] = None,
-                    score_mod: Optional[ScoreMod] = None, mask_mod: Optional[MaskMod] = None, first_batch: int = 0):
+                    score_mod: Optional[ScoreMod] = None, mask_mod: Optional[MaskMod] = None, first_batch: int = 0,
+                    dropout: Dropout | None = None):
     """Dense softmax attention of one (B, H, N, D) problem, chunked over queries: -> (out, lse).
 
-    Optional bottom-right ``causal`` mask, and already specialized mods;
-    ``first_batch`` is the index mods see for batch entry 0 (a packed sequence's index).
+    Optional bottom-right ``causal`` mask, already specialized mods and attention
+    ``dropout`` (keyed by the mods' positions); ``first_batch`` is the index mods see for
+    batch entry 0 (a packed sequence's index).
     """
     B, Hq, Nq, Nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     k, v = expand_kv_heads(k, Hq), expand_kv_heads(v, Hq)
@@ -64,7 +76,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
             keep = mask_mod.apply(*positions)
             mask = keep if mask is None else keep & mask
         return softmax_attend(q_chunk, k, v, scale=sm_scale, mask=mask, softcap=softcap, sink_logits=sink_logits,
-                              score_mod=bind_score_mod(score_mod, positions))
+                              score_mod=bind_score_mod(score_mod, positions), dropout=bind_dropout(dropout, positions))
 
     return map_query_chunks(attend, q, query_chunk_rows(B * Hq, Nk))
 
@@ -73,17 +85,20 @@ def flash_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                     scale: Optional[float] = None, softcap: Optional[float] = None,
                     sink_logits: Optional[torch.Tensor] = None, alibi_slopes: Optional[torch.Tensor] = None,
                     score_mod: Optional[ScoreMod] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
-                    cu_seqlens_k: Optional[torch.Tensor] = None, return_lse: bool = False):
+                    cu_seqlens_k: Optional[torch.Tensor] = None, dropout_p: float = 0.0, return_lse: bool = False):
     """Softmax attention computed in the dtype of the inputs.
 
     q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> out (B, Hq, Nq, Dv)
     [, lse (B, Hq, Nq)]. Causal is bottom-right aligned. Scores: scale, softcap, then
     ALiBi and the score mod. Packed sequences (B = 1, ``cu_seqlens_q/k``) are run one
-    at a time. Memory: O(chunk * Nk) per step.
+    at a time. With ``dropout_p`` > 0 the probabilities are dropped by the same mask as
+    the kernel's for the same generator state (attnkit.dropout). Memory: O(chunk * Nk)
+    per step.
     """
     sm_scale = check_scale(scale, q.shape[-1])
     mod = flash_score_mod(q, k, alibi_slopes, score_mod, cu_seqlens_q, cu_seqlens_k)
-    options = dict(causal=causal, sm_scale=sm_scale, softcap=softcap, sink_logits=sink_logits, score_mod=mod)
+    options = dict(causal=causal, sm_scale=sm_scale, softcap=softcap, sink_logits=sink_logits, score_mod=mod,
+                   dropout=Dropout.draw(dropout_p, q.device))
     if cu_seqlens_q is not None:
         out, lse = map_sequences(lambda q_s, k_s, v_s, seq: dense_attention(q_s, k_s, v_s, first_batch=seq, **options),
                                  q, k, v, cu_seqlens_q, cu_seqlens_k)

@@ -13,8 +13,16 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from ..checks import Shapes, check_flag, check_qkv, check_scale, check_tensor
+from ..checks import (
+    Shapes,
+    check_dropout,
+    check_flag,
+    check_qkv,
+    check_scale,
+    check_tensor,
+)
 from ..dispatch import attention
+from ..dropout import Dropout
 from ..engine import head_dim_blockers
 from ..mods import ScoreMod
 from ..registry import Case, Variant, register_variant
@@ -22,7 +30,7 @@ from .geometry import normalize
 from .reference import neighborhood_reference, neighborhood_score_mod
 
 OPTIONS: Dict[str, Any] = dict(kernel_size=None, dilation=1, causal=False, stride=1, scale=None, score_mod=None,
-                               return_lse=False)
+                               dropout_p=0.0, return_lse=False)
 
 
 def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[str, Any]) -> Shapes:
@@ -40,6 +48,7 @@ def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[st
     axes = normalize(tuple(q.shape[2:-1]), options["kernel_size"], options["dilation"], options["causal"],
                      options["stride"])
     check_scale(options["scale"], shapes.head_dim)
+    check_dropout(options["dropout_p"])
     neighborhood_score_mod(q, k, axes, options["score_mod"])
     check_flag("return_lse", options["return_lse"])
     return shapes
@@ -54,13 +63,13 @@ def neighborhood_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                         kernel_size: Union[int, Sequence[int]], dilation: Union[int, Sequence[int]] = 1,
                         causal: Union[bool, Sequence[bool]] = False, stride: Union[int, Sequence[int]] = 1,
                         scale: Optional[float] = None, score_mod: Optional[ScoreMod] = None,
-                        return_lse: bool = False):
+                        dropout_p: float = 0.0, return_lse: bool = False):
     """The Triton path of :func:`neighborhood_attention` (same arguments, no dispatch)."""
     from .fused import fused_neighborhood
 
     axes = normalize(tuple(q.shape[2:-1]), kernel_size, dilation, causal, stride)
     out, lse = fused_neighborhood(q, k, v, axes, check_scale(scale, q.shape[-1]),
-                                  neighborhood_score_mod(q, k, axes, score_mod))
+                                  neighborhood_score_mod(q, k, axes, score_mod), Dropout.draw(dropout_p, q.device))
     return (out, lse) if return_lse else out
 
 
@@ -68,7 +77,8 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                            kernel_size: Union[int, Sequence[int]], dilation: Union[int, Sequence[int]] = 1,
                            causal: Union[bool, Sequence[bool]] = False, stride: Union[int, Sequence[int]] = 1,
                            scale: Optional[float] = None, score_mod: Optional[ScoreMod] = None,
-                           return_lse: bool = False, backend: str = "auto", layout: str = "bhsd"):
+                           dropout_p: float = 0.0, return_lse: bool = False, backend: str = "auto",
+                           layout: str = "bhsd"):
     """Neighborhood attention (NATTEN semantics) over 1 to 3 spatial axes.
 
     Each query attends to the keys of its neighborhood: the product over spatial axes
@@ -95,6 +105,11 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         score_mod: an :class:`attnkit.ScoreMod` applied to every neighbour's score; it sees
             flat row-major token indices over ``spatial`` as ``q_idx``/``kv_idx`` (e.g.
             ``attnkit.mods.relative_position_bias_2d(rpb, kernel_size)``, NATTEN's rpb).
+        dropout_p: attention dropout probability in [0, 1), as FlashAttention's: the
+            neighbours' probabilities are dropped with probability p, the kept ones scaled
+            by 1 / (1 - p), before they multiply v; the mask is drawn from torch's default
+            generator of q's device and keyed by the flat token indices mods see
+            (docs/flash.md, Dropout).
         return_lse: also return the log-sum-exp (B, Hq, *spatial), float32, natural log.
         layout: "bhsd" (default) or "bshd": heads second to last, q/k/v (B, *spatial, H, D) and out
             (B, *spatial, H, Dv) (NATTEN's heads-last layout); read without a copy.
@@ -104,7 +119,8 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         out (B, Hq, *spatial, Dv) in q's dtype, or (out, lse) with ``return_lse``.
     """
     return attention(q, k, v, "neighborhood", backend, kernel_size=kernel_size, dilation=dilation, causal=causal,
-                     stride=stride, scale=scale, score_mod=score_mod, return_lse=return_lse, layout=layout)
+                     stride=stride, scale=scale, score_mod=score_mod, dropout_p=dropout_p, return_lse=return_lse,
+                     layout=layout)
 
 
 def examples() -> List[Case]:
@@ -119,6 +135,9 @@ def examples() -> List[Case]:
              name="2d_dilation_causal"),
         Case(**same(1, 1, 4, 6, 5, 16), options={"kernel_size": (3, 3, 4), "stride": (1, 2, 4)},
              name="3d_4x6x5_stride"),
+        Case((1, 2, 11, 12, 16), (1, 1, 11, 12, 16), (1, 1, 11, 12, 16),
+             options={"kernel_size": 3, "dilation": (2, 3), "causal": (True, False), "dropout_p": 0.3},
+             name="dropout_2d_dilation_gqa"),
     ]
 
 

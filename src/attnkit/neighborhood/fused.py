@@ -37,6 +37,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..dropout import Dropout
 from ..engine import BlockLists, Const, Schedule, dense_to_lists, fused_attention
 from ..mods import ScoreMod
 from .geometry import AxisParams, dilation_classes, window_bounds
@@ -284,10 +285,13 @@ def _from_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def fused_neighborhood(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, axes: Sequence[AxisParams],
-                       sm_scale: float, score_mod: Optional[ScoreMod] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                       sm_scale: float, score_mod: Optional[ScoreMod] = None,
+                       dropout: Dropout | None = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """q (B, Hq, *spatial, D), k (B, Hkv, *spatial, D), v (B, Hkv, *spatial, Dv) ->
     out (B, Hq, *spatial, Dv) and lse (B, Hq, *spatial) float32; differentiable in q, k, v
-    (and in the score mod's learnable tensors). ``score_mod`` is already specialized."""
+    (and in the score mod's learnable tensors). ``score_mod`` is already specialized.
+    ``dropout``: one key for every launch; its mask is keyed by the positions mods see
+    (original head, flat token indices), so every dilation class draws its own pairs."""
     spatial = tuple(q.shape[2:-1])
     B, Hq, Hkv, D, Dv = q.shape[0], q.shape[1], k.shape[1], q.shape[-1], v.shape[-1]
     N = math.prod(spatial)
@@ -296,7 +300,7 @@ def fused_neighborhood(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, axes: 
     outs, lses = [], []
     for cls in plan.classes:
         o, l = fused_attention(_to_groups(qf, cls.gather), _to_groups(kf, cls.gather), _to_groups(vf, cls.gather),
-                               cls.schedule(Hq), sm_scale=sm_scale, score_mod=score_mod)
+                               cls.schedule(Hq), sm_scale=sm_scale, score_mod=score_mod, dropout=dropout)
         outs.append(_from_groups(o, cls.groups))
         lses.append(_from_groups(l, cls.groups))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

@@ -13,9 +13,17 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from .._reference import (bind_score_mod, expand_kv_heads, lse_dtype, map_query_chunks, mod_positions,
-                          query_chunk_rows, softmax_attend)
+from .._reference import (
+    bind_score_mod,
+    expand_kv_heads,
+    lse_dtype,
+    map_query_chunks,
+    mod_positions,
+    query_chunk_rows,
+    softmax_attend,
+)
 from ..checks import check_scale
+from ..dropout import Dropout, bind_dropout
 from ..mods import Problem, ScoreMod
 from ..mods.core import check_score_mod
 from .geometry import AxisParams, neighbor_table, normalize
@@ -50,13 +58,16 @@ def neighborhood_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                            kernel_size: Union[int, Sequence[int]], dilation: Union[int, Sequence[int]] = 1,
                            causal: Union[bool, Sequence[bool]] = False, stride: Union[int, Sequence[int]] = 1,
                            scale: Optional[float] = None, score_mod: Optional[ScoreMod] = None,
-                           return_lse: bool = False):
+                           dropout_p: float = 0.0, return_lse: bool = False):
     """Neighborhood attention computed in the dtype of the inputs.
 
     q (B, Hq, *spatial, D), k (B, Hkv, *spatial, D), v (B, Hkv, *spatial, Dv) ->
     out (B, Hq, *spatial, Dv) [, lse (B, Hq, *spatial)]. A score mod sees flat
-    row-major token indices, with kv_idx (1, 1, M, K): the K neighbours of each query.
+    row-major token indices, with kv_idx (1, 1, M, K): the K neighbours of each query;
+    attention dropout (``dropout_p`` > 0) is keyed by the same positions, so it drops the
+    kernel's pairs for the same generator state (attnkit.dropout).
     """
+    dropout = Dropout.draw(dropout_p, q.device)
     spatial = tuple(q.shape[2:-1])
     axes = normalize(spatial, kernel_size, dilation, causal, stride)
     score_mod = neighborhood_score_mod(q, k, axes, score_mod)
@@ -74,13 +85,14 @@ def neighborhood_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         rows = slice(first_row, first_row + M)
         nb = idx[rows]                                   # (M, K)
         k_nb, v_nb = kf[:, :, nb], vf[:, :, nb]          # (B, H, M, K, D)
-        mod = bind_score_mod(score_mod, mod_positions(B, Hq, torch.arange(first_row, first_row + M, device=q.device),
-                                                      nb))
-        # scores are (B, H, M, 1, K) here (one query per neighbour list); mods see (B, H, M, K)
+        positions = mod_positions(B, Hq, torch.arange(first_row, first_row + M, device=q.device), nb)
+        mod, drop = bind_score_mod(score_mod, positions), bind_dropout(dropout, positions)
+        # scores are (B, H, M, 1, K) here (one query per neighbour list); mods and dropout see (B, H, M, K)
         flat_mod = None if mod is None else (lambda s: mod(s.squeeze(3)).unsqueeze(3))
+        flat_drop = None if drop is None else (lambda p: drop(p.squeeze(3)).unsqueeze(3))
         # q (B, H, M, 1, D), mask (M, 1, K)
         out, lse = softmax_attend(q_chunk.unsqueeze(3), k_nb, v_nb, scale=sm_scale, mask=valid[rows].unsqueeze(1),
-                                  score_mod=flat_mod)
+                                  score_mod=flat_mod, dropout=flat_drop)
         return out.squeeze(3), lse.squeeze(3)
 
     out, lse = map_query_chunks(attend, qf, query_chunk_rows(B * Hq, K * max(D, Dv)))
