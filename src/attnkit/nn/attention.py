@@ -7,11 +7,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checks import check_int
+from ..checks import check_dropout, check_int
 from ..dispatch import attention
 from ..linear import lightning_slopes
 from ..neighborhood.geometry import check_axis_options
-from ..registry import Variant, get_variant
+from ..registry import Variant, get_variant, list_variants
 from .cache import KVCache, RecurrentStateCache, StandaloneCache, WindowCache
 
 #: variants whose attention is causal by construction, and the cache each decodes with
@@ -98,6 +98,12 @@ class Attention(nn.Module):
         rope: None (no positions), True (RoPE, base 10000), a float base, or a
             :class:`RotaryEmbedding`; applied to q and k.
         backend: "auto", "triton" or "reference".
+        dropout_p: attention dropout probability in [0, 1) (as FlashAttention's and torch's
+            ``dropout_p``), applied in ``train()`` mode only: the block passes it to the
+            variant while ``self.training`` and 0 in ``eval()``. The softmax variants take
+            it (flash, sliding_window, block_sparse, moba, neighborhood, flex); another
+            variant with ``dropout_p > 0`` is a ValueError. Not with a decoding cache in
+            training (a ValueError: decode in ``eval()``).
         layer_idx, num_layers: this block's index among the model's ``num_layers`` blocks
             (0 <= layer_idx < num_layers), as flash-linear-attention's layers take them. A
             lightning block without ``slopes`` uses the standard ones,
@@ -128,7 +134,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int | None = None, variant: str = "flash",
                  qkv_bias: bool = False, out_bias: bool = True,
                  rope: None | bool | float | RotaryEmbedding = None, backend: str = "auto",
-                 layer_idx: int = 0, num_layers: int = 1, **variant_options: Any):
+                 layer_idx: int = 0, num_layers: int = 1, dropout_p: float = 0.0, **variant_options: Any):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_heads < 1 or dim % num_heads:
@@ -140,6 +146,11 @@ class Attention(nn.Module):
         if layer_idx >= num_layers:
             raise ValueError(f"layer_idx must be < num_layers ({num_layers}), got {layer_idx}")
         self.spec = get_variant(variant)
+        self.dropout_p = check_dropout(dropout_p)
+        if self.dropout_p > 0 and "dropout_p" not in self.spec.options:
+            dropping = sorted(name for name in list_variants() if "dropout_p" in get_variant(name).options)
+            raise ValueError(f"dropout_p={dropout_p}: variant {self.spec.name!r} has no attention dropout; "
+                             f"the variants that have it: {dropping}")
         if self.spec.name == "lightning":
             if variant_options.get("slopes") is None:
                 variant_options["slopes"] = lightning_slopes(num_heads, layer_idx, num_layers)
@@ -229,7 +240,12 @@ class Attention(nn.Module):
             positions = torch.arange(N, device=x.device) if cache is None else cache.positions(N, x.device)
             q, k = self.rope(q, positions), self.rope(k, positions)
         opts = self.options()
+        if "dropout_p" in opts:  # attention dropout while training only, as torch's modules
+            opts["dropout_p"] = self.dropout_p if self.training else 0.0
         if cache is not None:
+            if opts.get("dropout_p"):
+                raise ValueError(f"attention dropout (dropout_p={self.dropout_p}) in train() mode with a decoding "
+                                 "cache: decoding steps take no dropout; call eval() to decode")
             out = cache.attend(q, k, v, opts, self.backend)
         else:
             out = attention(q, k, v, self.spec.name, self.backend, **opts)
@@ -239,5 +255,7 @@ class Attention(nn.Module):
 
     def extra_repr(self) -> str:
         extra = f", layer_idx={self.layer_idx}, num_layers={self.num_layers}" if self.num_layers > 1 else ""
+        if self.dropout_p:
+            extra += f", dropout_p={self.dropout_p}"
         return (f"dim={self.dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
                 f"variant={self.spec.name!r}{extra}")
