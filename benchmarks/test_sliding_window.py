@@ -6,16 +6,27 @@ GPU: N in {4k, 16k, 64k}, W in {512, 4096}, 4 sinks, bf16, d = 128, H = 16, 64k 
 per batch, forward and forward+backward. TFLOP/s count only the visited pairs
 (``window_pairs``), so "attnkit sliding_window TFLOP/s / attnkit flash causal TFLOP/s"
 is the issue's efficiency target (>= 0.85), and the ms ratio is the speedup over dense.
+Packed varlen (``test_sliding_window_varlen``): 16 sequences of mixed lengths (64k tokens on a
+GPU) with cu_seqlens, against 16 equal sequences of the same tokens, SDPA padded to the
+longest sequence, and flash-attn's varlen when installed.
 CPU: the reference and the decode cache at small sizes (timings only show the suite runs).
 Run: ``python -m pytest benchmarks/test_sliding_window.py --benchmark-only``.
 """
 
 import pytest
 import torch
+from conftest import (
+    CUDA,
+    DEVICE,
+    attention_flops,
+    causal_pairs,
+    has_module,
+    mixed_lengths,
+    run,
+    with_backward,
+)
 
 import attnkit
-
-from conftest import CUDA, DEVICE, attention_flops, causal_pairs, has_module, run, with_backward
 
 SINKS = 4
 
@@ -73,13 +84,85 @@ def test_sliding_window(benchmark, provider, seqlen, window, mode):
     dense = "flash_causal" in provider
     pairs = causal_pairs(seqlen, seqlen) if dense else window_pairs(seqlen, window, SINKS)
     flops = batch * HEADS * attention_flops(pairs, HEAD_DIM, HEAD_DIM, mode)
-    info = dict(provider=provider, seqlen=seqlen, window=window, sinks=0 if dense else SINKS, head_dim=HEAD_DIM,
-                mode=mode, visited_pairs=pairs)
+    info = {"provider": provider, "seqlen": seqlen, "window": window, "sinks": 0 if dense else SINKS,
+            "head_dim": HEAD_DIM, "mode": mode, "visited_pairs": pairs}
     if mode == "fwd":
         with torch.no_grad():
             run(benchmark, call, flops, **info)
     else:
         run(benchmark, with_backward(call, torch.randn_like(q)), flops, **info)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed variable-length batches: 16 sequences of mixed lengths (64k tokens on a GPU) run
+# packed with cu_seqlens, against the padded-free batch of the same tokens (16 equal
+# sequences: the cost varlen should match), torch SDPA on the batch padded to the longest
+# sequence with the window as a boolean mask, and flash-attn's varlen when installed.
+# ---------------------------------------------------------------------------------------------
+VARLEN_TOKENS, VARLEN_SEQS, VARLEN_WINDOW = (65536, 16, 4096) if CUDA else (2048, 16, 128)
+VARLEN_PROVIDERS = (["attnkit_varlen", "attnkit_equal_batch", "sdpa_padded"]
+                    + (["flash_attn_varlen"] if has_module("flash_attn") else [])) if CUDA else \
+    ["attnkit_varlen_reference", "attnkit_equal_batch_reference", "sdpa_padded"]
+
+
+def _padded_window_mask(lengths: list, window: int) -> torch.Tensor:
+    """(S, 1, L, L) bool: the window (W - 1, 0) with sinks inside each sequence, padding keys
+    masked (padding rows keep their window, so no row is empty and no NaN appears)."""
+    longest = max(lengths)
+    i = torch.arange(longest, device=DEVICE)[:, None]
+    j = torch.arange(longest, device=DEVICE)[None, :]
+    local = (j <= i) & ((j > i - window) | (j < SINKS))
+    n = torch.tensor(lengths, device=DEVICE).view(-1, 1, 1, 1)
+    return local & (j < n)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("provider", VARLEN_PROVIDERS)
+def test_sliding_window_varlen(benchmark, provider, mode):
+    lengths = mixed_lengths(VARLEN_TOKENS, VARLEN_SEQS)
+    grad = mode != "fwd"
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, device=DEVICE, dtype=DTYPE, generator=g, requires_grad=grad)
+
+    backend = "reference" if provider.endswith("_reference") else "triton"
+    if provider.startswith("attnkit_varlen"):
+        q, k, v = (rand(1, HEADS, VARLEN_TOKENS, HEAD_DIM) for _ in range(3))
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+        call = lambda: attnkit.sliding_window_attention(q, k, v, window=VARLEN_WINDOW, sinks=SINKS,
+                                                        cu_seqlens_q=cu, cu_seqlens_k=cu, backend=backend)
+        pairs = sum(window_pairs(n, VARLEN_WINDOW, SINKS) for n in lengths)
+    elif provider.startswith("attnkit_equal_batch"):
+        n = VARLEN_TOKENS // VARLEN_SEQS
+        q, k, v = (rand(VARLEN_SEQS, HEADS, n, HEAD_DIM) for _ in range(3))
+        call = lambda: attnkit.sliding_window_attention(q, k, v, window=VARLEN_WINDOW, sinks=SINKS,
+                                                        backend=backend)
+        pairs = VARLEN_SEQS * window_pairs(n, VARLEN_WINDOW, SINKS)
+    elif provider == "sdpa_padded":
+        longest = max(lengths)
+        q, k, v = (rand(VARLEN_SEQS, HEADS, longest, HEAD_DIM) for _ in range(3))
+        mask = _padded_window_mask(lengths, VARLEN_WINDOW)
+        call = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        pairs = sum(window_pairs(n, VARLEN_WINDOW, SINKS) for n in lengths)
+    elif provider == "flash_attn_varlen":  # no sinks in flash-attn: timed with the window alone
+        from flash_attn import flash_attn_varlen_func
+
+        q, k, v = (rand(VARLEN_TOKENS, HEADS, HEAD_DIM) for _ in range(3))
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+        call = lambda: flash_attn_varlen_func(q, k, v, cu, cu, max(lengths), max(lengths), causal=True,
+                                              window_size=(VARLEN_WINDOW - 1, 0))
+        pairs = sum(window_pairs(n, VARLEN_WINDOW, 0) for n in lengths)
+    else:
+        raise ValueError(provider)
+    flops = HEADS * attention_flops(pairs, HEAD_DIM, HEAD_DIM, mode)
+    info = {"provider": provider, "tokens": VARLEN_TOKENS, "sequences": VARLEN_SEQS, "longest": max(lengths),
+            "window": VARLEN_WINDOW, "sinks": SINKS, "head_dim": HEAD_DIM, "mode": mode, "visited_pairs": pairs}
+    if mode == "fwd":
+        with torch.no_grad():
+            run(benchmark, call, flops, **info)
+    else:
+        run(benchmark, with_backward(call, torch.randn_like(call())), flops, **info)
 
 
 DECODE_WINDOW = 4096 if CUDA else 256
@@ -100,7 +183,7 @@ def test_sliding_window_decode(benchmark, backend):
         fill = DECODE_WINDOW + SINKS + 7
         cache.attend(rand(heads_q, fill), rand(heads_kv, fill), rand(heads_kv, fill), backend=backend)
         q1, k1, v1 = rand(heads_q, 1), rand(heads_kv, 1), rand(heads_kv, 1)
-        step = lambda: cache.attend(q1, k1, v1, backend=backend)  # noqa: E731
+        step = lambda: cache.attend(q1, k1, v1, backend=backend)
         run(benchmark, step, None, backend=backend, window=DECODE_WINDOW, sinks=SINKS, batch=batch,
             cache_bytes=cache.memory_bytes)
     benchmark.extra_info["tokens_per_s"] = batch / (benchmark.extra_info["ms"] / 1e3)

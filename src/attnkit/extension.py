@@ -40,7 +40,7 @@ import torch
 from ._reference import (bind_score_mod, bottom_right, expand_kv_heads, lse_dtype, map_query_chunks, mod_positions,
                          query_chunk_rows, softmax_attend)
 from .checks import (Shapes, check_flag, check_head_vector, check_int, check_qkv, check_scale, check_softcap,
-                     check_tensor)
+                     check_tensor, check_varlen)
 from .dispatch import attention, explain
 from .engine import (MAX_HEAD_DIM, BlockLists, Const, Schedule, dense_to_lists, fused_attention, head_dim_blockers,
                      make_block_lists)
@@ -67,11 +67,14 @@ def force_config(block_m: int, block_n: int) -> Iterator[None]:
         yield
 
 
-def softmax_score_mod(variant: str, q: torch.Tensor, k: torch.Tensor, score_mod: Any) -> Optional[ScoreMod]:
-    """``score_mod`` checked and specialized for a (B, H, N, D) call of ``variant`` (None stays None)."""
+def softmax_score_mod(variant: str, q: torch.Tensor, k: torch.Tensor, score_mod: Any,
+                      cu_seqlens_q: torch.Tensor | None = None,
+                      cu_seqlens_k: torch.Tensor | None = None) -> Optional[ScoreMod]:
+    """``score_mod`` checked and specialized for a (B, H, N, D) call of ``variant``, a packed
+    batch (``cu_seqlens_q/k``) counting its sequences (None stays None)."""
     if score_mod is None:
         return None
-    return check_score_mod("score_mod", score_mod, Problem.of(variant, q, k))
+    return check_score_mod("score_mod", score_mod, Problem.of(variant, q, k, cu_seqlens_q, cu_seqlens_k))
 
 
 def softmax_variant(name: str, *, reference: Callable[..., Any], kernel: Optional[Callable[..., Any]],
@@ -87,8 +90,11 @@ def softmax_variant(name: str, *, reference: Callable[..., Any], kernel: Optiona
     ``score_mod``, ``return_lse``) on top of its own ``options``, the shared checks (q, k,
     v shapes, scale, softcap, score_mod, return_lse) before its own ``validate(q, k, v,
     options)``, the engine's head-dim limit before its own ``kernel_support``, and the
-    LSE as extra output. ``reference`` and ``kernel`` take ``(q, k, v, **options)`` with
-    every option, and return out or (out, lse) with ``return_lse``.
+    LSE as extra output. A variant whose own options include ``cu_seqlens_q`` and
+    ``cu_seqlens_k`` also gets the packed-batch checks (:func:`attnkit.checks.check_varlen`)
+    and its score_mod specialized per sequence. ``reference`` and ``kernel`` take
+    ``(q, k, v, **options)`` with every option, and return out or (out, lse) with
+    ``return_lse``.
 
     Example::
 
@@ -107,7 +113,9 @@ def softmax_variant(name: str, *, reference: Callable[..., Any], kernel: Optiona
         check_scale(opts["scale"], shapes.head_dim)
         check_softcap(opts["softcap"])
         check_flag("return_lse", opts["return_lse"])
-        softmax_score_mod(name, q, k, opts["score_mod"])
+        cu_q, cu_k = opts.get("cu_seqlens_q"), opts.get("cu_seqlens_k")
+        check_varlen(shapes, cu_q, cu_k, q.device)  # before the score mod reads the offsets
+        softmax_score_mod(name, q, k, opts["score_mod"], cu_q, cu_k)
         if validate is not None:
             validate(q, k, v, opts)
         return shapes

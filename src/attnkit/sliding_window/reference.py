@@ -8,28 +8,39 @@ O(N^2) work for itself but does not widen the key span of the windowed heads.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
-
 import torch
 
-
-from .._reference import (MIN_CHUNK_ROWS, bind_score_mod, bottom_right, expand_kv_heads, lse_dtype, map_query_chunks,
-                          mod_positions, query_chunk_rows, softmax_attend)
+from .._reference import (
+    MIN_CHUNK_ROWS,
+    bind_score_mod,
+    bottom_right,
+    expand_kv_heads,
+    lse_dtype,
+    map_query_chunks,
+    map_sequences,
+    mod_positions,
+    query_chunk_rows,
+    softmax_attend,
+)
 from ..checks import check_scale
+from ..dropout import Dropout, bind_dropout
 from ..mods import Problem, ScoreMod
 from ..mods.core import check_score_mod
 from .window import head_windows
 
 
-def sliding_window_score_mod(q: torch.Tensor, k: torch.Tensor, score_mod: Optional[ScoreMod]) -> Optional[ScoreMod]:
-    """``score_mod`` checked and specialized to the call (None stays None)."""
+def sliding_window_score_mod(q: torch.Tensor, k: torch.Tensor, score_mod: ScoreMod | None,
+                             cu_seqlens_q: torch.Tensor | None = None,
+                             cu_seqlens_k: torch.Tensor | None = None) -> ScoreMod | None:
+    """``score_mod`` checked and specialized to the call, a packed batch counting its
+    sequences (None stays None)."""
     if score_mod is None:
         return None
-    return check_score_mod("score_mod", score_mod, Problem.of("sliding_window", q, k))
+    return check_score_mod("score_mod", score_mod, Problem.of("sliding_window", q, k, cu_seqlens_q, cu_seqlens_k))
 
 
 def visible_keys(first_row: int, rows: int, seqlen_q: int, seqlen_k: int, left: int, right: int, sinks: int,
-                 device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+                 device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The keys query rows [first_row, first_row + rows) may see, and their mask.
 
     Returns ``key_index`` (L,) int64, sorted, the union of the sinks and the rows'
@@ -56,10 +67,12 @@ def visible_keys(first_row: int, rows: int, seqlen_q: int, seqlen_k: int, left: 
 
 
 def _one_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int, right: int, sinks: int,
-                sm_scale: float, softcap: Optional[float], sink_logits: Optional[torch.Tensor],
-                score_mod: Optional[ScoreMod], heads: torch.Tensor):
+                sm_scale: float, softcap: float | None, sink_logits: torch.Tensor | None,
+                score_mod: ScoreMod | None, heads: torch.Tensor, first_batch: int,
+                dropout: Dropout | None = None):
     """Heads ``heads`` (their indices among the query heads), which share one window.
-    q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv)."""
+    q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv); mods (and dropout) see batch
+    entry 0 as ``first_batch``."""
     Nq, Nk = q.shape[2], k.shape[2]
     span = min(Nk, (Nk if left < 0 else left) + (Nk if right < 0 else right) + 1) + min(sinks, Nk)
     # a chunk of rows sees at most rows + span keys: at least span rows (and MIN_CHUNK_ROWS), as
@@ -70,51 +83,69 @@ def _one_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int, ri
     def attend(q_chunk: torch.Tensor, first_row: int):
         key_index, mask = visible_keys(first_row, q_chunk.shape[2], Nq, Nk, left, right, sinks, q.device)
         b, _, q_idx, kv_idx = mod_positions(q.shape[0], 1, bottom_right(first_row, q_chunk.shape[2], Nq, Nk, q.device),
-                                            key_index)
-        mod = bind_score_mod(score_mod, (b, heads.view(1, -1, 1, 1), q_idx, kv_idx))
+                                            key_index, first_batch=first_batch)
+        positions = (b, heads.view(1, -1, 1, 1), q_idx, kv_idx)
         return softmax_attend(q_chunk, k.index_select(2, key_index), v.index_select(2, key_index),
-                              scale=sm_scale, mask=mask, softcap=softcap, sink_logits=sink_logits, score_mod=mod)
+                              scale=sm_scale, mask=mask, softcap=softcap, sink_logits=sink_logits,
+                              score_mod=bind_score_mod(score_mod, positions), dropout=bind_dropout(dropout, positions))
 
     return map_query_chunks(attend, q, rows)
 
 
+def _windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: list[tuple[int, int]], sinks: int,
+              sm_scale: float, softcap: float | None, sink_logits: torch.Tensor | None,
+              score_mod: ScoreMod | None, first_batch: int = 0, dropout: Dropout | None = None):
+    """One (B, Hq, N, D) problem, k and v already expanded to Hq heads, one window per
+    head: -> (out, lse). Heads are grouped by window, each group run by :func:`_one_window`."""
+    Hq = q.shape[1]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for h, w in enumerate(windows):
+        groups.setdefault(w, []).append(h)
+    if len(groups) <= 1:  # one window for every head (or no heads: Hq = 0, an empty problem)
+        left, right = windows[0] if windows else (-1, -1)
+        return _one_window(q, k, v, left, right, sinks, sm_scale, softcap, sink_logits, score_mod,
+                           torch.arange(Hq, device=q.device), first_batch, dropout)
+    outs, lses, order = [], [], []
+    for (left, right), heads in groups.items():
+        idx = torch.tensor(heads, device=q.device)
+        o, o_lse = _one_window(q.index_select(1, idx), k.index_select(1, idx), v.index_select(1, idx), left, right,
+                               sinks, sm_scale, softcap, None if sink_logits is None else sink_logits[idx],
+                               score_mod, idx, first_batch, dropout)
+        outs.append(o)
+        lses.append(o_lse)
+        order += heads
+    inverse = torch.empty(Hq, dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(Hq)
+    inverse = inverse.to(q.device)
+    return torch.cat(outs, dim=1).index_select(1, inverse), torch.cat(lses, dim=1).index_select(1, inverse)
+
+
 def sliding_window_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window, sinks: int = 0,
-                             scale: Optional[float] = None, softcap: Optional[float] = None,
-                             sink_logits: Optional[torch.Tensor] = None, score_mod: Optional[ScoreMod] = None,
-                             return_lse: bool = False):
+                             scale: float | None = None, softcap: float | None = None,
+                             sink_logits: torch.Tensor | None = None, score_mod: ScoreMod | None = None,
+                             cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
+                             dropout_p: float = 0.0, return_lse: bool = False):
     """Sliding-window softmax attention computed in the dtype of the inputs.
 
     q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv); ``window`` an int, a pair
     (left, right) or an int tensor (Hq, 2); ``sink_logits`` (Hq,). Returns out
     (B, Hq, Nq, Dv) [, lse (B, Hq, Nq)]. A row that sees no key has out 0, lse -inf.
+    Packed sequences (B = 1, ``cu_seqlens_q/k`` (S + 1,)) are run one at a time, each
+    with its own window positions and sinks. With ``dropout_p`` > 0 the probabilities are
+    dropped by the kernel's mask for the same generator state (attnkit.dropout).
     """
     sm_scale = check_scale(scale, q.shape[-1])
     Hq = q.shape[1]
     windows = head_windows(window, Hq)
-    score_mod = sliding_window_score_mod(q, k, score_mod)
+    score_mod = sliding_window_score_mod(q, k, score_mod, cu_seqlens_q, cu_seqlens_k)
     k, v = expand_kv_heads(k, Hq), expand_kv_heads(v, Hq)
+    options = {"windows": windows, "sinks": sinks, "sm_scale": sm_scale, "softcap": softcap, "sink_logits": sink_logits,
+                   "score_mod": score_mod, "dropout": Dropout.draw(dropout_p, q.device)}
+    if cu_seqlens_q is not None:
 
-    groups: Dict[Tuple[int, int], List[int]] = {}
-    for h, w in enumerate(windows):
-        groups.setdefault(w, []).append(h)
-    if len(groups) <= 1:  # one window for every head (or no heads: Hq = 0, an empty problem)
-        left, right = windows[0] if windows else (-1, -1)
-        out, lse = _one_window(q, k, v, left, right, sinks, sm_scale, softcap, sink_logits, score_mod,
-                               torch.arange(Hq, device=q.device))
+        out, lse = map_sequences(lambda q_s, k_s, v_s, seq: _windowed(q_s, k_s, v_s, first_batch=seq, **options),
+                                 q, k, v, cu_seqlens_q, cu_seqlens_k)
     else:
-        outs, lses, order = [], [], []
-        for (left, right), heads in groups.items():
-            idx = torch.tensor(heads, device=q.device)
-            o, o_lse = _one_window(q.index_select(1, idx), k.index_select(1, idx), v.index_select(1, idx), left, right,
-                               sinks, sm_scale, softcap, None if sink_logits is None else sink_logits[idx],
-                               score_mod, idx)
-            outs.append(o)
-            lses.append(o_lse)
-            order += heads
-        inverse = torch.empty(Hq, dtype=torch.long)
-        inverse[torch.tensor(order)] = torch.arange(Hq)
-        inverse = inverse.to(q.device)
-        out = torch.cat(outs, dim=1).index_select(1, inverse)
-        lse = torch.cat(lses, dim=1).index_select(1, inverse)
+        out, lse = _windowed(q, k, v, **options)
     lse = lse.to(lse_dtype(q))
     return (out, lse) if return_lse else out
