@@ -228,6 +228,6 @@ VARIANT = softmax_variant(
 
     kernel_support=_kernel_support,
     examples=examples, demo=demo,
-    doc="FlexAttention's interface: score_mod, mask_mod, block_mask (exact token masks)")
+    doc="FlexAttention's interface: score_mod, mask_mod, block_mask (exact token masks), varlen with mods")
 
 __all__ = ["create_block_mask", "flex_attention", "flex_kernel", "flex_reference"]

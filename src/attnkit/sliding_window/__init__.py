@@ -202,7 +202,7 @@ VARIANT = register_variant(Variant(
     extra_outputs={"return_lse": "lse"},
     examples=examples,
     status={"reference": True, "forward": True, "backward": True},
-    doc="local attention: (left, right) windows, attention sinks, per-head windows, decode cache",
+    doc="local attention: (left, right) windows, attention sinks, per-head windows, varlen, decode cache",
 ))
 
 from .cache import SlidingWindowCache
