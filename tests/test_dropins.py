@@ -109,7 +109,7 @@ def test_mha_unbatched_input():
 
 
 @pytest.mark.parametrize("kind", ["bool_attn_mask", "float_attn_mask", "key_padding_mask", "need_weights"])
-def test_mha_masks_and_weights_take_torchs_path(kind):
+def test_mha_masks_and_weights_match_torch(kind):
     ref, ours = pair(embed_dim=32, num_heads=4, batch_first=True)
     x = rand(2, 10, 32, seed=1)
     kwargs = {"need_weights": kind == "need_weights"}
