@@ -75,3 +75,38 @@ def test_flash(benchmark, provider, seqlen, head_dim, causal, mode):
         grad = torch.randn_like(q)
         run(benchmark, with_backward(call, grad), flops, provider=provider, seqlen=seqlen, head_dim=head_dim,
             causal=causal, mode=mode)
+
+
+def make_dropout_call(provider, q, k, v, dropout_p):
+    """Causal attention with attention dropout (training): attnkit's kernel (reference on CPU),
+    SDPA's flash backend and flash-attn draw their masks from their own generators."""
+    if provider in ("attnkit", "attnkit_reference"):
+        backend = "triton" if provider == "attnkit" else "reference"
+        return lambda: attnkit.flash_attention(q, k, v, causal=True, dropout_p=dropout_p, backend=backend)
+    if provider == "sdpa":
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+    if provider == "flash_attn":
+        from flash_attn import flash_attn_func
+
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+        return lambda: flash_attn_func(qt, kt, vt, dropout_p=dropout_p, causal=True)
+    raise ValueError(provider)
+
+
+DROPOUT_PROVIDERS = [p for p in PROVIDERS if p != "flex"]  # FlexAttention has no attention dropout
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+@pytest.mark.parametrize("provider", DROPOUT_PROVIDERS)
+def test_flash_dropout(benchmark, provider, dropout_p):
+    """The cost of attention dropout (forward + backward, causal, d = 128 on a GPU): the
+    kernel regenerates its keep bits from a hash in both passes instead of storing a mask."""
+    seqlen, head_dim = (4096, 128) if CUDA else (256, 64)
+    batch, heads = (4, 16) if CUDA else (1, 4)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, seqlen, head_dim, device=DEVICE, dtype=DTYPE, generator=g,
+                           requires_grad=True) for _ in range(3))
+    call = make_dropout_call(provider, q, k, v, dropout_p)
+    flops = batch * heads * attention_flops(causal_pairs(seqlen, seqlen), head_dim, head_dim, "fwd+bwd")
+    run(benchmark, with_backward(call, torch.randn_like(q)), flops, provider=provider, seqlen=seqlen,
+        head_dim=head_dim, dropout_p=dropout_p, mode="fwd+bwd")
