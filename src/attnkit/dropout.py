@@ -87,10 +87,10 @@ def draw_seed(device: torch.device | str) -> torch.Tensor:
     return torch.randint(0, 1 << 31, (2,), dtype=torch.int64, device=device)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: identity, not an elementwise tensor comparison
 class Dropout:
     """The attention dropout of one call: drop probability ``p`` in (0, 1) and the key
-    ``seed`` (int64 (2,) on the call's device, see :func:`draw_seed`)."""
+    ``seed`` (int64 (2,) = (seed, offset) on the call's device, see :func:`draw_seed`)."""
 
     p: float
     seed: torch.Tensor
