@@ -22,7 +22,7 @@ one by one.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
 
@@ -42,13 +42,13 @@ from ..registry import Case, Variant, packed_offsets, register_variant
 from .reference import moba_reference
 from .variant import fixed_tile
 
-OPTIONS: Dict[str, Any] = dict(block_size=None, top_k=None, scale=None, cu_seqlens_q=None, cu_seqlens_k=None,
-                               dropout_p=0.0, return_lse=False)
+OPTIONS: dict[str, Any] = {"block_size": None, "top_k": None, "scale": None, "cu_seqlens_q": None,
+                           "cu_seqlens_k": None, "dropout_p": 0.0, "return_lse": False}
 #: query rows per tile of the engine's lists: the union of these rows' selections is visited
 LIST_BLOCK_Q = 64
 
 
-def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[str, Any]) -> Shapes:
+def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict[str, Any]) -> Shapes:
     shapes = check_qkv(q, k, v)
     if options["block_size"] is None:
         raise TypeError("block_size is required: the number of keys per MoBA block (an int >= 1)")
@@ -63,7 +63,7 @@ def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[st
     return shapes
 
 
-def kernel_support(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[str, Any]) -> List[str]:
+def kernel_support(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict[str, Any]) -> list[str]:
     return head_dim_blockers(q, v)
 
 
@@ -116,7 +116,7 @@ def moba_select(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int,
     return sel
 
 
-def list_block_sizes(block_size: int) -> Tuple[int, int]:
+def list_block_sizes(block_size: int) -> tuple[int, int]:
     """(BQ, BK) of the engine's lists: BQ query rows per tile; BK the largest of 128/64/32/16
     dividing block_size (then a listed key block lies inside one MoBA block), else 16."""
     tile = fixed_tile()
@@ -202,7 +202,7 @@ def moba_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size
 
 
 def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int, top_k: int,
-                   scale: Optional[float] = None, cu_seqlens_q: torch.Tensor | None = None,
+                   scale: float | None = None, cu_seqlens_q: torch.Tensor | None = None,
                    cu_seqlens_k: torch.Tensor | None = None, dropout_p: float = 0.0, return_lse: bool = False,
                    backend: str = "auto", layout: str = "bhsd"):
     """MoBA: causal attention to the own block plus the top-(top_k - 1) gated past blocks.
@@ -254,7 +254,7 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_s
                      layout=layout)
 
 
-def examples() -> List[Case]:
+def examples() -> list[Case]:
     return [
         Case((1, 2, 100, 32), (1, 2, 100, 32), (1, 2, 100, 32), {"block_size": 16, "top_k": 3}, name="bs16_top3"),
         Case((1, 4, 90, 40), (1, 2, 90, 40), (1, 2, 90, 24), {"block_size": 24, "top_k": 2}, name="gqa_bs24_d40"),

@@ -8,8 +8,6 @@ reference, plus the (chunk x blocks) gate scores.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .._reference import (
@@ -29,8 +27,8 @@ from ..mods.core import check_mask_mod, check_score_mod
 from .block_mask import BlockMask
 
 
-def block_sparse_mods(q: torch.Tensor, k: torch.Tensor, block_mask: BlockMask, score_mod: Optional[ScoreMod],
-                      mask_mod: Optional[MaskMod]):
+def block_sparse_mods(q: torch.Tensor, k: torch.Tensor, block_mask: BlockMask, score_mod: ScoreMod | None,
+                      mask_mod: MaskMod | None):
     """(score mod, the block mask's own mask_mod, the explicit mask_mod) specialized to the call."""
     if score_mod is None and mask_mod is None and block_mask.mask_mod is None:
         return None, None, None
@@ -41,8 +39,8 @@ def block_sparse_mods(q: torch.Tensor, k: torch.Tensor, block_mask: BlockMask, s
 
 
 def block_sparse_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_mask: BlockMask,
-                           causal: bool = False, scale: Optional[float] = None, softcap: Optional[float] = None,
-                           score_mod: Optional[ScoreMod] = None, mask_mod: Optional[MaskMod] = None,
+                           causal: bool = False, scale: float | None = None, softcap: float | None = None,
+                           score_mod: ScoreMod | None = None, mask_mod: MaskMod | None = None,
                            dropout_p: float = 0.0, return_lse: bool = False):
     """Block-sparse softmax attention, in the dtype of the inputs.
 
@@ -92,7 +90,7 @@ def block_sparse_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 
 
 def moba_gate(q: torch.Tensor, k: torch.Tensor, *, block_size: int, top_k: int, first_row: int = 0,
-              seqlen_q: Optional[int] = None) -> torch.Tensor:
+              seqlen_q: int | None = None) -> torch.Tensor:
     """MoBA's selection for the query rows ``q`` (B, Hq, M, D) that start at row ``first_row``.
 
     k is (B, Hq, Nk, D) (already expanded to the query heads). The gate is computed in
