@@ -163,7 +163,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
                      decay: torch.Tensor | None = None, scale: float | None = None, normalize: bool = False,
                      feature_map=None, initial_state: torch.Tensor | None = None, return_state: bool = False,
                      cu_seqlens: torch.Tensor | None = None, cu_seqlens_q: torch.Tensor | None = None,
-                     cu_seqlens_k: torch.Tensor | None = None, backend: str = "auto"):
+                     cu_seqlens_k: torch.Tensor | None = None, backend: str = "auto", layout: str = "bhsd"):
     """Linear attention (no softmax), optionally with a per-head decay.
 
     Causal form, per head h: S_t = lambda_h S_{t-1} + phi(k_t)^T v_t, o_t = scale phi(q_t) S_t,
@@ -195,6 +195,9 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
         cu_seqlens_q, cu_seqlens_k: the same as flash's pair (given together); equal to
             ``cu_seqlens`` when given with it, and to each other when causal. The non-causal
             form may pack Nq != Nk: sequence s's queries read sequence s's keys.
+        layout: "bhsd" (default) or "bshd": q (B, N, Hq, D), k/v (B, N, Hkv, D) and out
+            (B, N, Hq, Dv) (flash-linear-attention's layout); read without a copy. States keep
+            their shape (see ``attnkit.attention``).
         backend: "auto", "triton" or "reference" (see ``attnkit.explain``).
 
     Returns:
@@ -219,13 +222,13 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     """
     return attention(q, k, v, "linear", backend, causal=causal, decay=decay, scale=scale, normalize=normalize,
                      feature_map=feature_map, initial_state=initial_state, return_state=return_state,
-                     cu_seqlens=cu_seqlens, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+                     cu_seqlens=cu_seqlens, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, layout=layout)
 
 
 def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor, *,
                         initial_state: torch.Tensor | None = None, return_state: bool = False,
                         cu_seqlens: torch.Tensor | None = None, cu_seqlens_q: torch.Tensor | None = None,
-                        cu_seqlens_k: torch.Tensor | None = None, backend: str = "auto"):
+                        cu_seqlens_k: torch.Tensor | None = None, backend: str = "auto", layout: str = "bhsd"):
     """Lightning attention (TransNormerLLM, Lightning Attention-2, MiniMax-01): causal linear
     attention with scale 1 and a per-head decay.
 
@@ -244,6 +247,9 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope
             its decay restarting at its first token.
         cu_seqlens_q, cu_seqlens_k: flash's pair, accepted too; both equal (causal), and
             equal to ``cu_seqlens`` when given with it.
+        layout: "bhsd" (default) or "bshd": q (B, N, Hq, D), k/v (B, N, Hkv, D) and out
+            (B, N, Hq, Dv) (flash-linear-attention's layout); read without a copy. States keep
+            their shape (see ``attnkit.attention``).
         backend: "auto", "triton" or "reference".
 
     Returns:
@@ -264,7 +270,7 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope
     """
     return attention(q, k, v, "lightning", backend, slopes=slopes, initial_state=initial_state,
                      return_state=return_state, cu_seqlens=cu_seqlens, cu_seqlens_q=cu_seqlens_q,
-                     cu_seqlens_k=cu_seqlens_k)
+                     cu_seqlens_k=cu_seqlens_k, layout=layout)
 
 
 def lightning_slopes(num_heads: int, layer_idx: int = 0, num_layers: int = 1) -> torch.Tensor:

@@ -22,7 +22,7 @@ CACHES = {"flash": "kv", "sliding_window": "window", "linear": "state", "lightni
 _CHECKED_WHEN_BUILT = ("flash", "sliding_window", "moba", "linear", "lightning")
 #: options that describe one particular input (its packing, its batch, its length) or carry
 #: tensors of their own (mods): checked against the input at each call
-_INPUT_OPTIONS = ("cu_seqlens_q", "cu_seqlens_k", "initial_state", "alibi_slopes", "score_mod")
+_INPUT_OPTIONS = ("cu_seqlens", "cu_seqlens_q", "cu_seqlens_k", "initial_state", "alibi_slopes", "score_mod")
 
 
 def check_module_options(spec: Variant, options: dict[str, Any], heads_q: int, heads_kv: int,
