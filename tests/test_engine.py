@@ -108,7 +108,7 @@ def test_autotune_prune_keeps_valid_configs(kind, head_dim, precision, lists):
         if lists:
             assert lists[0] % bm == 0 and lists[1] % bn == 0
         elem = 4 if precision == "ieee" else 2
-        assert elem * (bm * head_dim + cfg.num_stages * bn * 2 * head_dim) <= 200 * 1024 or (bm, bn) == (16, 16)
+        assert elem * (bm * head_dim + cfg.num_stages * bn * 2 * head_dim) <= configs.smem_limit() or (bm, bn) == (16, 16)
 
 
 # ---------------------------------------------------------------------------------------------

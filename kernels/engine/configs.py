@@ -2,7 +2,7 @@
 
 On a GPU every kernel autotunes over a small table. The prune filter drops, before
 anything is timed, the configs that do not fit the problem — list block sizes they do
-not divide, shared memory, large tiles at head dims above 128 — and then every config
+not divide, the device's shared memory per block (:func:`smem_limit`), large tiles at head dims above 128 — and then every config
 whose compiled kernel spills registers (ptxas's count, read from the binary: register
 pressure depends on the head dim, the dtype and the hooks, a score mod's included, so
 it is measured, not guessed). Under the interpreter autotuning is meaningless and slow,
@@ -92,14 +92,50 @@ def fixed_config(list_block: tuple[int, int] | None = None) -> dict[str, int] | 
     return None
 
 
+#: shared memory a block may use (bytes, CUDA's opt-in maximum per block) by compute
+#: capability, for when there is no GPU to ask (the AOT compile check, the CPU tests)
+SMEM_PER_BLOCK = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+#: the architecture assumed without a GPU: Hopper (H100/H200)
+DEFAULT_ARCH = 90
+
+
+@functools.cache
+def _device_smem(device: int) -> int:
+    try:  # the driver's opt-in maximum (CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        return int(triton.runtime.driver.active.utils.get_device_properties(device)["max_shared_mem"])
+    except Exception:  # noqa: BLE001 -- an older or different driver API: torch's figure
+        import torch
+
+        props = torch.cuda.get_device_properties(device)
+        return int(getattr(props, "shared_memory_per_block_optin", 0)) or SMEM_PER_BLOCK[props.major * 10 + props.minor]
+
+
+def smem_limit(arch: int | None = None) -> int:
+    """Bytes of shared memory a kernel block may use: the table's figure for compute capability
+    ``arch`` (e.g. 90) when given, else the current GPU's, else (no GPU) :data:`DEFAULT_ARCH`'s."""
+    if arch is not None:
+        if arch not in SMEM_PER_BLOCK:
+            raise ValueError(f"arch: expected one of {sorted(SMEM_PER_BLOCK)}, got {arch}")
+        return SMEM_PER_BLOCK[arch]
+    if not INTERPRET:
+        import torch
+
+        if torch.cuda.is_available():
+            return _device_smem(torch.cuda.current_device())
+    return SMEM_PER_BLOCK[DEFAULT_ARCH]
+
+
 def _smem_bytes(block_m: int, block_n: int, stages: int, block_d: int, block_dv: int, elem: int) -> int:
     # resident Q tile + pipelined K and V tiles
     return elem * (block_m * block_d + stages * block_n * (block_d + block_dv))
 
 
-def prune(configs: list[triton.Config], named_args: dict, kernel: Any = None, **kwargs) -> list[triton.Config]:
+def prune(configs: list[triton.Config], named_args: dict, kernel: Any = None, *, arch: int | None = None,
+          **kwargs) -> list[triton.Config]:
     """The configs worth timing for this launch: those that fit (see the module docstring),
-    then, on a GPU (``kernel`` given), those whose compiled kernel does not spill."""
+    then, on a GPU (``kernel`` given), those whose compiled kernel does not spill.
+    ``arch``: the compute capability whose shared memory to fit (default: :func:`smem_limit`'s)."""
+    budget = smem_limit(arch)
     args = dict(named_args)
     args.update(kwargs)
     block_d, block_dv = args["BLOCK_D"], args["BLOCK_DV"]
@@ -111,7 +147,7 @@ def prune(configs: list[triton.Config], named_args: dict, kernel: Any = None, **
         bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
         if is_list and (list_bq % bm or list_bk % bn):
             continue
-        if _smem_bytes(bm, bn, cfg.num_stages, block_d, block_dv, elem) > 200 * 1024:
+        if _smem_bytes(bm, bn, cfg.num_stages, block_d, block_dv, elem) > budget:
             continue
         if max(block_d, block_dv) > 128 and bm * bn > 64 * 64:
             continue
