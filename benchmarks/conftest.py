@@ -10,6 +10,7 @@ references at small sizes, so ``pytest benchmarks/ --benchmark-only`` always wor
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable
 
 import pytest
@@ -17,6 +18,10 @@ import torch
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
+# ATTNKIT_BENCH_QUICK=1 (``python -m attnkit.bench --quick``): a GPU round in minutes. Each
+# benchmark keeps only the middle value of each integer parameter (sequence length, head dim,
+# batch, ...), every provider and mode, so every anchor is still compared on one size.
+QUICK = os.environ.get("ATTNKIT_BENCH_QUICK") == "1"
 
 
 def has_module(name: str) -> bool:
@@ -79,6 +84,29 @@ def with_backward(forward: Callable[[], torch.Tensor], grad_of: torch.Tensor) ->
         out.backward(grad_of)
 
     return step
+
+
+def pytest_collection_modifyitems(config, items):
+    if not QUICK:
+        return
+    values: dict = {}  # (function, parameter) -> the integer values it is parametrized with
+    for item in items:
+        for name, value in getattr(getattr(item, "callspec", None), "params", {}).items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                values.setdefault((item.function, name), set()).add(value)
+    middle = {key: sorted(vals)[len(vals) // 2] for key, vals in values.items()}
+    kept, dropped = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        keep = all(
+            middle.get((item.function, name), value) == value
+            for name, value in params.items()
+            if isinstance(value, int) and not isinstance(value, bool)
+        )
+        (kept if keep else dropped).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 @pytest.fixture(autouse=True)
