@@ -94,3 +94,11 @@ def test_write_section_twice_replaces_it_and_keeps_hand_written_text(tmp_path):
 def test_replace_section_rejects_a_lone_marker():
     with pytest.raises(ValueError, match="bench:end"):
         bench.replace_section(f"text\n{bench.BEGIN}\nno end\n", "section")
+
+
+def test_docs_name_the_command_and_performance_md_has_one_generated_section():
+    command = "python -m attnkit.bench --quick --write docs/performance.md"
+    performance = (ROOT / "docs" / "performance.md").read_text()
+    assert command in (ROOT / "README.md").read_text() and command in performance
+    assert performance.count(bench.BEGIN) == 1 and performance.count(bench.END) == 1
+    assert performance.index(bench.BEGIN) < performance.index(bench.END)
