@@ -102,3 +102,33 @@ def test_docs_name_the_command_and_performance_md_has_one_generated_section():
     assert command in (ROOT / "README.md").read_text() and command in performance
     assert performance.count(bench.BEGIN) == 1 and performance.count(bench.END) == 1
     assert performance.index(bench.BEGIN) < performance.index(bench.END)
+
+
+def test_a_round_writes_device_versions_command_and_tables(monkeypatch, tmp_path, capsys):
+    """The wiring after pytest: the report the benchmark command writes becomes the section."""
+    import json
+    import subprocess
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake H200")
+    commands = []
+
+    def fake_run(command, **kwargs):
+        commands.append(command)
+        for arg in command:
+            if arg.startswith("--benchmark-json="):
+                Path(arg.split("=", 1)[1]).write_text(json.dumps(FAKE_REPORT))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    doc = tmp_path / "performance.md"
+    doc.write_text("hand-written\n")
+    assert bench.main(["--write", str(doc)]) == 0
+    assert len(commands) == 2 and "bfloat16 or bf16" in commands[0]
+    text = doc.read_text()
+    assert text.startswith("hand-written\n")
+    assert "- device: Fake H200" in text and f"torch {torch.__version__}" in text
+    assert f"- command: `python -m attnkit.bench --write {doc}`" in text
+    assert "| `test_flash[attnkit-1024-64-full-fwd]` | attnkit | 0.250 | 412.3 |" in text
+    assert "#### benchmarks/test_decode.py" in capsys.readouterr().out
