@@ -15,6 +15,12 @@ shapes, types, register and shared-memory limits). This tool closes part of that
 
     python tools/aot_compile.py                 # both steps, every variant, sm_90, every kept config
     python tools/aot_compile.py --dedupe --configs first-clean   # what CI runs
+    python tools/aot_compile.py --variants flash --head-dim 128 --dedupe --dtypes float16,bfloat16 --report
+        # a markdown table per kernel and kept config: registers, spills, shared memory, HGMMA, TMA
+
+With ``--report`` the first kept forward config of flash at head dims 64 and 128 (the main
+configs) must use Hopper's warpgroup MMA (HGMMA in the SASS, ``wgmma.mma_async`` in the
+PTX when no cuobjdump is at hand), or the run fails.
 
 A cubin is not a correctness proof (only a GPU run is), but a kernel that does not
 compile here will not compile on the GPU either.
@@ -31,10 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List
-
-#: shared memory per block on the target (H100/H200: 227 KiB usable)
-SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
+from typing import Any
 
 # --------------------------------------------------------------------------- recording
 
@@ -69,7 +72,7 @@ def _describe(value: Any) -> Any:
     raise TypeError(f"cannot record a kernel argument of type {type(value).__name__}")
 
 
-def record(variants: List[str], out_path: str, dtypes: List[str]) -> None:
+def record(variants: list[str], out_path: str, dtypes: list[str]) -> None:
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
     from triton.runtime.interpreter import InterpretedFunction
@@ -77,7 +80,7 @@ def record(variants: List[str], out_path: str, dtypes: List[str]) -> None:
     import attnkit
     from attnkit.testing import check_case
 
-    launches: Dict[str, Dict] = {}
+    launches: dict[str, dict] = {}
     original = InterpretedFunction.run
 
     def recording_run(self, *args, grid, warmup, **kwargs):
@@ -108,7 +111,7 @@ _PTR = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "float64": 
         "int64": "*i64", "bool": "*i1", "int8": "*i8", "uint8": "*u8"}
 
 
-_GENERATED: Dict[Any, Any] = {}
+_GENERATED: dict[Any, Any] = {}
 
 
 def _resolve(desc: Any) -> Any:
@@ -128,7 +131,7 @@ def _resolve(desc: Any) -> Any:
     return None if kind == "none" else desc[1]
 
 
-def _signature(desc: Any, path: tuple, constexprs: Dict) -> Any:
+def _signature(desc: Any, path: tuple, constexprs: dict) -> Any:
     """The Triton signature type of a runtime argument (a tuple of them for a tuple argument);
     its compile-time parts go into ``constexprs`` keyed by their path, as Triton's launcher does."""
     kind = desc[0]
@@ -148,7 +151,7 @@ def _signature(desc: Any, path: tuple, constexprs: Dict) -> Any:
     raise TypeError(f"an argument of kind {kind} cannot be compiled")
 
 
-def _source(entry: Dict, overrides: Dict[str, Any]):
+def _source(entry: dict, overrides: dict[str, Any]):
     import importlib
 
     from triton.compiler import ASTSource
@@ -164,13 +167,13 @@ def _source(entry: Dict, overrides: Dict[str, Any]):
     return fn, ASTSource(fn=fn, signature=signature, constexprs=constexprs)
 
 
-def _engine_configs(entry: Dict, which: str) -> List[Dict]:
+def _engine_configs(entry: dict, which: str, arch: int) -> list[dict]:
     """The autotune configs of an engine kernel that its prune filter keeps for this launch."""
     from attnkit.kernels.engine import configs
 
     kind = {"attn_fwd_kernel": "fwd", "attn_bwd_dkdv_kernel": "dkdv", "attn_bwd_dq_kernel": "dq"}[entry["name"]]
     named = {name: _resolve(desc) for name, desc in entry["args"].items()}
-    kept = configs.prune(configs.autotune_configs(kind), named)
+    kept = configs.prune(configs.autotune_configs(kind), named, arch=arch)
     if which == "first":
         kept = kept[:1]
     return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in kept]
@@ -186,7 +189,7 @@ def _root_cause(exc: BaseException) -> str:
     return f"{type(chain[-1]).__name__}: {str(chain[-1])[:400]}" + (f"\n      {excerpt}" if excerpt else "")
 
 
-def _code_path(entry: Dict) -> str:
+def _code_path(entry: dict) -> str:
     """What selects a distinct code path of a launch: the kernel, its jit hooks and its
     non-numeric constants (flags, dot precision, compile-time and None entries of tuple
     arguments), and the dtype of its first tensor."""
@@ -205,13 +208,63 @@ def _code_path(entry: Dict) -> str:
     return "|".join(parts)
 
 
-def _launch_label(entry: Dict) -> str:
+def _launch_label(entry: dict) -> str:
     """The hooks, head dim and dtype of a launch, for reports."""
     args = entry["args"]
     hooks = [f"{n}={d[2]}" for n, d in sorted(args.items()) if d[0] in ("jit", "generated")]
     dims = [f"{n}={args[n][1]}" for n in ("HEAD_DIM", "HEAD_DIM_V") if n in args]
     dtype = next((d[1] for d in args.values() if d[0] == "tensor"), "")
     return "[" + " ".join(hooks + dims + [dtype]) + "]"
+
+
+def _with_head_dim(entry: dict, head_dim: int) -> dict:
+    """An engine launch rebuilt for another head dim (of Q/K and of V): strides are runtime arguments."""
+    args = dict(entry["args"])
+    for name in ("HEAD_DIM", "HEAD_DIM_V", "BLOCK_D", "BLOCK_DV"):
+        args[name] = ("int", head_dim)
+    return dict(entry, args=args)
+
+
+def _registers(log: str) -> int:
+    """Registers per thread ptxas reported in its verbose log (0 when it did not say)."""
+    import re
+
+    counts = [int(n) for n in re.findall(r"Used (\d+) registers", log)]
+    return max(counts, default=0)
+
+
+def _instructions(kernel: Any) -> dict[str, bool]:
+    """Whether the compiled kernel uses Hopper's warpgroup MMA (HGMMA; ``wgmma.mma_async`` in
+    PTX) and TMA loads (``cp.async.bulk.tensor`` in PTX). HGMMA is read from the SASS when
+    cuobjdump can disassemble the cubin, else from the PTX."""
+    ptx = kernel.asm.get("ptx", "")
+    try:
+        hgmma, source = "HGMMA" in kernel.asm["sass"], "sass"
+    except Exception:  # noqa: BLE001 -- no cuobjdump: the PTX says as much for this instruction
+        hgmma, source = "wgmma.mma_async" in ptx, "ptx"
+    return {"hgmma": hgmma, "hgmma_source": source, "tma": "cp.async.bulk.tensor" in ptx}
+
+
+def _is_main(entry: dict) -> bool:
+    """A main config's launch: flash's forward at head dim 64 or 128, fp16 or bf16."""
+    args = entry["args"]
+    return (entry["name"] == "attn_fwd_kernel" and args.get("RANGE_FN", ("",))[-1] == "flash_kv_range"
+            and args.get("SCORE_MOD") == ("none",) and args.get("MASK_MOD") == ("none",)
+            and args.get("HEAD_DIM") in (("int", 64), ("int", 128)) and args.get("HEAD_DIM_V") == args.get("HEAD_DIM")
+            and next((d[1] for d in args.values() if d[0] == "tensor"), "") in ("float16", "bfloat16"))
+
+
+def _report_table(rows: list[dict]) -> str:
+    """The markdown table of ``--report``."""
+    lines = [("| kernel | launch | BLOCK_M x BLOCK_N | warps | stages | registers | spill bytes | shared memory (bytes) "
+             "| HGMMA | TMA |"), "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cfg = r["config"]
+        tile = f"{cfg['BLOCK_M']} x {cfg['BLOCK_N']}" if "BLOCK_M" in cfg else "-"
+        lines.append(f"| {r['kernel']} | {r['launch']} | {tile} | {cfg.get('num_warps', '-')} | "
+                     f"{cfg.get('num_stages', '-')} | {r['registers']} | {r['spills']} | {r['shared']} | "
+                     f"{'yes' if r['hgmma'] else 'no'} ({r['hgmma_source']}) | {'yes' if r['tma'] else 'no'} |")
+    return "\n".join(lines)
 
 
 def _spills(log: str) -> int:
@@ -221,9 +274,12 @@ def _spills(log: str) -> int:
     return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", log))
 
 
-def compile_all(in_path: str, arch: int, which: str, dedupe: bool = False) -> int:
+def compile_all(in_path: str, arch: int, which: str, dedupe: bool = False, head_dim: int | None = None,
+                report: bool = False) -> int:
     """Compile the recorded launches; returns 1 when a launch fails to compile, exceeds
-    shared memory, or (modes "all" and "first-clean") keeps no spill-free config."""
+    shared memory, or (modes "all" and "first-clean") keeps no spill-free config, or (``report``)
+    a main config (:func:`_is_main`) has no HGMMA. ``head_dim``: compile the engine launches at
+    this head dim (the recorded examples' are small)."""
     import contextlib
     import io
 
@@ -234,19 +290,32 @@ def compile_all(in_path: str, arch: int, which: str, dedupe: bool = False) -> in
     from triton.backends.compiler import GPUTarget
 
     knobs.nvidia.dump_ptxas_log = True  # ptxas -v output (registers, spills) is printed: captured below
+    from attnkit.kernels.engine import configs as engine_configs
+
+    smem_limit = engine_configs.smem_limit(arch)
     with open(in_path, "rb") as f:
         launches = pickle.load(f)
+    if head_dim is not None:
+        launches = [_with_head_dim(e, head_dim) if "HEAD_DIM" in e["args"] else e for e in launches]
     if dedupe:
         launches = list({_code_path(e): e for e in launches}.values())
+    if report:  # the main configs are checked at both head dims, whatever the examples recorded
+        mains: dict[str, dict] = {}  # one flash forward launch per dtype
+        for e in launches:
+            if _is_main(_with_head_dim(e, 64)):
+                mains.setdefault(next(d[1] for d in e["args"].values() if d[0] == "tensor"), e)
+        launches += [_with_head_dim(e, d) for e in mains.values() for d in (64, 128)
+                     if e["args"]["HEAD_DIM"] != ("int", d)]  # already there at that head dim
+    rows: list[dict] = []
     target = GPUTarget("cuda", arch, 32)
     failures, spills, done = [], [], 0
     start = time.perf_counter()
     for entry in launches:
         engine = entry["name"] in ("attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel")
-        variants = _engine_configs(entry, "first" if which == "first" else "all") if engine else \
+        variants = _engine_configs(entry, "first" if which == "first" else "all", arch) if engine else \
             [{"num_warps": entry["num_warps"]}]
         clean = 0
-        for cfg in variants:
+        for position, cfg in enumerate(variants):
             options = {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
             overrides = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
             label = f"{entry['name']} {_launch_label(entry)} {overrides} {options}"
@@ -256,13 +325,19 @@ def compile_all(in_path: str, arch: int, which: str, dedupe: bool = False) -> in
                 with contextlib.redirect_stdout(log):
                     kernel = triton.compile(src, target=target, options=options)
                 done += 1
-            except Exception as exc:  # report every failure (its root cause), keep going
+            except Exception as exc:  # noqa: BLE001 -- report every failure (its root cause), keep going
                 failures.append(f"{label}: {_root_cause(exc)}")
                 continue
             smem = kernel.metadata.shared
-            if smem > SMEM_LIMIT.get(arch, 227 * 1024):
+            if smem > smem_limit:
                 failures.append(f"{label}: needs {smem} bytes of shared memory")
             spilled = _spills(log.getvalue())
+            if report:
+                found = _instructions(kernel)
+                rows.append(dict(found, kernel=entry["name"], launch=_launch_label(entry), config=cfg,
+                                 registers=_registers(log.getvalue()), spills=spilled, shared=smem))
+                if position == 0 and _is_main(entry) and not found["hgmma"]:
+                    failures.append(f"{label}: a main config without HGMMA (wgmma)")
             if spilled:  # on a GPU the prune filter drops this config
                 spills.append(f"{label}: {spilled} bytes of register spill stores")
             else:
@@ -279,10 +354,14 @@ def compile_all(in_path: str, arch: int, which: str, dedupe: bool = False) -> in
         print("  FAILED", line)
     for line in spills:
         print("  SPILLS", line)
+    if report:
+        print(f"\nStatic check, sm_{arch}, Triton {triton.__version__} (registers per thread and spills from ptxas -v; "
+              "HGMMA from the SASS or PTX, TMA from the PTX):\n")
+        print(_report_table(rows))
     return 1 if failures else 0
 
 
-def main(argv: List[str] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default="all")
     parser.add_argument("--arch", type=int, default=90)
@@ -295,6 +374,12 @@ def main(argv: List[str] = None) -> int:
                         help="compile one launch per distinct code path (kernel, hooks, flags, dtype)")
     parser.add_argument("--step", choices=("both", "record", "compile"), default="both")
     parser.add_argument("--launches", default=None, help="the recorded launches (pickle)")
+    parser.add_argument("--head-dim", type=int, default=None,
+                        help="compile the engine launches at this head dim (Q/K and V) instead of the examples'")
+    parser.add_argument("--report", action="store_true",
+                        help="print a markdown table of every compiled kernel config (registers, spill bytes, shared "
+                             "memory, HGMMA, TMA) and fail when a main config (flash forward, head dim 64/128) has "
+                             "no HGMMA")
     args = parser.parse_args(argv)
     path = args.launches or os.path.join(tempfile.gettempdir(), "attnkit_launches.pkl")
     if args.step == "record":
@@ -305,14 +390,15 @@ def main(argv: List[str] = None) -> int:
                args.dtypes.split(","))
         return 0
     if args.step == "compile":
-        return compile_all(path, args.arch, args.configs, args.dedupe)
+        return compile_all(path, args.arch, args.configs, args.dedupe, args.head_dim, args.report)
     env = dict(os.environ, TRITON_INTERPRET="1")
     base = [sys.executable, os.path.abspath(__file__), "--variants", args.variants, "--launches", path,
             "--dtypes", args.dtypes]
     subprocess.run(base + ["--step", "record"], check=True, env=env)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     return subprocess.run(base + ["--step", "compile", "--arch", str(args.arch), "--configs", args.configs]
-                          + (["--dedupe"] if args.dedupe else []), env=env).returncode
+                          + (["--dedupe"] if args.dedupe else []) + (["--report"] if args.report else [])
+                          + (["--head-dim", str(args.head_dim)] if args.head_dim else []), check=False, env=env).returncode
 
 
 if __name__ == "__main__":
