@@ -1,7 +1,6 @@
 """``python -m attnkit.bench``: the GPU round's dry run on CPU, its tables and the
 docs/performance.md section writer."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -47,7 +46,7 @@ def test_dry_run_on_cpu_lists_bf16_selection_and_every_benchmark_file(monkeypatc
     # --quick reaches benchmarks/conftest.py, which keeps one size per benchmark.
     quick = int(selects[1].split()[1])
     full_command = bench.pytest_commands(bench.parse_args([]), Path("report.json"))[1]
-    full = int(bench.collect_count(full_command, dict(os.environ)).split()[0])
+    full = int(bench.collect_count(full_command, bench.child_env(quick=False)).split()[0])
     assert 0 < quick < full
 
 

@@ -68,6 +68,16 @@ def pytest_commands(args: argparse.Namespace, json_path: Path) -> list[list[str]
     return commands
 
 
+def child_env(quick: bool) -> dict[str, str]:
+    """The environment of the child pytest runs: this one, with ``ATTNKIT_BENCH_QUICK=1`` for
+    ``--quick``. The children are sessions of their own: an enclosing pytest-xdist worker's
+    variables would make pytest-benchmark think it runs under xdist and refuse --benchmark-only."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PYTEST_XDIST")}
+    if quick:
+        env["ATTNKIT_BENCH_QUICK"] = "1"
+    return env
+
+
 def collect_count(command: list[str], env: dict[str, str]) -> str:
     """How many test ids ``command`` selects, from ``pytest --collect-only -q``'s id list."""
     # addopts= so the project's own -q does not stack into -qq, which prints no ids.
@@ -147,9 +157,7 @@ def write_section(path: Path, section: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    env = dict(os.environ)
-    if args.quick:
-        env["ATTNKIT_BENCH_QUICK"] = "1"
+    env = child_env(args.quick)
     try:
         import pytest  # noqa: F401
         import pytest_benchmark  # noqa: F401
