@@ -5,6 +5,9 @@ the variant's kernel supports the inputs, and the PyTorch reference otherwise.
 ``backend="triton"`` insists on the kernel (and raises with every reason when it
 cannot run); on CPU tensors it runs only under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before the kernels are first imported).
+``backend="torch"`` runs the variant's fast PyTorch implementation (torch's fused
+primitives, same semantics as the reference, in the input dtype): ``"auto"`` takes it
+wherever the Triton kernel does not run (CPU, MPS, CUDA inputs the kernel refuses).
 ``backend="reference"`` runs the PyTorch specification, upcasting float16/bfloat16
 to float32 for accuracy. :func:`explain` tells which backend a call would take and why
 (docs/architecture.md, Backends and dispatch).
@@ -27,7 +30,7 @@ import torch
 from .checks import Shapes, constant_under_compile
 from .registry import Variant, get_variant
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "torch", "reference")
 #: where the heads sit in q, k, v and the output: "bhsd" (B, H, N, D), attnkit's own, or
 #: "bshd" (B, N, H, D), flash-attn's and Hugging Face's. Spatial variants read the rule as
 #: "heads second to last": (B, *spatial, H, D).
@@ -113,11 +116,17 @@ def _decide(variant: Variant, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             return Explanation(variant.name, backend, "error", blockers, blockers)
         how = "through the Triton interpreter" if q.device.type == "cpu" else "natively"
         return Explanation(variant.name, backend, "triton", [f"requested explicitly; runs {how}"], blockers)
-    # auto
+    if backend == "torch":
+        if variant.torch_impl is None:
+            reason = f"variant {variant.name!r} has no torch implementation"
+            return Explanation(variant.name, backend, "error", [reason], blockers + [reason])
+        return Explanation(variant.name, backend, "torch", ["requested explicitly"], blockers)
+    # auto: the kernel where it runs natively, else the torch backend, else the reference
+    fallback = "torch" if variant.torch_impl is not None else "reference"
     if blockers:
-        return Explanation(variant.name, backend, "reference", blockers, blockers)
+        return Explanation(variant.name, backend, fallback, blockers, blockers)
     if q.device.type == "cpu":
-        return Explanation(variant.name, backend, "reference",
+        return Explanation(variant.name, backend, fallback,
                            [("tensors are on cpu: auto does not use the (slow) interpreter; "
                              "pass backend='triton' to run the kernel through it")], blockers)
     return Explanation(variant.name, backend, "triton",
@@ -209,8 +218,8 @@ def _checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str, ba
     shapes = _validate(spec, q, k, v, opts, layout)
     decision = _decide(spec, q, k, v, opts, backend, _is_empty(shapes))
     if decision.backend == "error":
-        raise ValueError(f"backend='triton' cannot run variant {spec.name!r} on these inputs:\n  - "
-                         + "\n  - ".join(decision.kernel_blockers))
+        raise ValueError(f"backend={backend!r} cannot run variant {spec.name!r} on these inputs:\n  - "
+                         + "\n  - ".join(decision.reasons))
     return spec, opts, decision
 
 
@@ -248,6 +257,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str = 
     if decision.backend == "triton":
         assert spec.kernel is not None
         return output_layout(layout, spec.kernel(q, k, v, **opts))
+    if decision.backend == "torch":
+        assert spec.torch_impl is not None
+        return output_layout(layout, spec.torch_impl(q, k, v, **opts))
     return output_layout(layout, run_reference(spec, q, k, v, opts))
 
 

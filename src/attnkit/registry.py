@@ -93,6 +93,10 @@ class Variant:
             (the harness runs it in float64 as the oracle and in the input dtype as
             the error baseline); ``backend="reference"`` upcasts half inputs to fp32.
         kernel: the Triton implementation with the same signature, or None.
+        torch_impl: the fast PyTorch implementation (``backend="torch"``) with the same
+            signature and exactly the reference's semantics, built from torch's fused
+            primitives (SDPA, batched matmuls on gathered blocks, LSE merges); it computes
+            in the input dtype. None: ``"auto"`` falls back to the reference.
         options: every keyword option with its default.
         validate: checks q, k, v and the options; returns the problem sizes.
         kernel_support: reasons why the kernel cannot take these inputs (empty if it can).
@@ -116,6 +120,7 @@ class Variant:
     status: Mapping[str, bool] = field(default_factory=lambda: {"reference": True, "forward": False, "backward": False})
     doc: str = ""
     demo: Optional[Callable[[int, int, int, int], Case]] = None
+    torch_impl: Optional[AttentionFn] = None
 
     def demo_case(self, batch: int, heads: int, seqlen: int, head_dim: int) -> Case:
         """The problem ``python -m attnkit`` runs for this variant at the given size."""
