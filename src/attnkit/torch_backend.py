@@ -1,0 +1,253 @@
+"""Shared primitives of the ``"torch"`` backend: fast PyTorch attention pieces with the
+references' semantics, built from torch's fused kernels.
+
+The variants' fast implementations (``attnkit.<variant>.torch_backend``) are written
+from these pieces:
+
+- :func:`sdpa_with_lse`: SDPA (the CPU flash kernel) returning the output and the LSE,
+  both differentiable, with bottom-right causal for Nq != Nk, GQA and Dv != D;
+- :func:`add_sink_logits`: a per-head sink logit (one extra logit with no value) merged
+  into a result by its LSE;
+- :func:`softmax_with_lse`: a softmax over scores that may hold -inf (rows that see
+  nothing give p = 0, lse = -inf);
+- :func:`grouped_scores` / :func:`grouped_values`: GQA batched matmuls without copying
+  the kv heads;
+- :func:`blocked_attention`: query chunks against only the keys they may see (causal
+  chunks skip the keys past their last row), for what SDPA cannot express: softcap,
+  score and mask mods, attention dropout.
+
+Everything computes in the input dtype (the LSE is float32 for half inputs, float64
+for float64), as the kernels do; the references stay the specification.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ._reference import (
+    expand_kv_heads,
+    lse_dtype,
+    map_query_chunks,
+    mod_positions,
+    query_chunk_rows,
+)
+from .merge import merge_attention
+
+_FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _sdpa_lse_any_device(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of top-left causal or dense attention, heads already matched, one width.
+    Off CPU there is no public fused op returning the LSE: scores in query chunks
+    (differentiable through autograd)."""
+    return blocked_attention(q, k, v, scale=scale, causal=causal)
+
+
+class _FlashCpu(torch.autograd.Function):
+    """The CPU flash kernel with a differentiable LSE.
+
+    q (B, Hq, Nq, W), k/v (B, Hkv, Nk, W), Hkv dividing Hq (the kernel reads kv head
+    h // (Hq // Hkv)), top-left causal. The kernel's backward takes no LSE gradient; it
+    is folded in exactly: dS = P * (dP - Δ) with Δ = rowsum(dO * O), and an LSE gradient
+    g adds P * g, i.e. Δ becomes Δ - g. One more (zero) column in q, k and v, with
+    O's column -g and dO's column 1, makes the kernel compute exactly that Δ.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
+        out, lse = _FLASH_CPU(q, k, v, 0.0, causal, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.scale = causal, scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None):
+        q, k, v, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        if grad_lse is None:
+            dq, dk, dv = _FLASH_CPU_BACKWARD(grad_out.contiguous(), q, k, v, out, lse, 0.0, ctx.causal,
+                                             scale=ctx.scale)
+            return dq, dk, dv, None, None
+        pad = (0, 1)
+        out1 = torch.cat([out, (-grad_lse).to(out.dtype).unsqueeze(-1)], dim=-1)
+        grad1 = torch.cat([grad_out, grad_out.new_ones(grad_out.shape[:-1] + (1,))], dim=-1)
+        dq, dk, dv = _FLASH_CPU_BACKWARD(grad1, F.pad(q, pad), F.pad(k, pad), F.pad(v, pad), out1, lse, 0.0,
+                                         ctx.causal, scale=ctx.scale)
+        return dq[..., :-1], dk[..., :-1], dv[..., :-1], None, None
+
+
+def _fused_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-left causal or dense (out, lse) on the fastest fused op of q's device; q, k, v
+    non-empty, any head dims (padded to one width: zero columns change no score)."""
+    d, dv = q.shape[-1], v.shape[-1]
+    if d < dv:
+        q, k = F.pad(q, (0, dv - d)), F.pad(k, (0, dv - d))
+    elif dv < d:
+        v = F.pad(v, (0, d - dv))
+    if q.device.type == "cpu":
+        out, lse = _FlashCpu.apply(q, k, v, causal, scale)
+    else:
+        out, lse = _sdpa_lse_any_device(q, k, v, causal, scale)
+    return out[..., :dv], lse
+
+
+def sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                  scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention with its log-sum-exp, both differentiable.
+
+    q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) with Hkv dividing Hq (query
+    head h reads kv head h // (Hq // Hkv)) -> out (B, Hq, Nq, Dv) in q's dtype and
+    lse (B, Hq, Nq) (float32 for half inputs, float64 for float64; natural log).
+    ``causal`` is bottom-right aligned (query i sees keys j <= i + Nk - Nq), as every
+    attnkit variant's: for Nq > Nk the first Nq - Nk rows see nothing (out 0, lse -inf);
+    for Nq < Nk the keys before the diagonal are one dense call merged by LSE with the
+    causal square. ``scale`` defaults to 1/sqrt(D). Runs on CPU on torch's flash kernel
+    (``_scaled_dot_product_flash_attention_for_cpu``), elsewhere in query chunks.
+    """
+    B, Hq, Nq, D = q.shape
+    Nk, Dv = k.shape[2], v.shape[-1]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if min(B, Hq, Nq, Nk) == 0:
+        # nothing to attend: matmuls of empty operands give the zeros, connected to the graph
+        out = torch.matmul(torch.matmul(q, expand_kv_heads(k, Hq).transpose(-1, -2)), expand_kv_heads(v, Hq))
+        return out, q.new_full((B, Hq, Nq), -math.inf, dtype=lse_dtype(q))
+    if not causal or Nq == 1 and Nk >= 1:
+        # one query row, bottom-right aligned, sees every key
+        return _fused_lse(q, k, v, False, scale)
+    if Nq == Nk:
+        return _fused_lse(q, k, v, True, scale)
+    if Nq > Nk:
+        skip = Nq - Nk  # rows that see no key
+        out, lse = _fused_lse(q[:, :, skip:], k, v, True, scale)
+        out = torch.cat([out.new_zeros(B, Hq, skip, Dv), out], dim=2)
+        lse = torch.cat([lse.new_full((B, Hq, skip), -math.inf), lse], dim=2)
+        return out, lse
+    prefix = Nk - Nq  # keys every row sees
+    dense = _fused_lse(q, k[:, :, :prefix], v[:, :, :prefix], False, scale)
+    square = _fused_lse(q, k[:, :, prefix:], v[:, :, prefix:], True, scale)
+    return merge_attention([dense[0], square[0]], [dense[1], square[1]])
+
+
+def add_sink_logits(out: torch.Tensor, lse: torch.Tensor, sink_logits: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge a per-head sink logit (one more logit in every row's softmax, with no value)
+    into a result: out (B, H, N, Dv), lse (B, H, N), sink_logits (H,) or None ->
+    out * exp(lse - lse'), lse' = logaddexp(lse, sink). Differentiable in all three; a row
+    that saw no key keeps out 0 and gets lse' = the sink logit."""
+    if sink_logits is None:
+        return out, lse
+    sink = sink_logits.to(lse.dtype).view(1, -1, 1)
+    total = torch.logaddexp(lse, sink.expand_as(lse))
+    return out * torch.exp(lse - total).unsqueeze(-1).to(out.dtype), total
+
+
+def grouped_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q (B, Hq, M, D) @ k (B, Hkv, L, D)^T -> (B, Hq, M, L) for Hkv dividing Hq, as one
+    batched matmul per kv head (the query heads of a group are stacked along M: no copy
+    of k per query head)."""
+    B, Hq, M, D = q.shape
+    Hkv = k.shape[1]
+    if Hkv == Hq:
+        return torch.matmul(q, k.transpose(-1, -2))
+    s = torch.matmul(q.reshape(B, Hkv, (Hq // Hkv) * M, D), k.transpose(-1, -2))
+    return s.view(B, Hq, M, k.shape[2])
+
+
+def grouped_values(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """p (B, Hq, M, L) @ v (B, Hkv, L, Dv) -> (B, Hq, M, Dv) for Hkv dividing Hq (the
+    transpose of :func:`grouped_scores`)."""
+    B, Hq, M, L = p.shape
+    Hkv = v.shape[1]
+    if Hkv == Hq:
+        return torch.matmul(p, v)
+    out = torch.matmul(p.reshape(B, Hkv, (Hq // Hkv) * M, L), v)
+    return out.view(B, Hq, M, v.shape[-1])
+
+
+def softmax_with_lse(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row softmax of scores s (..., L) that may hold -inf -> (p (..., L), lse (...)), both
+    differentiable and in s's dtype; a row of only -inf (it sees nothing) gives p = 0 and
+    lse = -inf, with zero gradients, as the references'.
+
+    One fused softmax pass; the LSE comes from the row maximum m and the largest
+    probability, p_max = exp(m - lse), so lse = m - log(p_max) (exact to rounding, and
+    its gradient is p) instead of a second pass of exponentials.
+    """
+    if s.shape[-1] == 0:
+        return s, s.new_full(s.shape[:-1], -math.inf)
+    m = s.amax(dim=-1)
+    dead = torch.isneginf(m)
+    any_dead = bool(dead.any())
+    if any_dead:
+        s = s.masked_fill(dead.unsqueeze(-1), 0.0)
+    p = torch.softmax(s, dim=-1)
+    lse = m - torch.log(p.amax(dim=-1))
+    if any_dead:
+        p = p.masked_fill(dead.unsqueeze(-1), 0.0)
+        lse = lse.masked_fill(dead, -math.inf)
+    return p, lse
+
+
+def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool = False,
+                      softcap: float | None = None, score_mod: Any = None, mask_mod: Any = None,
+                      sink_logits: torch.Tensor | None = None, dropout: Any = None, first_batch: int = 0,
+                      rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention in query chunks, each against only the keys it may see.
+
+    q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), Hkv dividing Hq ->
+    out (B, Hq, Nq, Dv), lse (B, Hq, Nq) (float32 for half inputs). The reference's
+    semantics in its order: scores times ``scale``, ``softcap``, the (specialized)
+    ``score_mod``, then the bottom-right ``causal`` mask and the (specialized)
+    ``mask_mod``; ``sink_logits`` (Hq,) merged by LSE; ``dropout`` (an
+    :class:`attnkit.dropout.Dropout`) on the probabilities, keyed by the same positions
+    as the reference's. Mods see batch ``first_batch + b``. With ``causal`` a chunk
+    scores only the keys up to its last row's diagonal (the fully masked key blocks are
+    skipped); chunks of ``rows`` query rows (default: ~8M scores per chunk) are
+    checkpointed under autograd, so the backward keeps one chunk's scores alive.
+    """
+    B, Hq, Nq = q.shape[:3]
+    Nk = k.shape[2]
+    offset = Nk - Nq  # bottom-right: row i sits at key position i + offset
+    needs_positions = score_mod is not None or mask_mod is not None or dropout is not None
+
+    def attend(q_chunk: torch.Tensor, first_row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        R = q_chunk.shape[2]
+        hi = min(Nk, max(0, first_row + R + offset)) if causal else Nk
+        k_c, v_c = k[:, :, :hi], v[:, :, :hi]
+        s = grouped_scores(q_chunk, k_c) * scale
+        if softcap is not None:
+            s = torch.tanh(s / softcap) * softcap
+        query_pos = torch.arange(first_row, first_row + R, device=q.device) + offset
+        key_pos = torch.arange(hi, device=q.device)
+        positions = mod_positions(B, Hq, query_pos, key_pos, first_batch=first_batch) if needs_positions else None
+        if score_mod is not None:
+            s = score_mod.apply(s, *positions)
+        mask = None
+        if causal and first_row + offset < hi:  # the chunk's first row does not see its last key
+            mask = key_pos[None, :] <= query_pos[:, None]
+        if mask_mod is not None:
+            keep = mask_mod.apply(*positions)
+            mask = keep if mask is None else keep & mask
+        if mask is not None:
+            s = s.masked_fill(~mask, -math.inf)
+        p, lse = softmax_with_lse(s)
+        if dropout is not None:
+            p = dropout.apply(p, positions)
+        out = grouped_values(p.to(v.dtype), v_c)
+        return out, lse.to(lse_dtype(q))
+
+    step = rows if rows is not None else query_chunk_rows(B * Hq, Nk)
+    out, lse = map_query_chunks(attend, q, step)
+    return add_sink_logits(out, lse, sink_logits)
+
+
+__all__ = ["add_sink_logits", "blocked_attention", "grouped_scores", "grouped_values", "sdpa_with_lse",
+           "softmax_with_lse"]
