@@ -170,3 +170,29 @@ def test_tiling_sweep_raises_when_the_kernel_cannot_run_at_all(monkeypatch):
         check_variant("flash", [big], dtype=torch.float32, device=DEVICE, tilings=[(16, 16)])
     reports = check_variant("flash", [case], dtype=torch.float32, device=DEVICE, tilings=[(16, 16)])
     assert reports[0].ok and reports[0].comparisons
+
+
+@pytest.mark.parametrize("scale", [-1.0, 0.0, None])
+@pytest.mark.parametrize("sinks", [False, True])
+def test_scale_sign_empty_rows_and_sinks_in_the_folded_softmax(scale, sinks):
+    """The forward folds the scale into the exp2 argument only for scale > 0 (the row max is
+    taken on q.k) and skips the empty-row guard where no row can be empty; a negative or zero
+    scale, rows that see no key (causal, Nq > Nk) and sink logits must still match the reference.
+    Scores of a few hundred log2 units make a wrong running max overflow exp2."""
+    torch.manual_seed(1)
+    B, H, Nq, Nk, D = 1, 2, 40, 24, 16
+    q = (6 * torch.randn(B, H, Nq, D, device=DEVICE)).requires_grad_()
+    k = (6 * torch.randn(B, H, Nk, D, device=DEVICE)).requires_grad_()
+    v = torch.randn(B, H, Nk, D, device=DEVICE, requires_grad=True)
+    extra = {"sink_logits": torch.randn(H, device=DEVICE)} if sinks else {}
+    outs = []
+    for backend in ("triton", "reference"):
+        for causal in (False, True):
+            o, lse = attnkit.flash_attention(q, k, v, causal=causal, scale=scale, return_lse=True,
+                                             backend=backend, **extra)
+            grads = torch.autograd.grad((o * o).sum(), (q, k, v))
+            outs.append((o, lse, *grads))
+    half = len(outs) // 2
+    for got, want in zip(outs[:half], outs[half:]):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=2e-4, rtol=2e-4)

@@ -3,9 +3,11 @@
 Two passes, neither with atomics on dQ/dK/dV: ``attn_bwd_dkdv_kernel`` owns a block of
 keys of one kv head and walks the query blocks that see it (the transposed schedule),
 for every query head of its GQA group; ``attn_bwd_dq_kernel`` owns a block of queries
-and walks its forward schedule. Both recompute P from the saved LSE; Delta =
-rowsum(dO * O) is computed beforehand. Hooks and constexprs are those of the forward
-kernel (see forward.py); the dK/dV pass takes the transposed range function and lists.
+and walks its forward schedule. Both recompute P from the saved LSE, the scale folded
+into the exp2 argument (one FMA per score) when there is no score mod and no softcap;
+Delta = rowsum(dO * O) is computed beforehand by ``attn_bwd_delta_kernel``. Hooks and
+constexprs are those of the forward kernel (see forward.py); the dK/dV pass takes the
+transposed range function and lists.
 
 With s_in the score a score_mod receives and s = score_mod(s_in):
 dS = P * (dP - Delta) is d loss / d s; the score mod's ``SCORE_DERIV`` turns it into
@@ -37,8 +39,30 @@ from .dropout import dropout_keep
 
 
 @triton.jit
+def attn_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
+                          stride_lb, stride_lh, num_heads, seqlen, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+                          BLOCK_M: tl.constexpr):
+    """Delta = rowsum(dO * O) in float32 for BLOCK_M rows of one (batch, head): O and dO
+    (B, H, N, Dv) with a contiguous last dim, DELTA (B, H, N). One read of each, no
+    temporaries (a packed varlen batch is B = 1 and needs nothing else)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // num_heads).to(tl.int64)
+    off_h = (off_bh % num_heads).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_DV)
+    mask = (offs_m[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM_V)
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+                mask=mask, other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
+                 mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + off_b * stride_lb + off_h * stride_lh + offs_m, delta, mask=offs_m < seqlen)
+
+
+@triton.jit
 def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-                 offs_n, offs_d, offs_dv, lo, hi, INDEX, seq, sm_scale, softcap, VARIANT_ARGS, SCORE_ARGS, MASK_ARGS,
+                 offs_n, offs_d, offs_dv, lo, hi, INDEX, seq, sm_scale, qk_scale, softcap, VARIANT_ARGS, SCORE_ARGS,
+                 MASK_ARGS,
                  DROPOUT_ARGS, VARIANT_MASK: tl.constexpr, POSITIONS: tl.constexpr, SCORE_MOD: tl.constexpr,
                  SCORE_DERIV: tl.constexpr, MASK_MOD: tl.constexpr, LIST: tl.constexpr, SUB: tl.constexpr,
                  BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
@@ -62,9 +86,12 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm,
         # Rows that saw no key have lse = -inf; +inf makes their P exactly 0.
         lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
-        s_t, s_in_t, t_t = scores(qk_t, offs_m[None, :], offs_n[:, None], seq, sm_scale, softcap, VARIANT_ARGS,
-                                  SCORE_ARGS, POSITIONS, SCORE_MOD, HAS_SOFTCAP)
-        p_t = tl.math.exp2(s_t - lse[None, :])
+        if SCORE_MOD is None and not HAS_SOFTCAP:  # the scale folded into the exp2 argument: one FMA
+            p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
+        else:
+            s_t, s_in_t, t_t = scores(qk_t, offs_m[None, :], offs_n[:, None], seq, sm_scale, softcap, VARIANT_ARGS,
+                                      SCORE_ARGS, POSITIONS, SCORE_MOD, HAS_SOFTCAP)
+            p_t = tl.math.exp2(s_t - lse[None, :])
         if VARIANT_MASK is not None or MASK_MOD is not None:
             keep = token_mask(offs_m[None, :], offs_n[:, None], seq, VARIANT_ARGS, MASK_ARGS, VARIANT_MASK,
                               POSITIONS, MASK_MOD)
@@ -150,7 +177,7 @@ def attn_bwd_dkdv_kernel(
                 dk, dv = _dkdv_blocks(
                     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
                     offs_n, offs_d, offs_dv, ranges[seg][0], ranges[seg][1], index[seg if LIST else 0], seq,
-                    sm_scale, softcap, VARIANT_ARGS, SCORE_ARGS, MASK_ARGS, DROPOUT_ARGS,
+                    sm_scale, sm_scale * 1.4426950408889634, softcap, VARIANT_ARGS, SCORE_ARGS, MASK_ARGS, DROPOUT_ARGS,
                     VARIANT_MASK if seg > 0 else None, POSITIONS, SCORE_MOD, SCORE_DERIV,
                     MASK_MOD if seg > 0 or MASK_FULL_BLOCKS else None, LIST, SUB, BLOCK_M, HEAD_DIM, HEAD_DIM_V,
                     CHECK_M, CHECK_N, PAD_D, PAD_DV, HAS_SOFTCAP, DROPOUT, DOT_PRECISION)
@@ -167,7 +194,8 @@ def attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, offs_dv,
-               lo, hi, INDEX, seq, sm_scale, softcap, VARIANT_ARGS, SCORE_ARGS, SCORE_GRADS, MASK_ARGS, DROPOUT_ARGS,
+               lo, hi, INDEX, seq, sm_scale, qk_scale, softcap, VARIANT_ARGS, SCORE_ARGS, SCORE_GRADS, MASK_ARGS,
+               DROPOUT_ARGS,
                VARIANT_MASK: tl.constexpr, POSITIONS: tl.constexpr, SCORE_MOD: tl.constexpr,
                SCORE_DERIV: tl.constexpr, SCORE_GRADS_FN: tl.constexpr, MASK_MOD: tl.constexpr,
                LIST: tl.constexpr, SUB: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -184,9 +212,12 @@ def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs
         v = load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, seqlen_k,
                       offs_dv, HEAD_DIM_V, CHECK_N, PAD_DV)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        s, s_in, t = scores(qk, offs_m[:, None], offs_n[None, :], seq, sm_scale, softcap, VARIANT_ARGS, SCORE_ARGS,
-                            POSITIONS, SCORE_MOD, HAS_SOFTCAP)
-        p = tl.math.exp2(s - lse[:, None])
+        if SCORE_MOD is None and not HAS_SOFTCAP:  # the scale folded into the exp2 argument: one FMA
+            p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        else:
+            s, s_in, t = scores(qk, offs_m[:, None], offs_n[None, :], seq, sm_scale, softcap, VARIANT_ARGS,
+                                SCORE_ARGS, POSITIONS, SCORE_MOD, HAS_SOFTCAP)
+            p = tl.math.exp2(s - lse[:, None])
         if VARIANT_MASK is not None or MASK_MOD is not None:
             keep = token_mask(offs_m[:, None], offs_n[None, :], seq, VARIANT_ARGS, MASK_ARGS, VARIANT_MASK,
                               POSITIONS, MASK_MOD)
@@ -268,7 +299,8 @@ def attn_bwd_dq_kernel(
                                  SUB)
         for seg in tl.static_range(len(ranges)):
             dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, offs_dv,
-                            ranges[seg][0], ranges[seg][1], index[seg if LIST else 0], seq, sm_scale, softcap,
+                            ranges[seg][0], ranges[seg][1], index[seg if LIST else 0], seq, sm_scale,
+                            sm_scale * 1.4426950408889634, softcap,
                             VARIANT_ARGS, SCORE_ARGS, SCORE_GRADS, MASK_ARGS, DROPOUT_ARGS,
                             VARIANT_MASK if seg > 0 else None, POSITIONS, SCORE_MOD, SCORE_DERIV, SCORE_GRADS_FN,
                             MASK_MOD if seg > 0 or MASK_FULL_BLOCKS else None, LIST, SUB, BLOCK_N, HEAD_DIM,

@@ -24,7 +24,9 @@ LSE is the undropped one) and before P.V, by the keep bits of ``dropout_keep``
 Constexprs: HEAD_DIM/HEAD_DIM_V are the real head dims and BLOCK_D/BLOCK_DV their
 power-of-two tiles; EVEN_M/EVEN_N drop row/key bounds checks when the lengths are
 multiples of every tile; LIST_BQ/LIST_BK are the list block sizes (multiples of
-BLOCK_M/BLOCK_N); DOT_PRECISION is "ieee" for float32 inputs, "tf32" otherwise.
+BLOCK_M/BLOCK_N); DOT_PRECISION is "ieee" for float32 inputs, "tf32" otherwise;
+POSITIVE_SCALE (sm_scale > 0) lets a plain launch (no score mod, no softcap) fold the
+scale into the exp2 argument.
 Keys at or past seqlen_k are masked by the engine itself, in every block.
 """
 
@@ -45,32 +47,53 @@ from .dropout import dropout_keep
 
 @triton.jit
 def _forward_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, offs_dv,
-                    lo, hi, INDEX, seq, sm_scale, softcap, VARIANT_ARGS, SCORE_ARGS, MASK_ARGS, DROPOUT_ARGS,
-                    VARIANT_MASK: tl.constexpr, POSITIONS: tl.constexpr, SCORE_MOD: tl.constexpr,
+                    lo, hi, INDEX, seq, sm_scale, qk_scale, softcap, VARIANT_ARGS, SCORE_ARGS, MASK_ARGS,
+                    DROPOUT_ARGS, VARIANT_MASK: tl.constexpr, POSITIONS: tl.constexpr, SCORE_MOD: tl.constexpr,
                     MASK_MOD: tl.constexpr, LIST: tl.constexpr, SUB: tl.constexpr,
                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                     CHECK_N: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
-                    HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    FOLD_SCALE: tl.constexpr, HAS_SINK: tl.constexpr):
     """One segment: the online-softmax update over key blocks lo .. hi - 1, with the token
-    masks this segment needs (None for a hook it does not apply)."""
+    masks this segment needs (None for a hook it does not apply).
+
+    FOLD_SCALE (no score mod, no softcap, scale > 0): the log2 scores are qk * qk_scale, so
+    the row max is taken on qk and the scale enters the exp2 argument as one FMA per score.
+    """
     seqlen_k = seq[3]
+    MASKED: tl.constexpr = VARIANT_MASK is not None or MASK_MOD is not None
+    # A row can see only -inf scores in a block only where a mask, a ragged edge or a score
+    # mod can produce them; a sink starts every row's max at a finite logit.
+    GUARD: tl.constexpr = (MASKED or CHECK_N or SCORE_MOD is not None) and not HAS_SINK
     for it in range(lo, hi):
         offs_n = block_index(it, INDEX, LIST, SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
         k = load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, seqlen_k,
                       offs_d, HEAD_DIM, CHECK_N, PAD_D)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        s, _, _ = scores(qk, offs_m[:, None], offs_n[None, :], seq, sm_scale, softcap, VARIANT_ARGS, SCORE_ARGS,
-                         POSITIONS, SCORE_MOD, HAS_SOFTCAP)
-        if VARIANT_MASK is not None or MASK_MOD is not None:
+        if FOLD_SCALE:
+            s = qk
+        else:
+            s, _, _ = scores(qk, offs_m[:, None], offs_n[None, :], seq, sm_scale, softcap, VARIANT_ARGS,
+                             SCORE_ARGS, POSITIONS, SCORE_MOD, HAS_SOFTCAP)
+        if MASKED:
             keep = token_mask(offs_m[:, None], offs_n[None, :], seq, VARIANT_ARGS, MASK_ARGS, VARIANT_MASK,
                               POSITIONS, MASK_MOD)
             s = tl.where(keep, s, float("-inf"))
         if CHECK_N:
             s = tl.where(offs_n[None, :] < seqlen_k, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen only masked keys keeps m = -inf; shift by 0 instead so no NaN appears.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_shift[:, None])
+        if FOLD_SCALE:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+        if GUARD:
+            # A row that has seen only masked keys keeps m = -inf; shift by 0 instead so no NaN appears.
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_shift = m_new
+        if FOLD_SCALE:
+            p = tl.math.exp2(s * qk_scale - m_shift[:, None])
+        else:
+            p = tl.math.exp2(s - m_shift[:, None])
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:  # after the sums: the LSE is the undropped softmax's
@@ -100,7 +123,7 @@ def attn_fwd_kernel(
     LIST_BQ: tl.constexpr, LIST_BK: tl.constexpr,
     VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, POSITIVE_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
@@ -137,15 +160,18 @@ def attn_fwd_kernel(
             l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
         seq = (off_b, off_h, seqlen_q, seqlen_k)
+        FOLD_SCALE: tl.constexpr = SCORE_MOD is None and not HAS_SOFTCAP and POSITIVE_SCALE
+        qk_scale = sm_scale * 1.4426950408889634  # natural-log scores -> log2 units, for exp2
         ranges, index = segments(start_m // LIST_BQ, start_m, BLOCK_M, BLOCK_N, seq, RANGE_FN, LISTS, VARIANT_ARGS,
                                  SUB)
         for seg in tl.static_range(len(ranges)):  # segment 0: full blocks; the others: partial blocks
             acc, l_i, m_i = _forward_blocks(
                 acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, offs_dv,
-                ranges[seg][0], ranges[seg][1], index[seg if LIST else 0], seq, sm_scale, softcap,
+                ranges[seg][0], ranges[seg][1], index[seg if LIST else 0], seq, sm_scale, qk_scale, softcap,
                 VARIANT_ARGS, SCORE_ARGS, MASK_ARGS, DROPOUT_ARGS, VARIANT_MASK if seg > 0 else None, POSITIONS,
                 SCORE_MOD, MASK_MOD if seg > 0 or MASK_FULL_BLOCKS else None,
-                LIST, SUB, BLOCK_N, HEAD_DIM, HEAD_DIM_V, CHECK_N, PAD_D, PAD_DV, HAS_SOFTCAP, DROPOUT, DOT_PRECISION)
+                LIST, SUB, BLOCK_N, HEAD_DIM, HEAD_DIM_V, CHECK_N, PAD_D, PAD_DV, HAS_SOFTCAP, DROPOUT, DOT_PRECISION,
+                FOLD_SCALE, HAS_SINK)
 
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)

@@ -15,7 +15,7 @@ from attnkit.mods.core import ModKernel
 
 from ..common import block_dim, new_output
 from . import configs
-from .backward import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
+from .backward import attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
 from .forward import attn_fwd_kernel
 
 
@@ -97,6 +97,19 @@ def _common_meta(q: torch.Tensor, v: torch.Tensor, varlen: bool, softcap: float 
     }
 
 
+def _delta(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
+    """rowsum(dO * O) (B, H, N) float32, by one Triton pass over o and do (B, H, N, Dv)."""
+    B, H, N, Dv = o.shape
+    o = o if o.stride(-1) == 1 else o.contiguous()
+    delta = new_output((B, H, N), torch.float32, o.device)
+    block_dv = block_dim(Dv)
+    block_m = max(16, 4096 // block_dv)  # ~32 fp32 values of each tensor per thread with 4 warps
+    attn_bwd_delta_kernel[(triton.cdiv(N, block_m), B * H)](
+        o, do, delta, *o.stride()[:3], *do.stride()[:3], *delta.stride()[:2], H, N,
+        HEAD_DIM_V=Dv, BLOCK_DV=block_dv, BLOCK_M=block_m, num_warps=4)
+    return delta
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedule: Schedule, *, sm_scale: float,
                       softcap: float | None = None, sink_logits: torch.Tensor | None = None,
                       score_mod: ModKernel | None = None, mask_mod: ModKernel | None = None,
@@ -122,6 +135,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schedul
             _variant_args(schedule), _lists_arg(schedule.lists, False),
             score_mod.tensors if score_mod else (), mask_mod.tensors if mask_mod else (), _dropout_arg(dropout)]
     meta = dict(_hook_meta(schedule, score_mod, mask_mod, False), HAS_SINK=sink_logits is not None,
+                POSITIVE_SCALE=sm_scale > 0,
                 **_common_meta(q, v, varlen, softcap, Nq, Nk, schedule, dropout))
     _launch(attn_fwd_kernel, _fwd_tuned, rows, n_seqs * Hq, "BLOCK_M", args, meta)
     return o, lse
@@ -143,7 +157,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     varlen = cu_seqlens_q is not None
     n_seqs = cu_seqlens_q.numel() - 1 if varlen else B
     do = do.contiguous()
-    delta = (do.float() * o.float()).sum(-1).contiguous()
+    delta = _delta(o, do)
     lse = lse.contiguous()
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
