@@ -1,0 +1,107 @@
+"""The torch backend on CPU: every variant against torch's SDPA on the same tensors.
+
+Always on CPU (also on a GPU machine): fp32, B = 1, H = 8, D = 64, attnkit with
+``backend="auto"`` (which takes the ``"torch"`` backend on CPU tensors). Each test
+times attnkit and its SDPA anchor as providers of one parametrized test, so the ratios
+come from one run (docs/performance.md records them with the machine and command).
+Targets (issue 16): flash causal at N = 4k forward <= 1.2x SDPA, forward+backward
+<= 1.5x; with sink logits or softcap <= 2x SDPA without them; a tiny Llama forward
+with ``attn_implementation="attnkit"`` within 1.3x of ``"sdpa"``. Run:
+``python -m pytest benchmarks/test_cpu.py --benchmark-only``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import with_backward
+
+import attnkit
+
+BATCH, HEADS, HEAD_DIM = 1, 8, 64
+DTYPE = torch.float32
+
+
+def qkv(seqlen: int, heads: int = HEADS, kv_heads: int = HEADS, requires_grad: bool = False):
+    """(1, heads, seqlen, 64) q and (1, kv_heads, seqlen, 64) k, v, fp32 on CPU, seeded."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(BATCH, heads, seqlen, HEAD_DIM, generator=g, dtype=DTYPE)
+    k = torch.randn(BATCH, kv_heads, seqlen, HEAD_DIM, generator=g, dtype=DTYPE)
+    v = torch.randn(BATCH, kv_heads, seqlen, HEAD_DIM, generator=g, dtype=DTYPE)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def run(benchmark, fn, **info) -> None:
+    """Time ``fn`` on CPU (also on a GPU machine: conftest's ``run`` would time CUDA events)
+    and record the median milliseconds in ``benchmark.extra_info``."""
+    benchmark.extra_info.update(info)
+    benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
+    benchmark.extra_info["ms"] = benchmark.stats.stats.median * 1e3
+
+
+def timed(benchmark, forward, mode: str, grad_like: torch.Tensor | None, **info) -> None:
+    """Time ``forward`` (no_grad) or forward+backward with a fixed output gradient."""
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                forward()
+    else:
+        step = with_backward(forward, grad_like)
+    run(benchmark, step, mode=mode, **info)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("seqlen", [1024, 4096])
+@pytest.mark.parametrize("provider", ["attnkit", "sdpa"])
+def test_flash_causal(benchmark, provider, seqlen, mode):
+    q, k, v = qkv(seqlen, requires_grad=mode != "fwd")
+    if provider == "attnkit":
+        def forward():
+            return attnkit.flash_attention(q, k, v, causal=True)
+    else:
+        def forward():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    timed(benchmark, forward, mode, torch.randn_like(q), provider=provider, seqlen=seqlen)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("provider", ["attnkit-sink_logits", "attnkit-softcap", "sdpa-plain"])
+def test_flash_sink_softcap(benchmark, provider, mode):
+    """Sink logits and softcap against SDPA without them (target <= 2x), causal, N = 4k."""
+    seqlen = 4096
+    q, k, v = qkv(seqlen, requires_grad=mode != "fwd")
+    sinks = torch.randn(HEADS, generator=torch.Generator().manual_seed(1)).requires_grad_(mode != "fwd")
+    if provider == "attnkit-sink_logits":
+        def forward():
+            return attnkit.flash_attention(q, k, v, causal=True, sink_logits=sinks)
+    elif provider == "attnkit-softcap":
+        def forward():
+            return attnkit.flash_attention(q, k, v, causal=True, softcap=30.0)
+    else:
+        def forward():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    timed(benchmark, forward, mode, torch.randn_like(q), provider=provider, seqlen=seqlen)
+
+
+@pytest.mark.parametrize("impl", ["attnkit", "sdpa"])
+def test_llama_forward(benchmark, impl):
+    """A tiny Llama (hidden 512, 8 heads of d = 64, 2 layers) forward on 1 x 1024 tokens,
+    ``attn_implementation="attnkit"`` against ``"sdpa"`` (target: within 1.3x)."""
+    transformers = pytest.importorskip("transformers", reason="transformers is an optional extra (attnkit[hf])")
+    import attnkit.integrations.transformers as hf
+
+    hf.register()
+    tokens, vocab = 1024, 1000
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=HEADS * HEAD_DIM, intermediate_size=1376,
+                                      num_hidden_layers=2, num_attention_heads=HEADS, num_key_value_heads=HEADS,
+                                      max_position_embeddings=2 * tokens, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=impl, dtype=DTYPE).eval()
+    ids = torch.randint(1, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
+
+    def step():
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    run(benchmark, step, impl=impl, tokens=tokens)
