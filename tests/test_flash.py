@@ -146,21 +146,21 @@ def test_sink_logits_gradient_flows():
 # ---------------------------------------------------------------- dispatch
 
 
-def test_auto_on_cpu_uses_reference_and_explains():
+def test_auto_on_cpu_uses_torch_backend_and_explains():
     q = rand(1, 1, 8, 16)
     e = attnkit.explain(q, q, q, "flash")
-    assert e.backend == ("triton" if DEVICE == "cuda" else "reference")
+    assert e.backend == ("triton" if DEVICE == "cuda" else "torch")
     assert e.reasons and isinstance(str(e), str)
 
 
 def test_head_dim_too_large_falls_back_and_triton_refuses():
     q = rand(1, 1, 8, 320)
     e = attnkit.explain(q, q, q, "flash", backend="auto")
-    assert e.backend == "reference"
+    assert e.backend == "torch"
     assert any("head dim 320" in r for r in e.kernel_blockers)
     with pytest.raises(ValueError, match="head dim 320"):
         attnkit.flash_attention(q, q, q, backend="triton")
-    out = attnkit.flash_attention(q, q, q)  # auto works through the reference
+    out = attnkit.flash_attention(q, q, q)  # auto works through the torch backend
     assert out.shape == (1, 1, 8, 320)
 
 

@@ -123,12 +123,15 @@ def _decide(variant: Variant, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return Explanation(variant.name, backend, "torch", ["requested explicitly"], blockers)
     # auto: the kernel where it runs natively, else the torch backend, else the reference
     fallback = "torch" if variant.torch_impl is not None else "reference"
+    # say what the fallback is: torch's fused kernels, or the (slow) specification
+    took = (["auto runs the torch backend (torch's fused kernels, the reference's semantics)"]
+            if fallback == "torch" else [])
     if blockers:
-        return Explanation(variant.name, backend, fallback, blockers, blockers)
+        return Explanation(variant.name, backend, fallback, blockers + took, blockers)
     if q.device.type == "cpu":
         return Explanation(variant.name, backend, fallback,
                            [("tensors are on cpu: auto does not use the (slow) interpreter; "
-                             "pass backend='triton' to run the kernel through it")], blockers)
+                             "pass backend='triton' to run the kernel through it")] + took, blockers)
     return Explanation(variant.name, backend, "triton",
                        [f"tensors are on {q.device}, the kernel supports these inputs"], blockers)
 

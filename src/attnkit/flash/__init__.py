@@ -7,7 +7,7 @@ variable-length batches (``cu_seqlens_q/k``), attention ``dropout_p``, ``return_
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 
@@ -27,9 +27,11 @@ from ..engine import Const, Schedule, fused_attention, head_dim_blockers
 from ..mods import ScoreMod
 from ..registry import Case, Variant, packed_offsets, register_variant
 from .reference import flash_reference, flash_score_mod
+from .torch_backend import flash_torch
 
-OPTIONS: Dict[str, Any] = dict(causal=False, scale=None, softcap=None, sink_logits=None, alibi_slopes=None,
-                               score_mod=None, cu_seqlens_q=None, cu_seqlens_k=None, dropout_p=0.0, return_lse=False)
+OPTIONS: dict[str, Any] = {"causal": False, "scale": None, "softcap": None, "sink_logits": None,
+                           "alibi_slopes": None, "score_mod": None, "cu_seqlens_q": None, "cu_seqlens_k": None,
+                           "dropout_p": 0.0, "return_lse": False}
 
 
 def flash_schedule(causal: bool) -> Schedule:
@@ -40,7 +42,7 @@ def flash_schedule(causal: bool) -> Schedule:
                     args=(Const(int(causal)),))
 
 
-def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[str, Any]) -> Shapes:
+def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict[str, Any]) -> Shapes:
     shapes = check_qkv(q, k, v)
     check_flag("causal", options["causal"])
     check_flag("return_lse", options["return_lse"])
@@ -55,15 +57,15 @@ def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[st
     return shapes
 
 
-def kernel_support(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Dict[str, Any]) -> List[str]:
+def kernel_support(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict[str, Any]) -> list[str]:
     return head_dim_blockers(q, v)
 
 
 def flash_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                 scale: Optional[float] = None, softcap: Optional[float] = None,
-                 sink_logits: Optional[torch.Tensor] = None, alibi_slopes: Optional[torch.Tensor] = None,
-                 score_mod: Optional[ScoreMod] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
-                 cu_seqlens_k: Optional[torch.Tensor] = None, dropout_p: float = 0.0, return_lse: bool = False):
+                 scale: float | None = None, softcap: float | None = None,
+                 sink_logits: torch.Tensor | None = None, alibi_slopes: torch.Tensor | None = None,
+                 score_mod: ScoreMod | None = None, cu_seqlens_q: torch.Tensor | None = None,
+                 cu_seqlens_k: torch.Tensor | None = None, dropout_p: float = 0.0, return_lse: bool = False):
     """The Triton path of :func:`flash_attention` (same arguments, no dispatch)."""
     mod = flash_score_mod(q, k, alibi_slopes, score_mod, cu_seqlens_q, cu_seqlens_k)
     out, lse = fused_attention(q, k, v, flash_schedule(causal), sm_scale=check_scale(scale, q.shape[-1]),
@@ -73,10 +75,10 @@ def flash_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: b
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                    scale: Optional[float] = None, softcap: Optional[float] = None,
-                    sink_logits: Optional[torch.Tensor] = None, alibi_slopes: Optional[torch.Tensor] = None,
-                    score_mod: Optional[ScoreMod] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
-                    cu_seqlens_k: Optional[torch.Tensor] = None, dropout_p: float = 0.0, return_lse: bool = False,
+                    scale: float | None = None, softcap: float | None = None,
+                    sink_logits: torch.Tensor | None = None, alibi_slopes: torch.Tensor | None = None,
+                    score_mod: ScoreMod | None = None, cu_seqlens_q: torch.Tensor | None = None,
+                    cu_seqlens_k: torch.Tensor | None = None, dropout_p: float = 0.0, return_lse: bool = False,
                     backend: str = "auto", layout: str = "bhsd"):
     """Exact softmax attention.
 
@@ -106,7 +108,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         layout: "bhsd" (default) or "bshd": q (B, Nq, Hq, D), k/v (B, Nk, Hkv, D) and out
             (B, Nq, Hq, Dv) (flash-attn's layout); read without a copy. The LSE stays
             (B, Hq, Nq), as flash-attn's (see ``attnkit.attention``).
-        backend: "auto", "triton" or "reference" (see ``attnkit.explain``).
+        backend: "auto", "triton", "torch" or "reference" (see ``attnkit.explain``).
 
     Returns:
         out (B, Hq, Nq, Dv) in q's dtype, or (out, lse) with ``return_lse``.
@@ -131,7 +133,7 @@ def _sinks(heads: int):
     return lambda g: torch.randn(heads, generator=g, dtype=torch.float64)
 
 
-def examples() -> List[Case]:
+def examples() -> list[Case]:
     return [
         Case((1, 2, 37, 32), (1, 2, 37, 32), (1, 2, 37, 32), name="dense"),
         Case((1, 2, 37, 32), (1, 2, 37, 32), (1, 2, 37, 32), {"causal": True}, name="causal"),
@@ -160,6 +162,7 @@ VARIANT = register_variant(Variant(
     name="flash",
     reference=flash_reference,
     kernel=flash_kernel,
+    torch_impl=flash_torch,
     options=OPTIONS,
     validate=validate,
     kernel_support=kernel_support,

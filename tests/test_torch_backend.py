@@ -1,0 +1,205 @@
+"""The "torch" backend (issue 16): every variant's torch implementation against its
+reference (the contract test of the torch backend), the shared primitives of
+attnkit.torch_backend, flash's fast paths, and dispatch: auto on CPU takes it."""
+
+import math
+
+import pytest
+import torch
+
+import attnkit
+from attnkit.flash.reference import dense_attention
+from attnkit.registry import Case, packed_offsets
+from attnkit.testing import check_case
+from attnkit.torch_backend import (
+    add_sink_logits,
+    blocked_attention,
+    sdpa_with_lse,
+    softmax_with_lse,
+)
+
+TORCH_VARIANTS = [name for name in attnkit.list_variants() if attnkit.get_variant(name).torch_impl is not None]
+CASES = [(name, case) for name in TORCH_VARIANTS for case in attnkit.get_variant(name).examples()]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
+def rand(*shape, dtype=torch.float64, seed=0, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_(grad)
+
+
+# ---------------------------------------------------------------- the contract
+
+
+def test_flash_has_a_torch_implementation():
+    assert "flash" in TORCH_VARIANTS
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("name,case", CASES, ids=[f"{n}-{c.id}" for n, c in CASES])
+def test_torch_backend_matches_reference(name, case, dtype):
+    report = check_case(name, case, dtype=dtype, device="cpu", backend="torch")
+    assert report.ok, str(report)
+    assert report.comparisons, "nothing was compared"
+
+
+@pytest.mark.parametrize("name", TORCH_VARIANTS)
+def test_auto_on_cpu_takes_torch_and_says_so(name):
+    case = attnkit.get_variant(name).examples()[0]
+    q, k, v, tensors = attnkit.testing.make_inputs(case)
+    options = {**case.options, **case.tensor_options(tensors)}
+    e = attnkit.explain(q.float(), k.float(), v.float(), name, **options)
+    assert e.backend == "torch", str(e)
+    assert any("torch backend" in r for r in e.reasons), str(e)
+    assert "-> torch" in str(e)
+
+
+def test_auto_on_cpu_runs_the_torch_implementation(monkeypatch):
+    import attnkit.flash.reference
+    import attnkit.flash.torch_backend
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return sdpa_with_lse(*args, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("auto ran the reference on CPU")
+
+    monkeypatch.setattr(attnkit.flash.torch_backend, "sdpa_with_lse", spy)
+    monkeypatch.setattr(attnkit.flash.reference, "dense_attention", refuse)
+    q = rand(1, 2, 9, 16, dtype=torch.float32)
+    attnkit.flash_attention(q, q, q, causal=True)
+    assert len(calls) == 1 and calls[0]["causal"] is True
+
+
+def test_explicit_torch_backend_refuses_a_variant_without_one():
+    plain = [n for n in attnkit.list_variants() if attnkit.get_variant(n).torch_impl is None]
+    if not plain:
+        pytest.skip("every variant has a torch implementation")
+    spec = attnkit.get_variant(plain[0])
+    q, k, v, tensors = attnkit.testing.make_inputs(spec.examples()[0])
+    with pytest.raises(ValueError, match="has no torch implementation"):
+        attnkit.attention(q, k, v, plain[0], "torch", **spec.examples()[0].options,
+                          **spec.examples()[0].tensor_options(tensors))
+
+
+# ---------------------------------------------------------------- flash: awkward sizes and options
+
+
+FLASH_CASES = [
+    Case((1, 2, 1, 40), (1, 1, 1, 40), (1, 1, 1, 40), {"causal": True}, name="1x1"),
+    Case((1, 2, 113, 40), (1, 1, 203, 40), (1, 1, 203, 40), {"causal": True}, name="113x203"),
+    Case((1, 2, 203, 40), (1, 1, 113, 40), (1, 1, 113, 40), {"causal": True}, name="203x113"),
+    Case((2, 4, 45, 40), (2, 2, 61, 40), (2, 2, 61, 24), {"causal": True, "softcap": 2.5}, name="softcap_gqa_dv"),
+    Case((1, 4, 70, 24), (1, 2, 50, 24), (1, 2, 50, 40), {"causal": True},
+         {"sink_logits": lambda g: torch.randn(4, generator=g, dtype=torch.float64)}, name="sink_nq>nk_dv>d"),
+    Case((1, 4, 30, 16), (1, 1, 64, 16), (1, 1, 64, 16), {"causal": True},
+         {"alibi_slopes": lambda g: torch.rand(4, generator=g, dtype=torch.float64)}, name="alibi_mqa"),
+    Case((1, 2, 44, 32), (1, 2, 66, 32), (1, 2, 66, 32), {"causal": True},
+         {"sink_logits": lambda g: torch.randn(2, generator=g, dtype=torch.float64),
+          "cu_seqlens_q": packed_offsets(0, 17, 20, 7), "cu_seqlens_k": packed_offsets(9, 0, 30, 27)},
+         name="varlen_empty_sequences_sink"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", FLASH_CASES, ids=lambda c: c.id)
+def test_flash_torch_awkward_sizes(case, dtype):
+    report = check_case("flash", case, dtype=dtype, device="cpu", backend="torch")
+    assert report.ok, str(report)
+
+
+def test_flash_torch_score_mod_matches_reference():
+    slopes = rand(2, dtype=torch.float32, seed=5).abs()
+    mod = attnkit.mods.alibi(slopes)
+    q, k, v = (rand(1, 2, 37, 16, dtype=torch.float32, seed=s) for s in range(3))
+    got = attnkit.flash_attention(q, k, v, causal=True, score_mod=mod, return_lse=True, backend="torch")
+    want = attnkit.flash_attention(q, k, v, causal=True, score_mod=mod, return_lse=True, backend="reference")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_flash_torch_dropout_is_the_references_mask():
+    q, k, v = (rand(1, 2, 33, 16, dtype=torch.float32, seed=s) for s in range(3))
+    outs = []
+    for backend in ("torch", "reference"):
+        torch.manual_seed(3)
+        outs.append(attnkit.flash_attention(q, k, v, causal=True, dropout_p=0.3, backend=backend))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_flash_torch_fully_masked_rows(softcap):
+    # Nq > Nk with causal: the first Nq - Nk rows see no key at all.
+    q, k, v = rand(1, 2, 40, 16, grad=True), rand(1, 2, 10, 16, seed=1, grad=True), rand(1, 2, 10, 16, seed=2, grad=True)
+    out, lse = attnkit.flash_attention(q, k, v, causal=True, softcap=softcap, return_lse=True, backend="torch")
+    assert torch.all(out[:, :, :30] == 0) and torch.all(torch.isneginf(lse[:, :, :30]))
+    assert torch.isfinite(lse[:, :, 30:]).all()
+    out.sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert torch.all(q.grad[:, :, :30] == 0)
+
+
+# ---------------------------------------------------------------- the shared primitives
+
+
+SHAPES = [  # Hq, Hkv, Nq, Nk, D, Dv
+    (2, 2, 9, 9, 8, 8), (4, 2, 5, 13, 8, 6), (2, 1, 13, 5, 6, 8), (2, 2, 1, 7, 8, 8), (4, 1, 16, 16, 8, 8),
+]
+
+
+def _loss(out, lse, w_out, w_lse):
+    return (out * w_out).sum() + (lse.masked_fill(torch.isinf(lse), 0) * w_lse).sum()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_sdpa_with_lse_and_blocked_match_the_reference_with_lse_gradients(shape, causal):
+    # the harness differentiates the output only: the LSE's gradient is checked here
+    Hq, Hkv, Nq, Nk, D, Dv = shape
+    q, k, v = rand(1, Hq, Nq, D, grad=True), rand(1, Hkv, Nk, D, seed=1, grad=True), rand(1, Hkv, Nk, Dv, seed=2,
+                                                                                           grad=True)
+    sink = rand(Hq, seed=3, grad=True)
+    w_out, w_lse = rand(1, Hq, Nq, Dv, seed=4), rand(1, Hq, Nq, seed=5)
+    want = dense_attention(q, k, v, causal=causal, sm_scale=0.3, sink_logits=sink)
+    want_grads = torch.autograd.grad(_loss(*want, w_out, w_lse), (q, k, v, sink))
+    fused = add_sink_logits(*sdpa_with_lse(q, k, v, causal=causal, scale=0.3), sink)
+    blocked = blocked_attention(q, k, v, scale=0.3, causal=causal, sink_logits=sink, rows=4)
+    for got in (fused, blocked):
+        torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=1e-12)
+        grads = torch.autograd.grad(_loss(*got, w_out, w_lse), (q, k, v, sink))
+        for a, b in zip(grads, want_grads):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_sdpa_with_lse_empty_problems_keep_the_graph():
+    q = rand(1, 2, 4, 8, grad=True)
+    out, lse = sdpa_with_lse(q, rand(1, 2, 0, 8), rand(1, 2, 0, 8))
+    assert out.shape == (1, 2, 4, 8) and torch.all(out == 0) and torch.all(torch.isneginf(lse))
+    out.sum().backward()
+    assert torch.all(q.grad == 0)
+    out, lse = sdpa_with_lse(rand(1, 2, 0, 8), rand(1, 2, 5, 8), rand(1, 2, 5, 8), causal=True)
+    assert out.shape == (1, 2, 0, 8) and lse.shape == (1, 2, 0)
+
+
+def test_sdpa_with_lse_dtypes():
+    for dtype, lse_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                             (torch.float64, torch.float64)):
+        q = rand(1, 2, 6, 8, dtype=dtype)
+        out, lse = sdpa_with_lse(q, q, q, causal=True)
+        assert out.dtype == dtype and lse.dtype == lse_dtype
+
+
+def test_softmax_with_lse_dead_rows():
+    s = rand(3, 5, grad=True)
+    s2 = s.masked_fill(torch.tensor([[False], [True], [False]]), -math.inf)
+    p, lse = softmax_with_lse(s2)
+    assert torch.all(p[1] == 0) and torch.isneginf(lse[1])
+    torch.testing.assert_close(lse[[0, 2]], torch.logsumexp(s2[[0, 2]], -1))
+    torch.testing.assert_close(p[[0, 2]], torch.softmax(s2[[0, 2]], -1))
+    (p.sum() + lse[[0, 2]].sum()).backward()
+    assert torch.isfinite(s.grad).all() and torch.all(s.grad[1] == 0)
