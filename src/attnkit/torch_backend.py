@@ -53,17 +53,20 @@ class _FlashCpu(torch.autograd.Function):
     """The CPU flash kernel with a differentiable LSE.
 
     q (B, Hq, Nq, W), k/v (B, Hkv, Nk, W), Hkv dividing Hq (the kernel reads kv head
-    h // (Hq // Hkv)), top-left causal. The kernel's backward takes no LSE gradient; it
+    h // (Hq // Hkv)), top-left causal; ``mask``, if given, an additive float mask in q's
+    dtype broadcastable to (B, Hq, Nq, Nk) (0 or -inf; a row of only -inf gives out 0 and
+    lse 0: the caller sets its lse). The kernel's backward takes no LSE gradient; it
     is folded in exactly: dS = P * (dP - Δ) with Δ = rowsum(dO * O), and an LSE gradient
     g adds P * g, i.e. Δ becomes Δ - g. One more (zero) column in q, k and v, with
     O's column -g and dO's column 1, makes the kernel compute exactly that Δ.
     """
 
     @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
-        out, lse = _FLASH_CPU(q, k, v, 0.0, causal, scale=scale)
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+                mask: torch.Tensor | None = None):
+        out, lse = _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.scale = causal, scale
+        ctx.causal, ctx.scale, ctx.mask = causal, scale, mask
         return out, lse
 
     @staticmethod
@@ -73,18 +76,18 @@ class _FlashCpu(torch.autograd.Function):
             grad_out = torch.zeros_like(out)
         if grad_lse is None:
             dq, dk, dv = _FLASH_CPU_BACKWARD(grad_out.contiguous(), q, k, v, out, lse, 0.0, ctx.causal,
-                                             scale=ctx.scale)
-            return dq, dk, dv, None, None
+                                             attn_mask=ctx.mask, scale=ctx.scale)
+            return dq, dk, dv, None, None, None
         pad = (0, 1)
         out1 = torch.cat([out, (-grad_lse).to(out.dtype).unsqueeze(-1)], dim=-1)
         grad1 = torch.cat([grad_out, grad_out.new_ones(grad_out.shape[:-1] + (1,))], dim=-1)
         dq, dk, dv = _FLASH_CPU_BACKWARD(grad1, F.pad(q, pad), F.pad(k, pad), F.pad(v, pad), out1, lse, 0.0,
-                                         ctx.causal, scale=ctx.scale)
-        return dq[..., :-1], dk[..., :-1], dv[..., :-1], None, None
+                                         ctx.causal, attn_mask=ctx.mask, scale=ctx.scale)
+        return dq[..., :-1], dk[..., :-1], dv[..., :-1], None, None, None
 
 
-def _fused_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def _fused_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+               mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-left causal or dense (out, lse) on the fastest fused op of q's device; q, k, v
     non-empty, any head dims (padded to one width: zero columns change no score)."""
     d, dv = q.shape[-1], v.shape[-1]
@@ -93,8 +96,8 @@ def _fused_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, 
     elif dv < d:
         v = F.pad(v, (0, d - dv))
     if q.device.type == "cpu":
-        out, lse = _FlashCpu.apply(q, k, v, causal, scale)
-    else:
+        out, lse = _FlashCpu.apply(q, k, v, causal, scale, mask)
+    else:  # (masked calls run on CPU only: see masked_attention)
         out, lse = _sdpa_lse_any_device(q, k, v, causal, scale)
     return out[..., :dv], lse
 
@@ -251,3 +254,40 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scal
 
 __all__ = ["add_sink_logits", "blocked_attention", "grouped_scores", "grouped_values", "sdpa_with_lse",
            "softmax_with_lse"]
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, *, scale: float,
+                     softcap: float | None = None, score_mod: Any = None, sink_logits: torch.Tensor | None = None,
+                     dropout: Any = None, positions: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of gathered blocks under a boolean mask, the references' semantics.
+
+    q (Bx, Hq, M, D), k (Bx, Hkv, L, D), v (Bx, Hkv, L, Dv), Hkv dividing Hq; ``mask`` bool
+    (Bx or 1, Hq or 1, M, L), True where a query sees a key -> out (Bx, Hq, M, Dv),
+    lse (Bx, Hq, M) (float32 for half inputs); a row that sees nothing has out 0 and lse
+    -inf (the sink logit with ``sink_logits`` (Hq,)). ``softcap``, ``score_mod`` (specialized)
+    and ``dropout`` (an :class:`attnkit.dropout.Dropout`) as in the references, with
+    ``positions`` = (b, h, q_idx, kv_idx) broadcastable to the scores (what mods and dropout
+    see). Without those three, on CPU, it is one call of the flash kernel with the mask
+    added to the scores; otherwise explicit scores (the caller keeps the blocks small).
+    """
+    Bx, Hq, M = q.shape[:3]
+    L = k.shape[2]
+    if min(Bx, Hq, M, L) == 0:
+        out = torch.matmul(torch.matmul(q, expand_kv_heads(k, Hq).transpose(-1, -2)), expand_kv_heads(v, Hq))
+        lse = q.new_full((Bx, Hq, M), -math.inf, dtype=lse_dtype(q))
+        return add_sink_logits(out, lse, sink_logits)
+    if softcap is None and score_mod is None and dropout is None and q.device.type == "cpu":
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, -math.inf)
+        out, lse = _fused_lse(q, k, v, False, scale, bias.expand(Bx, bias.shape[1], M, L))
+        seen = mask.any(dim=-1)  # the kernel gives a row that sees nothing lse 0
+        lse = torch.where(seen, lse.to(lse_dtype(q)), -math.inf)
+        return add_sink_logits(out, lse, sink_logits)
+    s = grouped_scores(q, k) * scale
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    if score_mod is not None:
+        s = score_mod.apply(s, *positions)
+    p, lse = softmax_with_lse(s.masked_fill(~mask, -math.inf))
+    if dropout is not None:
+        p = dropout.apply(p, positions)
+    return add_sink_logits(grouped_values(p.to(v.dtype), v), lse.to(lse_dtype(q)), sink_logits)

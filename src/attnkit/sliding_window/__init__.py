@@ -33,6 +33,7 @@ from ..engine import Schedule, fused_attention, head_dim_blockers
 from ..mods import ScoreMod
 from ..registry import Case, Variant, packed_offsets, register_variant
 from .reference import sliding_window_reference, sliding_window_score_mod
+from .torch_backend import sliding_window_torch
 from .window import bounded, check_sinks, head_windows
 
 OPTIONS: dict[str, Any] = {"window": None, "sinks": 0, "scale": None, "softcap": None, "sink_logits": None,
@@ -203,6 +204,7 @@ VARIANT = register_variant(Variant(
     examples=examples,
     status={"reference": True, "forward": True, "backward": True},
     doc="local attention: (left, right) windows, attention sinks, per-head windows, varlen, decode cache",
+    torch_impl=sliding_window_torch,
 ))
 
 from .cache import SlidingWindowCache

@@ -1,0 +1,98 @@
+"""The torch backend of the local variants (sliding_window, neighborhood, decode) against the
+float64 reference, with FlashAttention's error rule (forward, LSE, gradients): the variants'
+examples in float32, float64 and bfloat16, then the awkward sizes their own tests use and
+sizes long enough that the batched paths (the banded chunks of sliding_window, the query
+tiles of neighborhood) have interior and edge pieces."""
+
+import pytest
+import torch
+
+import attnkit
+from attnkit import Case
+from attnkit.registry import packed_offsets
+from attnkit.testing import check_case
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+DTYPE_IDS = lambda d: str(d).replace("torch.", "")
+
+
+def _check(variant, case, dtype):
+    report = check_case(variant, case, dtype=dtype, device="cpu", backend="torch")
+    assert report.ok, str(report)
+
+
+def _per_head(rows):
+    return lambda g: torch.tensor(rows, dtype=torch.int64)
+
+
+def _logits(heads):
+    return lambda g: torch.randn(heads, generator=g, dtype=torch.float64)
+
+
+def _slopes(heads):
+    return lambda g: 0.05 + 0.2 * torch.rand(heads, generator=g, dtype=torch.float64)
+
+
+def _alibi(t):
+    return {"score_mod": attnkit.mods.alibi(t["slopes"])}
+
+
+# ------------------------------------------------------------------------------ sliding_window
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", attnkit.get_variant("sliding_window").examples(), ids=lambda c: c.id)
+def test_sliding_window_examples(case, dtype):
+    _check("sliding_window", case, dtype)
+
+
+SW_CASES = [
+    # the awkward sizes of tests/test_sliding_window.py
+    Case((1, 2, 40, 32), (1, 2, 40, 32), (1, 2, 40, 32), {"window": (50, 70), "sinks": 3}, name="pair_larger_than_n"),
+    Case((1, 2, 45, 32), (1, 2, 45, 32), (1, 2, 45, 32), {"window": (0, 0), "sinks": 5}, name="window_0_0_sinks"),
+    Case((1, 2, 61, 40), (1, 2, 61, 40), (1, 2, 61, 40), {"window": (9, 17)}, name="noncausal_right17_d40"),
+    Case((1, 2, 50, 32), (1, 2, 50, 32), (1, 2, 50, 32), {"window": (-1, 4), "sinks": 2}, name="left_unbounded"),
+    Case((1, 2, 50, 32), (1, 2, 50, 32), (1, 2, 50, 32), {"window": (6, -1)}, name="right_unbounded"),
+    Case((1, 4, 1, 64), (1, 2, 203, 64), (1, 2, 203, 64), {"window": 40, "sinks": 4}, name="decode_nq1_nk203"),
+    Case((1, 2, 57, 32), (1, 2, 57, 32), (1, 2, 57, 32), {"window": 3, "sinks": 100}, name="sinks_ge_n"),
+    Case((2, 6, 47, 32), (2, 2, 47, 32), (2, 2, 47, 24), {"sinks": 3},
+         {"window": _per_head([[-1, 0], [4, 0], [0, 0], [20, 2], [-1, -1], [8, 0]])}, name="per_head_mixed_gqa"),
+    Case((1, 2, 70, 32), (1, 2, 30, 32), (1, 2, 30, 32), {"window": (5, 2), "sinks": 2}, name="nq>nk_empty_rows"),
+    # long enough for many chunks: interior chunks (one shared band) between edge chunks
+    Case((2, 4, 300, 16), (2, 2, 300, 16), (2, 2, 300, 24), {"window": (40, 5), "sinks": 3},
+         name="long_gqa_sinks_dv24"),
+    Case((1, 2, 211, 16), (1, 2, 389, 16), (1, 2, 389, 16), {"window": 33, "sinks": 70}, name="long_nq<nk_wide_sinks"),
+    Case((1, 2, 389, 16), (1, 2, 211, 16), (1, 2, 211, 16), {"window": (20, 7), "sinks": 2}, name="long_nq>nk"),
+    Case((1, 3, 260, 16), (1, 3, 260, 16), (1, 3, 260, 16), {"sinks": 4},
+         {"window": _per_head([[-1, 0], [35, 0], [10, 10]]), "sink_logits": _logits(3)},
+         name="long_per_head_sink_logits"),
+    Case((1, 2, 230, 16), (1, 2, 230, 16), (1, 2, 230, 16), {"window": 40, "sinks": 3, "softcap": 3.0},
+         {"slopes": _slopes(2), "sink_logits": _logits(2)}, build=lambda t: dict(_alibi(t), sink_logits=t["sink_logits"]),
+         name="long_softcap_alibi_sink_logits"),
+    Case((1, 2, 230, 16), (1, 1, 230, 16), (1, 1, 230, 16), {"window": (30, 4), "sinks": 2, "dropout_p": 0.2},
+         name="long_dropout_mqa"),
+    Case((1, 4, 250, 16), (1, 2, 330, 16), (1, 2, 330, 16), {"window": 37, "sinks": 2},
+         {"sink_logits": _logits(4), "cu_seqlens_q": packed_offsets(150, 0, 99, 1),
+          "cu_seqlens_k": packed_offsets(170, 3, 156, 1)}, name="long_varlen"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", SW_CASES, ids=lambda c: c.id)
+def test_sliding_window_awkward_and_long(case, dtype):
+    _check("sliding_window", case, dtype)
+
+
+def test_sliding_window_auto_on_cpu_is_torch_and_chunks_are_batched(monkeypatch):
+    """auto picks the torch backend on CPU; a long banded problem is a few flash calls (one for
+    the interior chunks, one per run of edge chunks, one for the sinks), not one per chunk."""
+    q = torch.randn(1, 2, 2000, 16)
+    assert attnkit.explain(q, q, q, "sliding_window", "auto", window=64, sinks=4).backend == "torch"
+    import attnkit.torch_backend as tb
+
+    calls = []
+    real = tb._FlashCpu.apply
+    monkeypatch.setattr(tb._FlashCpu, "apply", lambda *a: calls.append(a[0].shape) or real(*a))
+    out = attnkit.sliding_window_attention(q, q, q, window=64, sinks=4)
+    ref = attnkit.sliding_window_attention(q, q, q, window=64, sinks=4, backend="reference")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert len(calls) <= 4, calls
