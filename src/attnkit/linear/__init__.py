@@ -34,6 +34,7 @@ from .reference import (
     linear_reference,
     resolve_offsets,
 )
+from .torch_backend import lightning_torch, linear_torch
 
 LINEAR_OPTIONS: dict[str, Any] = {"causal": True, "decay": None, "scale": None, "normalize": False,
                                   "feature_map": None, "initial_state": None, "return_state": False,
@@ -357,6 +358,7 @@ register_variant(Variant(
     name="linear",
     reference=linear_reference,
     kernel=linear_kernel,
+    torch_impl=linear_torch,
     options=LINEAR_OPTIONS,
     validate=validate_linear,
     kernel_support=kernel_support_linear,
@@ -371,6 +373,7 @@ register_variant(Variant(
     name="lightning",
     reference=lightning_reference,
     kernel=lightning_kernel,
+    torch_impl=lightning_torch,
     options=LIGHTNING_OPTIONS,
     validate=validate_lightning,
     kernel_support=kernel_support_lightning,
