@@ -96,3 +96,52 @@ def test_sliding_window_auto_on_cpu_is_torch_and_chunks_are_batched(monkeypatch)
     ref = attnkit.sliding_window_attention(q, q, q, window=64, sinks=4, backend="reference")
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert len(calls) <= 4, calls
+
+
+# -------------------------------------------------------------------------------- neighborhood
+
+def _nb(spatial, heads=(2, 2), d=16, dv=None, batch=1, name="", **options):
+    hq, hkv = heads
+    return Case((batch, hq, *spatial, d), (batch, hkv, *spatial, d), (batch, hkv, *spatial, dv or d), options,
+                name=name)
+
+
+NB_CASES = [
+    # the awkward sizes of tests/test_neighborhood.py: odd and even kernels, dilation, causal axes,
+    # strides, GQA, Dv != D; maps that are not tile multiples
+    _nb((13, 17), kernel_size=(4, 6), name="2d_13x17_k4x6_even"),
+    _nb((150,), d=40, dv=24, kernel_size=13, name="1d_150_k13_d40_dv24"),
+    _nb((50,), kernel_size=5, dilation=3, name="1d_dil3_L50"),
+    _nb((7, 5, 10), heads=(1, 1), kernel_size=(3, 2, 3), dilation=(2, 1, 3), name="3d_dil"),
+    _nb((13, 17), kernel_size=(4, 5), causal=(False, True), dilation=(1, 2), name="2d_causal_w_dil"),
+    _nb((70,), kernel_size=9, causal=True, name="1d_causal"),
+    _nb((12, 14), kernel_size=(4, 7), stride=(4, 7), name="2d_stride_eq_kernel"),
+    _nb((13, 17), kernel_size=(5, 3), stride=(3, 2), causal=(True, False), name="2d_stride_causal"),
+    _nb((40,), heads=(3, 1), kernel_size=7, scale=0.3, batch=2, name="1d_mqa_scale_b2"),
+    # several tiles per axis with a score mod (NATTEN's relative position bias) and a full-size kernel
+    Case((1, 2, 19, 21, 16), (1, 1, 19, 21, 16), (1, 1, 19, 21, 16), {"kernel_size": (5, 3)},
+         {"rpb": lambda g: torch.randn(2, 9, 5, generator=g, dtype=torch.float64)},
+         build=lambda t: {"score_mod": attnkit.mods.relative_position_bias_2d(t["rpb"], (5, 3))},
+         name="2d_rpb_gqa"),
+    _nb((9, 10), kernel_size=(9, 10), causal=(True, False), name="2d_kernel_is_map"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", NB_CASES, ids=lambda c: c.id)
+def test_neighborhood_awkward(case, dtype):
+    _check("neighborhood", case, dtype)
+
+
+def test_neighborhood_is_one_batched_call(monkeypatch):
+    """A 2-D map of many tiles is one flash call over all its tiles, not one per tile."""
+    import attnkit.torch_backend as tb
+
+    q = torch.randn(1, 2, 40, 44, 16)
+    calls = []
+    real = tb._FlashCpu.apply
+    monkeypatch.setattr(tb._FlashCpu, "apply", lambda *a: calls.append(a[0].shape) or real(*a))
+    out = attnkit.neighborhood_attention(q, q, q, kernel_size=7, dilation=(1, 2))
+    ref = attnkit.neighborhood_attention(q, q, q, kernel_size=7, dilation=(1, 2), backend="reference")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert len(calls) == 1 and calls[0][0] > 10, calls

@@ -28,6 +28,7 @@ from ..mods import ScoreMod
 from ..registry import Case, Variant, register_variant
 from .geometry import normalize
 from .reference import neighborhood_reference, neighborhood_score_mod
+from .torch_backend import neighborhood_torch
 
 OPTIONS: Dict[str, Any] = dict(kernel_size=None, dilation=1, causal=False, stride=1, scale=None, score_mod=None,
                                dropout_p=0.0, return_lse=False)
@@ -152,6 +153,7 @@ VARIANT = register_variant(Variant(
     examples=examples,
     status={"reference": True, "forward": True, "backward": True},
     doc="NATTEN neighborhood attention in 1-3 spatial dims: dilation, per-axis causal, GNA stride",
+    torch_impl=neighborhood_torch,
 ))
 
 __all__ = ["neighborhood_attention", "neighborhood_reference", "neighborhood_kernel", "VARIANT"]
