@@ -32,7 +32,7 @@ def rand(*shape, dtype=torch.float64, seed=0, grad=False):
 
 
 def test_flash_has_a_torch_implementation():
-    assert "flash" in TORCH_VARIANTS
+    assert "flash" in TORCH_VARIANTS and "flex" in TORCH_VARIANTS
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
@@ -203,3 +203,51 @@ def test_softmax_with_lse_dead_rows():
     torch.testing.assert_close(p[[0, 2]], torch.softmax(s2[[0, 2]], -1))
     (p.sum() + lse[[0, 2]].sum()).backward()
     assert torch.isfinite(s.grad).all() and torch.all(s.grad[1] == 0)
+
+
+# ---------------------------------------------------------------- flex
+
+
+def _flex_cases():
+    from attnkit import mods
+
+    docs = lambda g: torch.repeat_interleave(torch.arange(3), torch.tensor([30, 50, 20]))
+    return [
+        Case((1, 2, 100, 16), (1, 1, 100, 16), (1, 1, 100, 16), build=lambda t: {"mask_mod": mods.sliding_window(9)},
+             name="sliding_window_mask_mqa"),
+        Case((1, 2, 100, 16), (1, 2, 100, 16), (1, 2, 100, 16), tensors={"docs": docs},
+             build=lambda t: {"mask_mod": mods.and_masks(mods.causal(), mods.document(t["docs"]))},
+             name="document_causal"),
+        Case((1, 2, 50, 16), (1, 2, 20, 16), (1, 2, 20, 16), {"softcap": 3.0},
+             build=lambda t: {"mask_mod": mods.causal()}, name="causal_nq>nk_empty_rows_softcap"),
+        Case((1, 2, 37, 16), (1, 2, 37, 16), (1, 2, 37, 24), name="no_mods_dv24"),
+    ]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", _flex_cases(), ids=lambda c: c.id)
+def test_flex_torch_masks(case, dtype):
+    report = check_case("flex", case, dtype=dtype, device="cpu", backend="torch")
+    assert report.ok, str(report)
+
+
+def test_flex_torch_scores_only_the_keys_the_mask_keeps(monkeypatch):
+    # a sliding window of 8 keys over 256: each query chunk scores its window's span, not all keys
+    import attnkit.torch_backend as tb
+
+    scored = []
+    real = tb.grouped_scores
+
+    def counting(q, k):
+        scored.append(q.shape[2] * k.shape[2])
+        return real(q, k)
+
+    monkeypatch.setattr(tb, "grouped_scores", counting)
+    q, k, v = (rand(1, 2, 256, 16, dtype=torch.float32, seed=s) for s in range(3))
+    mask = attnkit.mods.sliding_window(7)
+    got = blocked_attention(q, k, v, scale=0.25, mask_mod=mask.specialize(attnkit.mods.Problem.of("flex", q, k)),
+                            rows=32)
+    want = attnkit.flex_attention(q, k, v, mask_mod=mask, scale=0.25, return_lse=True, backend="reference")
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    assert sum(scored) <= 256 * (32 + 8)  # every chunk: 32 rows x at most 32 + 7 keys

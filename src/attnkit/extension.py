@@ -83,7 +83,7 @@ def softmax_variant(name: str, *, reference: Callable[..., Any], kernel: Optiona
                     kernel_support: Optional[Callable[..., List[str]]] = None,
                     examples: Callable[[], Sequence[Case]] = lambda: (), doc: str = "",
                     demo: Optional[Callable[[int, int, int, int], Case]] = None, register: bool = True,
-                    replace: bool = False) -> Variant:
+                    replace: bool = False, torch_impl: Optional[Callable[..., Any]] = None) -> Variant:
     """A softmax :class:`Variant` with the shared defaults, registered unless ``register=False``.
 
     The variant gets the options of :data:`SOFTMAX_OPTIONS` (``scale``, ``softcap``,
@@ -94,7 +94,8 @@ def softmax_variant(name: str, *, reference: Callable[..., Any], kernel: Optiona
     ``cu_seqlens_k`` also gets the packed-batch checks (:func:`attnkit.checks.check_varlen`)
     and its score_mod specialized per sequence. ``reference`` and ``kernel`` take
     ``(q, k, v, **options)`` with every option, and return out or (out, lse) with
-    ``return_lse``.
+    ``return_lse``; so does ``torch_impl``, the optional fast PyTorch implementation
+    (``backend="torch"``, the reference's semantics).
 
     Example::
 
@@ -130,7 +131,7 @@ def softmax_variant(name: str, *, reference: Callable[..., Any], kernel: Optiona
                       validate=check, kernel_support=support, extra_outputs={"return_lse": "lse"},
                       examples=examples, status={"reference": True, "forward": kernel is not None,
                                                  "backward": kernel is not None},
-                      doc=doc, demo=demo)
+                      doc=doc, demo=demo, torch_impl=torch_impl)
     return register_variant(variant, replace=replace) if register else variant
 
 

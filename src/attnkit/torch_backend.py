@@ -67,6 +67,8 @@ class _FlashCpu(torch.autograd.Function):
         out, lse = _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.causal, ctx.scale, ctx.mask = causal, scale, mask
+        # an unused LSE then arrives as None, not zeros: the plain backward (no padded column)
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
@@ -211,9 +213,10 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scal
     ``score_mod``, then the bottom-right ``causal`` mask and the (specialized)
     ``mask_mod``; ``sink_logits`` (Hq,) merged by LSE; ``dropout`` (an
     :class:`attnkit.dropout.Dropout`) on the probabilities, keyed by the same positions
-    as the reference's. Mods see batch ``first_batch + b``. With ``causal`` a chunk
-    scores only the keys up to its last row's diagonal (the fully masked key blocks are
-    skipped); chunks of ``rows`` query rows (default: ~8M scores per chunk) are
+    as the reference's. Mods see batch ``first_batch + b``. A chunk scores only the span
+    of keys some of its rows see (``causal``: up to its last row's diagonal; a
+    ``mask_mod``: between the first and the last key it keeps), so fully masked key
+    blocks are skipped; chunks of ``rows`` query rows (default: ~8M scores per chunk) are
     checkpointed under autograd, so the backward keeps one chunk's scores alive.
     """
     B, Hq, Nq = q.shape[:3]
@@ -223,21 +226,29 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scal
 
     def attend(q_chunk: torch.Tensor, first_row: int) -> tuple[torch.Tensor, torch.Tensor]:
         R = q_chunk.shape[2]
-        hi = min(Nk, max(0, first_row + R + offset)) if causal else Nk
-        k_c, v_c = k[:, :, :hi], v[:, :, :hi]
+        lo, hi = 0, min(Nk, max(0, first_row + R + offset)) if causal else Nk
+        query_pos = torch.arange(first_row, first_row + R, device=q.device) + offset
+        keep = None
+        if mask_mod is not None:
+            keep = mask_mod.apply(*mod_positions(B, Hq, query_pos, torch.arange(hi, device=q.device),
+                                                 first_batch=first_batch))
+            keep = torch.broadcast_to(keep, (B, Hq, R, hi))
+            # score only the span between the first and the last key some row of the chunk sees
+            seen = keep.any(dim=2).flatten(0, 1).any(dim=0).nonzero()
+            lo, hi = (int(seen[0]), int(seen[-1]) + 1) if len(seen) else (0, 0)
+            keep = keep[..., lo:hi]
+        k_c, v_c = k[:, :, lo:hi], v[:, :, lo:hi]
         s = grouped_scores(q_chunk, k_c) * scale
         if softcap is not None:
             s = torch.tanh(s / softcap) * softcap
-        query_pos = torch.arange(first_row, first_row + R, device=q.device) + offset
-        key_pos = torch.arange(hi, device=q.device)
+        key_pos = torch.arange(lo, hi, device=q.device)
         positions = mod_positions(B, Hq, query_pos, key_pos, first_batch=first_batch) if needs_positions else None
         if score_mod is not None:
             s = score_mod.apply(s, *positions)
         mask = None
-        if causal and first_row + offset < hi:  # the chunk's first row does not see its last key
+        if causal and first_row + offset < hi - 1:  # the chunk's first row does not see its last key
             mask = key_pos[None, :] <= query_pos[:, None]
-        if mask_mod is not None:
-            keep = mask_mod.apply(*positions)
+        if keep is not None:
             mask = keep if mask is None else keep & mask
         if mask is not None:
             s = s.masked_fill(~mask, -math.inf)

@@ -37,6 +37,7 @@ from ..mods import MaskMod, Problem, ScoreMod
 from ..mods.core import check_mask_mod, check_score_mod
 from ..registry import Case, packed_offsets
 from .reference import flex_reference
+from .torch_backend import flex_torch
 
 
 def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict[str, Any]) -> None:
@@ -121,7 +122,7 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod:
         layout: "bhsd" (default) or "bshd": q (B, Nq, Hq, D), k/v (B, Nk, Hkv, D) and out
             (B, Nq, Hq, Dv) (flash-attn's layout); read without a copy. The LSE stays
             (B, Hq, Nq), as flash-attn's (see ``attnkit.attention``).
-        backend: "auto", "triton" or "reference" (see ``attnkit.explain``).
+        backend: "auto", "triton", "torch" or "reference" (see ``attnkit.explain``).
         softcap: scores s become softcap * tanh(s / softcap) before the score_mod.
         cu_seqlens_q, cu_seqlens_k: (S + 1,) int32 offsets of S sequences packed along N
             (B must be 1; both or neither): each sequence attends only within itself, and
@@ -222,7 +223,7 @@ def demo(batch: int, heads: int, seqlen: int, head_dim: int) -> Case:
 
 
 VARIANT = softmax_variant(
-    "flex", reference=flex_reference, kernel=flex_kernel,
+    "flex", reference=flex_reference, kernel=flex_kernel, torch_impl=flex_torch,
     options={"mask_mod": None, "block_mask": None, "cu_seqlens_q": None, "cu_seqlens_k": None, "dropout_p": 0.0},
     validate=_validate,
 
