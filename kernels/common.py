@@ -23,3 +23,21 @@ def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if poison_outputs_enabled():
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def ensure_allocator() -> None:
+    """Tensor descriptors made inside a kernel (the engine's TMA configs) need a little global
+    scratch memory per launch, which Triton asks its allocator for: set a torch-backed one
+    unless the caller has set their own."""
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+
+        if not isinstance(_allocator.get(), NullAllocator):
+            return
+    except ImportError:  # a Triton without the allocator API has no device-side descriptors either
+        return
+
+    def allocate(size: int, alignment: int, stream):
+        return torch.empty(size, dtype=torch.int8, device="cuda")
+
+    triton.set_allocator(allocate)

@@ -196,3 +196,37 @@ def test_scale_sign_empty_rows_and_sinks_in_the_folded_softmax(scale, sinks):
     for got, want in zip(outs[:half], outs[half:]):
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, atol=2e-4, rtol=2e-4)
+
+
+TMA_VARIANTS = ("flash", "sliding_window", "block_sparse", "moba", "neighborhood", "flex")
+
+
+@pytest.mark.parametrize("name", TMA_VARIANTS)
+def test_tma_loads_match_the_reference(name):
+    """The TMA configs read Q, K, V, dO and write O through tensor descriptors (the copy engine
+    zero-fills past the ends instead of masks): each engine variant's first example and its first
+    packed (varlen) one through them, forward, LSE and gradients."""
+    from attnkit.testing import check_case
+
+    cases = attnkit.get_variant(name).examples()
+    varlen = [c for c in cases if "cu_seqlens_q" in c.tensors]
+    with force_config(16, 16, tma=True):
+        for case in [cases[0]] + varlen[:1]:  # (every example of every variant: minutes in the interpreter)
+            report = check_case(name, case, dtype=torch.float32, device=DEVICE, backend="triton")
+            assert report.ok, f"{name} {case.id}:\n{report}"
+
+
+def test_tma_configs_are_pruned_where_descriptors_cannot_run():
+    from attnkit.kernels.engine import configs
+
+    table = configs.autotune_configs("fwd")
+    twins = [c for c in table if c.kwargs["TMA"]]
+    assert twins and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= configs.TMA_MIN_TILE for c in twins)
+    aligned = torch.zeros(1, 2, 64, 64, dtype=torch.float16)
+    odd = torch.zeros(1, 2, 64, 12, dtype=torch.float16)[..., :9]  # rows of 24 bytes: not 16-byte multiples
+    args = {"BLOCK_D": 64, "BLOCK_DV": 64, "DOT_PRECISION": "tf32", "Q": aligned, "K": aligned, "V": aligned}
+    kept = configs.prune(table, args, arch=90)
+    assert any(c.kwargs["TMA"] for c in kept)
+    assert not any(c.kwargs["TMA"] for c in configs.prune(table, args, arch=80))
+    assert not any(c.kwargs["TMA"] for c in configs.prune(table, dict(args, K=odd), arch=90))
+    assert not any(c.kwargs["TMA"] for c in configs.prune(table, dict(args, V=aligned[1:].transpose(2, 3)), arch=90))

@@ -7,7 +7,8 @@ and walks its forward schedule. Both recompute P from the saved LSE, the scale f
 into the exp2 argument (one FMA per score) when there is no score mod and no softcap;
 Delta = rowsum(dO * O) is computed beforehand by ``attn_bwd_delta_kernel``. Hooks and
 constexprs are those of the forward kernel (see forward.py); the dK/dV pass takes the
-transposed range function and lists.
+transposed range function and lists. With TMA the tiles of Q, K, V and dO are read
+through tensor descriptors (see forward.py).
 
 With s_in the score a score_mod receives and s = score_mod(s_in):
 dS = P * (dP - Delta) is d loss / d s; the score mod's ``SCORE_DERIV`` turns it into
@@ -28,11 +29,12 @@ import triton.language as tl
 from .common import (
     LOG2E,
     block_index,
-    load_tile,
+    load_rows,
     mod_positions,
     scores,
     segments,
     sequence_bounds,
+    tile_source,
     token_mask,
 )
 from .dropout import dropout_keep
@@ -60,23 +62,22 @@ def attn_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+def _dkdv_blocks(dk, dv, k, v, q_src, do_src, lse_base, delta_base, stride_qm, stride_dom,
                  offs_n, offs_d, offs_dv, lo, hi, INDEX, seq, sm_scale, qk_scale, softcap, VARIANT_ARGS, SCORE_ARGS,
                  MASK_ARGS,
                  DROPOUT_ARGS, VARIANT_MASK: tl.constexpr, POSITIONS: tl.constexpr, SCORE_MOD: tl.constexpr,
                  SCORE_DERIV: tl.constexpr, MASK_MOD: tl.constexpr, LIST: tl.constexpr, SUB: tl.constexpr,
                  BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                  CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
-                 HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
     """One segment of the dK/dV pass: query blocks lo .. hi - 1 against this program's keys."""
     seqlen_q = seq[2]
     seqlen_k = seq[3]
     for it in range(lo, hi):
-        offs_m = block_index(it, INDEX, LIST, SUB) * BLOCK_M + tl.arange(0, BLOCK_M)
-        q = load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, seqlen_q, offs_d, HEAD_DIM,
-                      CHECK_M, PAD_D)
-        do = load_tile(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :], offs_m, seqlen_q, offs_dv,
-                       HEAD_DIM_V, CHECK_M, PAD_DV)
+        start_m = block_index(it, INDEX, LIST, SUB) * BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = load_rows(q_src, start_m, stride_qm, offs_m, seqlen_q, offs_d, HEAD_DIM, CHECK_M, PAD_D, TMA)
+        do = load_rows(do_src, start_m, stride_dom, offs_m, seqlen_q, offs_dv, HEAD_DIM_V, CHECK_M, PAD_DV, TMA)
         if CHECK_M:
             lse = tl.load(lse_base + offs_m, mask=offs_m < seqlen_q, other=0.0)
             delta = tl.load(delta_base + offs_m, mask=offs_m < seqlen_q, other=0.0)
@@ -137,7 +138,7 @@ def attn_bwd_dkdv_kernel(
     VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr = False,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     off_bh = tl.program_id(1)
@@ -158,16 +159,20 @@ def attn_bwd_dkdv_kernel(
         tb = tensor_b.to(tl.int64)
         k_row = k_start.to(tl.int64)
         q_row = q_start.to(tl.int64)
-        k = load_tile(K + tb * stride_kb + off_hk.to(tl.int64) * stride_kh + (k_row + offs_n[:, None]) * stride_kn
-                      + offs_d[None, :], offs_n, seqlen_k, offs_d, HEAD_DIM, CHECK_N, PAD_D)
-        v = load_tile(V + tb * stride_vb + off_hk.to(tl.int64) * stride_vh + (k_row + offs_n[:, None]) * stride_vn
-                      + offs_dv[None, :], offs_n, seqlen_k, offs_dv, HEAD_DIM_V, CHECK_N, PAD_DV)
+        k_base = K + tb * stride_kb + off_hk.to(tl.int64) * stride_kh + k_row * stride_kn
+        v_base = V + tb * stride_vb + off_hk.to(tl.int64) * stride_vh + k_row * stride_vn
+        k = load_rows(tile_source(k_base, seqlen_k, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D, TMA), start_n, stride_kn,
+                      offs_n, seqlen_k, offs_d, HEAD_DIM, CHECK_N, PAD_D, TMA)
+        v = load_rows(tile_source(v_base, seqlen_k, stride_vn, HEAD_DIM_V, BLOCK_N, BLOCK_DV, TMA), start_n,
+                      stride_vn, offs_n, seqlen_k, offs_dv, HEAD_DIM_V, CHECK_N, PAD_DV, TMA)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
         for g in range(groups):
             off_h = off_hk * groups + g
-            q_base = Q + tb * stride_qb + off_h.to(tl.int64) * stride_qh + q_row * stride_qm
-            do_base = DO + tb * stride_dob + off_h.to(tl.int64) * stride_doh + q_row * stride_dom
+            q_src = tile_source(Q + tb * stride_qb + off_h.to(tl.int64) * stride_qh + q_row * stride_qm, seqlen_q,
+                                stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
+            do_src = tile_source(DO + tb * stride_dob + off_h.to(tl.int64) * stride_doh + q_row * stride_dom,
+                                 seqlen_q, stride_dom, HEAD_DIM_V, BLOCK_M, BLOCK_DV, TMA)
             lse_base = LSE + tb * stride_lb + off_h.to(tl.int64) * stride_lh + q_row
             delta_base = DELTA + tb * stride_lb + off_h.to(tl.int64) * stride_lh + q_row
             seq = (off_b, off_h, seqlen_q, seqlen_k)
@@ -175,12 +180,12 @@ def attn_bwd_dkdv_kernel(
                                      VARIANT_ARGS, SUB)
             for seg in tl.static_range(len(ranges)):
                 dk, dv = _dkdv_blocks(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+                    dk, dv, k, v, q_src, do_src, lse_base, delta_base, stride_qm, stride_dom,
                     offs_n, offs_d, offs_dv, ranges[seg][0], ranges[seg][1], index[seg if LIST else 0], seq,
                     sm_scale, sm_scale * 1.4426950408889634, softcap, VARIANT_ARGS, SCORE_ARGS, MASK_ARGS, DROPOUT_ARGS,
                     VARIANT_MASK if seg > 0 else None, POSITIONS, SCORE_MOD, SCORE_DERIV,
                     MASK_MOD if seg > 0 or MASK_FULL_BLOCKS else None, LIST, SUB, BLOCK_M, HEAD_DIM, HEAD_DIM_V,
-                    CHECK_M, CHECK_N, PAD_D, PAD_DV, HAS_SOFTCAP, DROPOUT, DOT_PRECISION)
+                    CHECK_M, CHECK_N, PAD_D, PAD_DV, HAS_SOFTCAP, DROPOUT, DOT_PRECISION, TMA)
         dk = dk * sm_scale
         if DROPOUT:
             dv = dv * DROPOUT_ARGS[2]
@@ -193,7 +198,7 @@ def attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, offs_dv,
+def _dq_blocks(dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, offs_m, offs_d, offs_dv,
                lo, hi, INDEX, seq, sm_scale, qk_scale, softcap, VARIANT_ARGS, SCORE_ARGS, SCORE_GRADS, MASK_ARGS,
                DROPOUT_ARGS,
                VARIANT_MASK: tl.constexpr, POSITIONS: tl.constexpr, SCORE_MOD: tl.constexpr,
@@ -201,16 +206,15 @@ def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs
                LIST: tl.constexpr, SUB: tl.constexpr, BLOCK_N: tl.constexpr,
                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
                PAD_D: tl.constexpr, PAD_DV: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
+               DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
     """One segment of the dQ pass: key blocks lo .. hi - 1 against this program's queries."""
     seqlen_q = seq[2]
     seqlen_k = seq[3]
     for it in range(lo, hi):
-        offs_n = block_index(it, INDEX, LIST, SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, seqlen_k,
-                      offs_d, HEAD_DIM, CHECK_N, PAD_D)
-        v = load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, seqlen_k,
-                      offs_dv, HEAD_DIM_V, CHECK_N, PAD_DV)
+        start_n = block_index(it, INDEX, LIST, SUB) * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = load_rows(k_src, start_n, stride_kn, offs_n, seqlen_k, offs_d, HEAD_DIM, CHECK_N, PAD_D, TMA)
+        v = load_rows(v_src, start_n, stride_vn, offs_n, seqlen_k, offs_dv, HEAD_DIM_V, CHECK_N, PAD_DV, TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if SCORE_MOD is None and not HAS_SOFTCAP:  # the scale folded into the exp2 argument: one FMA
             p = tl.math.exp2(qk * qk_scale - lse[:, None])
@@ -261,7 +265,7 @@ def attn_bwd_dq_kernel(
     VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr = False,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
@@ -283,28 +287,32 @@ def attn_bwd_dq_kernel(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
-        q = load_tile(Q + tb * stride_qb + off_h.to(tl.int64) * stride_qh + (q_row + offs_m[:, None]) * stride_qm
-                      + offs_d[None, :], offs_m, seqlen_q, offs_d, HEAD_DIM, CHECK_M, PAD_D)
-        do = load_tile(DO + tb * stride_dob + off_h.to(tl.int64) * stride_doh + (q_row + offs_m[:, None]) * stride_dom
-                       + offs_dv[None, :], offs_m, seqlen_q, offs_dv, HEAD_DIM_V, CHECK_M, PAD_DV)
+        q_base = Q + tb * stride_qb + off_h.to(tl.int64) * stride_qh + q_row * stride_qm
+        do_base = DO + tb * stride_dob + off_h.to(tl.int64) * stride_doh + q_row * stride_dom
+        q = load_rows(tile_source(q_base, seqlen_q, stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D, TMA), start_m, stride_qm,
+                      offs_m, seqlen_q, offs_d, HEAD_DIM, CHECK_M, PAD_D, TMA)
+        do = load_rows(tile_source(do_base, seqlen_q, stride_dom, HEAD_DIM_V, BLOCK_M, BLOCK_DV, TMA), start_m,
+                       stride_dom, offs_m, seqlen_q, offs_dv, HEAD_DIM_V, CHECK_M, PAD_DV, TMA)
         l_ptrs = tb * stride_lb + off_h.to(tl.int64) * stride_lh + q_row + offs_m
         lse = tl.load(LSE + l_ptrs, mask=offs_m < seqlen_q, other=0.0)
         delta = tl.load(DELTA + l_ptrs, mask=offs_m < seqlen_q, other=0.0)
         lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
-        k_base = K + tb * stride_kb + off_hk.to(tl.int64) * stride_kh + k_row * stride_kn
-        v_base = V + tb * stride_vb + off_hk.to(tl.int64) * stride_vh + k_row * stride_vn
+        k_src = tile_source(K + tb * stride_kb + off_hk.to(tl.int64) * stride_kh + k_row * stride_kn, seqlen_k,
+                            stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
+        v_src = tile_source(V + tb * stride_vb + off_hk.to(tl.int64) * stride_vh + k_row * stride_vn, seqlen_k,
+                            stride_vn, HEAD_DIM_V, BLOCK_N, BLOCK_DV, TMA)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         seq = (off_b, off_h, seqlen_q, seqlen_k)
         ranges, index = segments(start_m // LIST_BQ, start_m, BLOCK_M, BLOCK_N, seq, RANGE_FN, LISTS, VARIANT_ARGS,
                                  SUB)
         for seg in tl.static_range(len(ranges)):
-            dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, offs_dv,
+            dq = _dq_blocks(dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, offs_m, offs_d, offs_dv,
                             ranges[seg][0], ranges[seg][1], index[seg if LIST else 0], seq, sm_scale,
                             sm_scale * 1.4426950408889634, softcap,
                             VARIANT_ARGS, SCORE_ARGS, SCORE_GRADS, MASK_ARGS, DROPOUT_ARGS,
                             VARIANT_MASK if seg > 0 else None, POSITIONS, SCORE_MOD, SCORE_DERIV, SCORE_GRADS_FN,
                             MASK_MOD if seg > 0 or MASK_FULL_BLOCKS else None, LIST, SUB, BLOCK_N, HEAD_DIM,
-                            HEAD_DIM_V, CHECK_M, CHECK_N, PAD_D, PAD_DV, HAS_SOFTCAP, DROPOUT, DOT_PRECISION)
+                            HEAD_DIM_V, CHECK_M, CHECK_N, PAD_D, PAD_DV, HAS_SOFTCAP, DROPOUT, DOT_PRECISION, TMA)
         dq = dq * sm_scale
         tl.store(DQ + tb * stride_dqb + off_h.to(tl.int64) * stride_dqh + (q_row + offs_m[:, None]) * stride_dqm
                  + offs_d[None, :], dq.to(DQ.dtype.element_ty),

@@ -35,6 +35,30 @@ def load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK_
 
 
 @triton.jit
+def tile_source(base, n_rows, stride_row, N_COLS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                TMA: tl.constexpr):
+    """Where row tiles of the (n_rows, N_COLS) matrix at ``base`` (row stride ``stride_row``,
+    columns contiguous) are read from: with TMA a tensor descriptor, whose loads are done by
+    the copy engine and read rows and columns past the ends as zeros; else ``base`` itself."""
+    if TMA:  # (at least one row: an empty sequence's descriptor is made but never read)
+        return tl.make_tensor_descriptor(base, shape=[tl.maximum(n_rows, 1), N_COLS], strides=[stride_row, 1],
+                                         block_shape=[BLOCK_R, BLOCK_C])
+    else:
+        return base
+
+
+@triton.jit
+def load_rows(src, first_row, stride_row, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr,
+              CHECK_COLS: tl.constexpr, TMA: tl.constexpr):
+    """The [R, C] tile of rows ``rows`` (= first_row + arange(R)) of a :func:`tile_source`."""
+    if TMA:
+        return src.load([first_row, 0])
+    else:
+        return load_tile(src + rows[:, None] * stride_row + cols[None, :], rows, n_rows, cols, n_cols,
+                         CHECK_ROWS, CHECK_COLS)
+
+
+@triton.jit
 def sequence_bounds(off_b, seqlen_q_arg, seqlen_k_arg, CU_Q, CU_K, VARLEN: tl.constexpr):
     """(tensor batch index, first query row, Nq, first key row, Nk) of sequence ``off_b``:
     a batch entry, or one sequence of a packed (B = 1) batch given by cu_seqlens."""

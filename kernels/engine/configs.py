@@ -55,10 +55,11 @@ _forced: dict[str, int] | None = None
 
 
 @contextlib.contextmanager
-def force_config(block_m: int, block_n: int) -> Iterator[None]:
-    """Run every engine kernel with these block sizes (tests use it to cover several tilings)."""
+def force_config(block_m: int, block_n: int, *, tma: bool = False) -> Iterator[None]:
+    """Run every engine kernel with these block sizes (tests use it to cover several tilings);
+    ``tma=True`` also takes the tensor-descriptor loads (under the interpreter, or on sm_90+)."""
     global _forced
-    previous, _forced = _forced, {"BLOCK_M": block_m, "BLOCK_N": block_n}
+    previous, _forced = _forced, {"BLOCK_M": block_m, "BLOCK_N": block_n, "TMA": tma}
     try:
         yield
     finally:
@@ -130,6 +131,38 @@ def _smem_bytes(block_m: int, block_n: int, stages: int, block_d: int, block_dv:
     return elem * (block_m * block_d + stages * block_n * (block_d + block_dv))
 
 
+#: tensors the engine kernels read (or write) through descriptors in a TMA config
+TMA_TENSORS = ("Q", "K", "V", "O", "DO")
+
+
+def tma_support(args: dict, arch: int | None = None) -> bool:
+    """Whether a launch can take the TMA configs: Triton has tensor descriptors, the GPU is
+    sm_90+ (``arch``, else the current GPU; the interpreter emulates them), and every tensor of
+    :data:`TMA_TENSORS` has a contiguous last dim and 16-byte aligned base and strides (the
+    copy engine's rule). Arguments that are not tensors (the compile check's recorded
+    launches) count as aligned."""
+    import triton.language as tl
+
+    if not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    if arch is None and not INTERPRET:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False
+        major, minor = torch.cuda.get_device_capability()
+        arch = major * 10 + minor
+    if arch is not None and arch < 90:
+        return False
+    for name in TMA_TENSORS:
+        t = args.get(name)
+        if hasattr(t, "data_ptr") and hasattr(t, "stride"):
+            size = t.element_size()
+            if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:-1]):
+                return False
+    return True
+
+
 def prune(configs: list[triton.Config], named_args: dict, kernel: Any = None, *, arch: int | None = None,
           **kwargs) -> list[triton.Config]:
     """The configs worth timing for this launch: those that fit (see the module docstring),
@@ -142,9 +175,12 @@ def prune(configs: list[triton.Config], named_args: dict, kernel: Any = None, *,
     elem = 4 if args.get("DOT_PRECISION") == "ieee" else 2
     list_bq, list_bk = args.get("LIST_BQ", 1), args.get("LIST_BK", 1)
     is_list = args.get("LISTS") is not None
+    tma = tma_support(args, arch)
     kept = []
     for cfg in configs:
         bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+        if cfg.kwargs.get("TMA") and not tma:
+            continue
         if is_list and (list_bq % bm or list_bk % bn):
             continue
         if _smem_bytes(bm, bn, cfg.num_stages, block_d, block_dv, elem) > budget:
@@ -191,10 +227,21 @@ def zero_tensor_grads(nargs: dict) -> None:
             grad.zero_()
 
 
+#: tiles of at least this many scores also get a TMA twin (tensor-descriptor loads): the
+#: large tiles, where the pointer path's address arithmetic costs the most registers
+TMA_MIN_TILE = 64 * 64
+
+
 def autotune_configs(kind: str) -> list[triton.Config]:
+    """The table's configs with pointer loads, then the TMA twins of its large tiles (the
+    prune filter drops those where :func:`tma_support` says no)."""
     hook = zero_tensor_grads if kind == "dq" else None
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=hook)
-            for bm, bn, w, s in TABLES[kind]]
+    table = TABLES[kind]
+    pointer = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "TMA": False}, num_warps=w, num_stages=s,
+                             pre_hook=hook) for bm, bn, w, s in table]
+    twins = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "TMA": True}, num_warps=w, num_stages=s, pre_hook=hook)
+             for bm, bn, w, s in table if bm * bn >= TMA_MIN_TILE]
+    return pointer + twins
 
 
 AUTOTUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "RANGE_FN", "VARIANT_MASK", "POSITIONS", "SCORE_MOD", "MASK_MOD",

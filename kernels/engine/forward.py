@@ -26,7 +26,9 @@ power-of-two tiles; EVEN_M/EVEN_N drop row/key bounds checks when the lengths ar
 multiples of every tile; LIST_BQ/LIST_BK are the list block sizes (multiples of
 BLOCK_M/BLOCK_N); DOT_PRECISION is "ieee" for float32 inputs, "tf32" otherwise;
 POSITIVE_SCALE (sm_scale > 0) lets a plain launch (no score mod, no softcap) fold the
-scale into the exp2 argument.
+scale into the exp2 argument. TMA (a config choice, sm_90+ with 16-byte aligned rows)
+reads Q, K, V and writes O through tensor descriptors instead of pointer arithmetic;
+padding rows and columns then come from the copy engine, not from masks.
 Keys at or past seqlen_k are masked by the engine itself, in every block.
 """
 
@@ -36,24 +38,25 @@ import triton.language as tl
 from .common import (
     LN2,
     block_index,
-    load_tile,
+    load_rows,
     scores,
     segments,
     sequence_bounds,
+    tile_source,
     token_mask,
 )
 from .dropout import dropout_keep
 
 
 @triton.jit
-def _forward_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, offs_dv,
+def _forward_blocks(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, offs_m, offs_d, offs_dv,
                     lo, hi, INDEX, seq, sm_scale, qk_scale, softcap, VARIANT_ARGS, SCORE_ARGS, MASK_ARGS,
                     DROPOUT_ARGS, VARIANT_MASK: tl.constexpr, POSITIONS: tl.constexpr, SCORE_MOD: tl.constexpr,
                     MASK_MOD: tl.constexpr, LIST: tl.constexpr, SUB: tl.constexpr,
                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                     CHECK_N: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
                     HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    FOLD_SCALE: tl.constexpr, HAS_SINK: tl.constexpr):
+                    FOLD_SCALE: tl.constexpr, HAS_SINK: tl.constexpr, TMA: tl.constexpr):
     """One segment: the online-softmax update over key blocks lo .. hi - 1, with the token
     masks this segment needs (None for a hook it does not apply).
 
@@ -66,9 +69,9 @@ def _forward_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs
     # mod can produce them; a sink starts every row's max at a finite logit.
     GUARD: tl.constexpr = (MASKED or CHECK_N or SCORE_MOD is not None) and not HAS_SINK
     for it in range(lo, hi):
-        offs_n = block_index(it, INDEX, LIST, SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, seqlen_k,
-                      offs_d, HEAD_DIM, CHECK_N, PAD_D)
+        start_n = block_index(it, INDEX, LIST, SUB) * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = load_rows(k_src, start_n, stride_kn, offs_n, seqlen_k, offs_d, HEAD_DIM, CHECK_N, PAD_D, TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if FOLD_SCALE:
             s = qk
@@ -99,8 +102,7 @@ def _forward_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs
         if DROPOUT:  # after the sums: the LSE is the undropped softmax's
             p = tl.where(dropout_keep(offs_m[:, None], offs_n[None, :], seq, VARIANT_ARGS, POSITIONS, DROPOUT_ARGS),
                          p, 0.0)
-        v = load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, seqlen_k,
-                      offs_dv, HEAD_DIM_V, CHECK_N, PAD_DV)
+        v = load_rows(v_src, start_n, stride_vn, offs_n, seqlen_k, offs_dv, HEAD_DIM_V, CHECK_N, PAD_DV, TMA)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -124,7 +126,7 @@ def attn_fwd_kernel(
     VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, POSITIVE_SCALE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr = False,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
@@ -146,8 +148,10 @@ def attn_fwd_kernel(
         PAD_DV: tl.constexpr = HEAD_DIM_V != BLOCK_DV
         LIST: tl.constexpr = LISTS is not None
         SUB: tl.constexpr = LIST_BK // BLOCK_N
-        q = load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, seqlen_q, offs_d, HEAD_DIM,
-                      CHECK_M, PAD_D)
+        q = load_rows(tile_source(q_base, seqlen_q, stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D, TMA), start_m, stride_qm,
+                      offs_m, seqlen_q, offs_d, HEAD_DIM, CHECK_M, PAD_D, TMA)
+        k_src = tile_source(k_base, seqlen_k, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
+        v_src = tile_source(v_base, seqlen_k, stride_vn, HEAD_DIM_V, BLOCK_N, BLOCK_DV, TMA)
 
         acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
         if HAS_SINK:
@@ -166,12 +170,12 @@ def attn_fwd_kernel(
                                  SUB)
         for seg in tl.static_range(len(ranges)):  # segment 0: full blocks; the others: partial blocks
             acc, l_i, m_i = _forward_blocks(
-                acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, offs_dv,
+                acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, offs_m, offs_d, offs_dv,
                 ranges[seg][0], ranges[seg][1], index[seg if LIST else 0], seq, sm_scale, qk_scale, softcap,
                 VARIANT_ARGS, SCORE_ARGS, MASK_ARGS, DROPOUT_ARGS, VARIANT_MASK if seg > 0 else None, POSITIONS,
                 SCORE_MOD, MASK_MOD if seg > 0 or MASK_FULL_BLOCKS else None,
                 LIST, SUB, BLOCK_N, HEAD_DIM, HEAD_DIM_V, CHECK_N, PAD_D, PAD_DV, HAS_SOFTCAP, DROPOUT, DOT_PRECISION,
-                FOLD_SCALE, HAS_SINK)
+                FOLD_SCALE, HAS_SINK, TMA)
 
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
@@ -182,7 +186,10 @@ def attn_fwd_kernel(
         lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
         o_base = O + tensor_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_om
         o_ptrs = o_base + offs_m[:, None] * stride_om + offs_dv[None, :]
-        if CHECK_M or PAD_DV:
+        if TMA:  # the copy engine drops the rows and columns past the ends
+            tile_source(o_base, seqlen_q, stride_om, HEAD_DIM_V, BLOCK_M, BLOCK_DV, TMA).store(
+                [start_m, 0], out.to(O.dtype.element_ty))
+        elif CHECK_M or PAD_DV:
             tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V))
         else:
             tl.store(o_ptrs, out.to(O.dtype.element_ty))

@@ -13,7 +13,7 @@ from attnkit.dropout import Dropout
 from attnkit.engine import BlockLists, Const, Schedule
 from attnkit.mods.core import ModKernel
 
-from ..common import block_dim, new_output
+from ..common import INTERPRET, block_dim, ensure_allocator, new_output
 from . import configs
 from .backward import attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
 from .forward import attn_fwd_kernel
@@ -55,6 +55,8 @@ def _hook_meta(schedule: Schedule, score: ModKernel | None, mask: ModKernel | No
 
 
 def _launch(kernel, tuned, grid_rows: int, grid_cols: int, grid_block: str, args: list, meta: dict) -> None:
+    if not INTERPRET:
+        ensure_allocator()  # the TMA configs make their tensor descriptors on the device
     # a fixed tile must divide a list schedule's block sizes (LIST_BQ is 1 in range mode)
     fixed = configs.fixed_config((meta["LIST_BQ"], meta["LIST_BK"]) if meta["LIST_BQ"] > 1 else None)
     if fixed is not None:

@@ -54,16 +54,20 @@ SOFTMAX_OPTIONS: Dict[str, Any] = dict(scale=None, softcap=None, score_mod=None,
 
 
 @contextlib.contextmanager
-def force_config(block_m: int, block_n: int) -> Iterator[None]:
+def force_config(block_m: int, block_n: int, *, tma: bool = False) -> Iterator[None]:
     """Run every fused-engine kernel with these block sizes inside the ``with`` block (tests
     use it to cover several tilings; without it kernels autotune on a GPU and use 32 x 16
-    under the interpreter). Block sizes are powers of two >= 16."""
+    under the interpreter). Block sizes are powers of two >= 16. ``tma=True`` reads the tiles
+    through tensor descriptors (TMA on sm_90+; emulated by the interpreter), which need every
+    row stride and base address of q, k, v, the output and its gradient 16-byte aligned."""
     for name, val in (("block_m", block_m), ("block_n", block_n)):
         if isinstance(val, bool) or not isinstance(val, int) or val < 16 or val & (val - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {val!r}")
+    if not isinstance(tma, bool):
+        raise TypeError(f"tma must be a bool, got {type(tma).__name__}")
     from .kernels.engine import force_config as engine_force_config
 
-    with engine_force_config(block_m, block_n):
+    with engine_force_config(block_m, block_n, tma=tma):
         yield
 
 
