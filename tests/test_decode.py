@@ -17,7 +17,7 @@ import attnkit
 from conftest import DEVICE
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-BACKENDS = ["reference", "triton"]
+BACKENDS = ["reference", "triton", "torch"]
 
 
 def make_cache(B, Hkv, lengths, D, Dv, layout, seed=0, dtype=torch.float32):

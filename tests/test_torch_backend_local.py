@@ -145,3 +145,59 @@ def test_neighborhood_is_one_batched_call(monkeypatch):
     ref = attnkit.neighborhood_attention(q, q, q, kernel_size=7, dilation=(1, 2), backend="reference")
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert len(calls) == 1 and calls[0][0] > 10, calls
+
+
+# -------------------------------------------------------------------------------------- decode
+
+def _ints(*values):
+    return lambda g: torch.tensor(values, dtype=torch.int32)
+
+
+def _table(batch, pages, seed):
+    return lambda g: torch.randperm(batch * pages, generator=torch.Generator().manual_seed(seed)).view(
+        batch, pages).to(torch.int32)
+
+
+DECODE_CASES = [
+    # a page size the Triton kernel refuses (not a power of two), Nq = 3, per-head windows with
+    # sinks, sink logits, softcap and ALiBi; gradients too (the torch backend is differentiable)
+    Case((2, 4, 3, 16), (11, 2, 5, 16), (11, 2, 5, 24), {"sinks": 2, "softcap": 3.0},
+         {"cache_seqlens": _ints(23, 9), "block_table": _table(2, 5, seed=3),
+          "window": lambda g: torch.tensor([[-1, 0], [6, 0], [0, 0], [12, 0]]), "sink_logits": _logits(4),
+          "alibi_slopes": _slopes(4)}, name="paged5_nq3_per_head_windows_softcap_alibi_grad"),
+    # page selection with GQA and a score mod: keys only from the kept pages of each kv head
+    Case((3, 4, 2, 16), (12, 2, 8, 16), (12, 2, 8, 16), {"page_top_k": 3},
+         {"cache_seqlens": _ints(30, 2, 17), "block_table": _table(3, 4, seed=4), "slopes": _slopes(4)},
+         build=lambda t: {"cache_seqlens": t["cache_seqlens"], "block_table": t["block_table"],
+                          "score_mod": attnkit.mods.alibi(t["slopes"])},
+         grad=False, name="paged8_top3_gqa_score_mod"),
+    # a contiguous cache with full-length and one-token sequences, MQA
+    Case((3, 4, 1, 16), (3, 1, 40, 16), (3, 1, 40, 16), {"window": 7, "sinks": 1},
+         {"cache_seqlens": _ints(40, 1, 13)}, name="contiguous_mqa_window_grad"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: c.id)
+def test_decode_awkward(case, dtype):
+    _check("decode", case, dtype)
+
+
+def test_decode_is_one_batched_product(monkeypatch):
+    """All sequences and kv heads are scored by one matmul (no loop over sequences or heads)."""
+    import attnkit.decode.torch_backend as dt
+
+    calls = []
+    real = dt.grouped_scores
+    monkeypatch.setattr(dt, "grouped_scores", lambda q, k: calls.append(k.shape) or real(q, k))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(5, 8, 1, 16, generator=g), torch.randn(20, 2, 16, 16, generator=g), \
+        torch.randn(20, 2, 16, 16, generator=g)
+    table = torch.randperm(20, generator=g).view(5, 4).to(torch.int32)
+    lengths = torch.tensor([64, 1, 33, 17, 50], dtype=torch.int32)
+    out, scores = attnkit.decode_attention(q, k, v, lengths, block_table=table, page_top_k=2, return_key_scores=True)
+    ref, ref_scores = attnkit.decode_attention(q, k, v, lengths, block_table=table, page_top_k=2,
+                                               return_key_scores=True, backend="reference")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scores, ref_scores, atol=1e-6, rtol=1e-5)
+    assert len(calls) == 1 and calls[0][:2] == (5, 2), calls

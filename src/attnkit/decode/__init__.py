@@ -24,6 +24,7 @@ from ..registry import Case, Variant, register_variant
 from ..sliding_window.window import check_sinks, head_windows
 from .kernel import decode_kernel
 from .reference import decode_reference, decode_score_mod
+from .torch_backend import decode_torch
 
 OPTIONS: Dict[str, Any] = dict(cache_seqlens=None, block_table=None, window=None, sinks=0, sink_logits=None,
                                softcap=None, alibi_slopes=None, score_mod=None, scale=None, page_top_k=None,
@@ -269,6 +270,7 @@ VARIANT = register_variant(Variant(
     status={"reference": True, "forward": True, "backward": False},
     doc="split-KV decoding over contiguous and paged caches: page selection (Quest), key scores (H2O)",
     demo=demo,
+    torch_impl=decode_torch,
 ))
 
 from .caches import HeavyHitterCache, StreamingHeadsCache  # noqa: E402
