@@ -251,3 +251,44 @@ def test_flex_torch_scores_only_the_keys_the_mask_keeps(monkeypatch):
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
     assert sum(scored) <= 256 * (32 + 8)  # every chunk: 32 rows x at most 32 + 7 keys
+
+
+# ---------------------------------------------------------------- Hugging Face on CPU
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
+def test_hf_llama_on_cpu_runs_the_torch_backend(monkeypatch, padded):
+    transformers = pytest.importorskip("transformers", reason="transformers is an optional extra (attnkit[hf])")
+    import attnkit.flash.reference
+    import attnkit.flash.torch_backend
+    import attnkit.integrations.transformers as hf
+
+    hf.register()
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    ids = torch.randint(0, 97, (2, 14), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 14, dtype=torch.long)
+    if padded:
+        mask[1, :5] = 0  # left padding: the packed varlen path
+    logits = {}
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return sdpa_with_lse(*args, **kwargs)
+
+    for impl in ("sdpa", "attnkit"):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl).eval()
+        if impl == "attnkit":
+
+            def refuse(*args, **kwargs):
+                raise AssertionError("auto ran the reference on CPU")
+
+            monkeypatch.setattr(attnkit.flash.torch_backend, "sdpa_with_lse", spy)
+            monkeypatch.setattr(attnkit.flash.reference, "dense_attention", refuse)
+        with torch.no_grad():
+            logits[impl] = model(input_ids=ids, attention_mask=mask).logits
+    assert calls, "the torch backend did not run"
+    keep = mask.bool()
+    torch.testing.assert_close(logits["attnkit"][keep], logits["sdpa"][keep], rtol=1e-4, atol=1e-4)
