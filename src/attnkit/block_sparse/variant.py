@@ -142,7 +142,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         layout: "bhsd" (default) or "bshd": q (B, Nq, Hq, D), k/v (B, Nk, Hkv, D) and out
             (B, Nq, Hq, Dv) (flash-attn's layout); read without a copy. The LSE stays
             (B, Hq, Nq), as flash-attn's (see ``attnkit.attention``).
-        backend: "auto", "triton" or "reference" (see ``attnkit.explain``). The kernel
+        backend: "auto", "triton", "torch" or "reference" (see ``attnkit.explain``). The kernel
             needs block sizes that are multiples of 16; auto falls back to the
             reference otherwise.
 

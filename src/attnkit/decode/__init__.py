@@ -188,7 +188,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         layout: "bhsd" (default) or "bshd": q (B, Nq, Hq, D), caches (B, Nmax, Hkv, D) or paged
             (num_pages, page_size, Hkv, D) (flash-attn's), out (B, Nq, Hq, Dv); read without a
             copy. LSE and key scores keep their shapes (see ``attnkit.attention``).
-        backend: "auto", "triton" or "reference".
+        backend: "auto", "triton", "torch" or "reference".
         page_bounds: (kmin, kmax) (num_pages, Hkv, D) page key bounds (any float dtype) for page_top_k
             (what :class:`attnkit.PagedKVCache` maintains); computed from the cache when None.
         num_splits: force the kernel's number of key splits per (sequence, kv head) (tests).

@@ -199,7 +199,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
         layout: "bhsd" (default) or "bshd": q (B, N, Hq, D), k/v (B, N, Hkv, D) and out
             (B, N, Hq, Dv) (flash-linear-attention's layout); read without a copy. States keep
             their shape (see ``attnkit.attention``).
-        backend: "auto", "triton" or "reference" (see ``attnkit.explain``).
+        backend: "auto", "triton", "torch" or "reference" (see ``attnkit.explain``).
 
     Returns:
         out (B, Hq, N, Dv) in q's dtype, or (out, state) with ``return_state``.
@@ -251,7 +251,7 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope
         layout: "bhsd" (default) or "bshd": q (B, N, Hq, D), k/v (B, N, Hkv, D) and out
             (B, N, Hq, Dv) (flash-linear-attention's layout); read without a copy. States keep
             their shape (see ``attnkit.attention``).
-        backend: "auto", "triton" or "reference".
+        backend: "auto", "triton", "torch" or "reference".
 
     Returns:
         out (B, Hq, N, Dv) in q's dtype, or (out, state) with ``return_state``.

@@ -114,7 +114,7 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         return_lse: also return the log-sum-exp (B, Hq, *spatial), float32, natural log.
         layout: "bhsd" (default) or "bshd": heads second to last, q/k/v (B, *spatial, H, D) and out
             (B, *spatial, H, Dv) (NATTEN's heads-last layout); read without a copy.
-        backend: "auto", "triton" or "reference" (see ``attnkit.explain``).
+        backend: "auto", "triton", "torch" or "reference" (see ``attnkit.explain``).
 
     Returns:
         out (B, Hq, *spatial, Dv) in q's dtype, or (out, lse) with ``return_lse``.

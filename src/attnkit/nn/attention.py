@@ -97,7 +97,7 @@ class Attention(nn.Module):
         qkv_bias, out_bias: biases of the input and output projections.
         rope: None (no positions), True (RoPE, base 10000), a float base, or a
             :class:`RotaryEmbedding`; applied to q and k.
-        backend: "auto", "triton" or "reference".
+        backend: "auto", "triton", "torch" or "reference".
         dropout_p: attention dropout probability in [0, 1) (as FlashAttention's and torch's
             ``dropout_p``), applied in ``train()`` mode only: the block passes it to the
             variant while ``self.training`` and 0 in ``eval()``. The softmax variants take

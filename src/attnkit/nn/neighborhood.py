@@ -23,7 +23,7 @@ class _NeighborhoodAttentionND(nn.Module):
         proj_drop: dropout after the output projection.
 
     Shapes: forward(x (B, *spatial, C)) -> (B, *spatial, C), ``spatial`` with
-    ``NDIM`` axes. The attribute ``backend`` ("auto", "triton" or "reference") picks
+    ``NDIM`` axes. The attribute ``backend`` ("auto", "triton", "torch" or "reference") picks
     the backend of the attention op.
     """
 

@@ -143,7 +143,7 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         layout: "bhsd" (default) or "bshd": q (B, Nq, Hq, D), k/v (B, Nk, Hkv, D) and out
             (B, Nq, Hq, Dv) (flash-attn's layout); read without a copy. The LSE stays
             (B, Hq, Nq), as flash-attn's (see ``attnkit.attention``).
-        backend: "auto", "triton" or "reference" (see ``attnkit.explain``).
+        backend: "auto", "triton", "torch" or "reference" (see ``attnkit.explain``).
 
     Returns:
         out (B, Hq, Nq, Dv) in q's dtype, or (out, lse) with ``return_lse``.
