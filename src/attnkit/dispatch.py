@@ -1,7 +1,8 @@
 """Backend choice and the generic entry point ``attnkit.attention``.
 
 ``backend="auto"`` runs the Triton kernel when the tensors are on a CUDA device and
-the variant's kernel supports the inputs, and the PyTorch reference otherwise.
+the variant's kernel supports the inputs, and otherwise the variant's torch backend
+(the PyTorch reference for a variant without one).
 ``backend="triton"`` insists on the kernel (and raises with every reason when it
 cannot run); on CPU tensors it runs only under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before the kernels are first imported).
