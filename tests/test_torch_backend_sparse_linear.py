@@ -93,3 +93,134 @@ def test_auto_on_cpu_takes_the_torch_backend_for_linear_and_lightning():
     q = torch.randn(1, 2, 8, 16)
     assert attnkit.explain(q, q, q, "linear").backend == "torch"
     assert attnkit.explain(q, q, q, "lightning", slopes=attnkit.lightning_slopes(2)).backend == "torch"
+
+
+# ---------------------------------------------------------------- block_sparse
+
+mods = attnkit.mods
+
+
+def _random_mask(batch, heads, nq, nk, block, density, seed, empty_row=None):
+    bq, bk = (block, block) if isinstance(block, int) else block
+    g = torch.Generator().manual_seed(seed)
+    dense = torch.rand(batch, heads, -(-nq // bq), -(-nk // bk), generator=g) < density
+    if empty_row is not None:
+        dense[..., empty_row, :] = False
+    return attnkit.BlockMask.from_dense(dense, (bq, bk), (nq, nk))
+
+
+def _docs(n, *lengths):
+    ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    return lambda g: torch.cat([ids, torch.full((max(0, n - len(ids)),), len(lengths))])[:n]
+
+
+BLOCK_SPARSE_CASES = [
+    # per batch entry and head lists, GQA, ragged last query and key blocks, bq != bk, Dv != D, causal Nq < Nk
+    Case((2, 4, 70, 32), (2, 2, 90, 32), (2, 2, 90, 24),
+         {"block_mask": _random_mask(2, 4, 70, 90, (32, 16), 0.5, seed=7, empty_row=1), "causal": True},
+         name="per_batch_head_gqa_ragged_causal"),
+    # shared lists, causal Nq > Nk (rows before key 0), MQA
+    Case((1, 4, 100, 16), (1, 1, 60, 16), (1, 1, 60, 16),
+         {"block_mask": _random_mask(1, 1, 100, 60, 16, 0.7, seed=8), "causal": True}, name="nq>nk_mqa"),
+    # a BlockMask carrying a mask_mod (full tiles whole, partial tiles cut), with an explicit mask_mod on top
+    Case((1, 2, 113, 32), (1, 2, 113, 32), (1, 2, 113, 32), {}, {"docs": _docs(113, 20, 45, 9)},
+         build=lambda t: {"block_mask": attnkit.create_block_mask(
+             mods.and_masks(mods.causal(), mods.document(t["docs"])), None, None, 113, 113, block_size=32,
+             device=t["docs"].device), "mask_mod": mods.sliding_window(40, 0)},
+         name="create_block_mask_document_and_window"),
+    # a learnable ALiBi score mod, softcap and dropout on per-head lists (explicit scores)
+    Case((2, 2, 64, 32), (2, 1, 80, 32), (2, 1, 80, 32),
+         {"block_mask": _random_mask(1, 2, 64, 80, 16, 0.6, seed=9), "causal": True, "softcap": 3.0,
+          "dropout_p": 0.2},
+         {"slopes": lambda g: torch.rand(2, 2, generator=g, dtype=torch.float64) + 0.1},
+         build=lambda t: {"score_mod": mods.alibi(t["slopes"])}, name="alibi_softcap_dropout_per_head"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", BLOCK_SPARSE_CASES, ids=lambda c: c.id)
+def test_block_sparse_torch_awkward_sizes(case, dtype):
+    assert_matches("block_sparse", case, dtype)
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["fused", "explicit"])
+def test_block_sparse_torch_split_calls_match(monkeypatch, explicit):
+    # tiny budgets: every group of rows is cut into many calls (checkpointed when explicit)
+    import attnkit.block_sparse.torch_backend as tb
+
+    monkeypatch.setattr(tb, "GATHER_BUDGET", 1)
+    monkeypatch.setattr(tb, "SCORE_BUDGET", 1)
+    case = Case((1, 2, 96, 16), (1, 2, 96, 16), (1, 2, 96, 16),
+                {"block_mask": _random_mask(1, 1, 96, 96, 16, 0.5, seed=3), "causal": True,
+                 "softcap": 2.0 if explicit else None}, name="split")
+    assert_matches("block_sparse", case, torch.float64)
+
+
+def test_block_sparse_torch_computes_only_the_listed_tiles(monkeypatch):
+    # every fused call sees whole listed key blocks and nothing else: the work is the listed tiles
+    import attnkit.block_sparse.torch_backend as tb
+
+    seen = []
+
+    def spy(q, k, v, **kw):
+        seen.append((q.shape[0] * q.shape[1] * q.shape[2], k.shape[2]))
+        return tb.__dict__["_sdpa"](q, k, v, **kw)
+
+    monkeypatch.setitem(tb.__dict__, "_sdpa", tb.sdpa_with_lse)
+    monkeypatch.setattr(tb, "sdpa_with_lse", spy)
+    n, block, heads = 256, 32, 2
+    mask = _random_mask(1, 1, n, n, block, 0.3, seed=11)
+    q = torch.randn(1, heads, n, 16)
+    attnkit.block_sparse_attention(q, q, q, mask, backend="torch")
+    rows = mask.to_dense()[0, 0]
+    assert sum(m * keys for m, keys in seen) == heads * block * block * int(rows.sum())
+    assert len(seen) == len(set(rows.sum(-1).tolist()) - {0})   # one call per distinct list length
+
+
+# ---------------------------------------------------------------- moba
+
+MOBA_CASES = [
+    # a block selected by more rows than one group holds; GQA; Dv != D; block not dividing N
+    Case((1, 4, 300, 16), (1, 2, 300, 16), (1, 2, 300, 24), {"block_size": 24, "top_k": 4}, name="groups_gqa_bs24"),
+    # top_k = 1: causal inside each block only; Nq < Nk
+    Case((1, 2, 50, 16), (1, 2, 90, 16), (1, 2, 90, 16), {"block_size": 16, "top_k": 1}, name="top1_nq<nk"),
+    # top_k past the number of blocks (full causal), Nq > Nk (rows that see nothing)
+    Case((1, 2, 90, 16), (1, 1, 70, 16), (1, 1, 70, 16), {"block_size": 16, "top_k": 10}, name="topk_all_nq>nk"),
+    # fewer keys than a block: no complete block to select
+    Case((2, 2, 20, 16), (2, 2, 20, 16), (2, 2, 20, 16), {"block_size": 32, "top_k": 3}, name="nk<block"),
+    # packed: an empty sequence, one with keys and no query, blocks restarting at each; dropout
+    Case((1, 2, 78, 16), (1, 1, 116, 16), (1, 1, 116, 16), {"block_size": 8, "top_k": 3, "dropout_p": 0.2},
+         {"cu_seqlens_q": packed_offsets(5, 40, 0, 33), "cu_seqlens_k": packed_offsets(5, 64, 7, 40)},
+         name="varlen_dropout_bs8"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", MOBA_CASES, ids=lambda c: c.id)
+def test_moba_torch_awkward_sizes(case, dtype):
+    assert_matches("moba", case, dtype)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_moba_torch_small_groups_and_gate_chunks(monkeypatch, dropout_p):
+    # groups of 4 rows and a gate of a few rows per step: many groups per block, padded ones
+    import attnkit.block_sparse.torch_backend as tb
+
+    monkeypatch.setattr(tb, "MOBA_GROUP_ROWS", 4)
+    monkeypatch.setattr(tb, "GATE_BUDGET", 64)
+    monkeypatch.setattr(tb, "SCORE_BUDGET", 256)
+    case = Case((1, 2, 70, 16), (1, 2, 80, 16), (1, 2, 80, 16),
+                {"block_size": 8, "top_k": 3, "dropout_p": dropout_p}, name="small_groups")
+    assert_matches("moba", case, torch.float64)
+
+
+def test_moba_torch_uses_the_reference_gate(monkeypatch):
+    # the selection is the reference's moba_gate (not a re-implementation that could pick other blocks)
+    import attnkit.block_sparse.torch_backend as tb
+
+    calls = []
+    monkeypatch.setattr(tb, "moba_gate", lambda *a, **kw: calls.append(kw) or tb.__dict__["_gate"](*a, **kw))
+    monkeypatch.setitem(tb.__dict__, "_gate", attnkit.block_sparse.reference.moba_gate)
+    q = torch.randn(1, 2, 64, 16)
+    attnkit.moba_attention(q, q, q, block_size=16, top_k=2, backend="torch")
+    assert calls and all(kw["block_size"] == 16 and kw["top_k"] == 2 for kw in calls)

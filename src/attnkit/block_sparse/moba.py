@@ -40,6 +40,7 @@ from ..dropout import Dropout
 from ..engine import Schedule, fused_attention, head_dim_blockers, make_block_lists
 from ..registry import Case, Variant, packed_offsets, register_variant
 from .reference import moba_reference
+from .torch_backend import moba_torch
 from .variant import fixed_tile
 
 OPTIONS: dict[str, Any] = {"block_size": None, "top_k": None, "scale": None, "cu_seqlens_q": None,
@@ -282,6 +283,7 @@ VARIANT = register_variant(Variant(
     name="moba",
     reference=moba_reference,
     kernel=moba_kernel,
+    torch_impl=moba_torch,
     options=OPTIONS,
     validate=validate,
     kernel_support=kernel_support,

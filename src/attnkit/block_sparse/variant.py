@@ -26,6 +26,7 @@ from ..mods import MaskMod, ScoreMod, and_masks
 from ..registry import Case, Variant, register_variant
 from .block_mask import BlockMask
 from .reference import block_sparse_mods, block_sparse_reference
+from .torch_backend import block_sparse_torch
 
 OPTIONS: dict[str, Any] = {"block_mask": None, "causal": False, "scale": None, "softcap": None, "score_mod": None,
                            "mask_mod": None, "dropout_p": 0.0, "return_lse": False}
@@ -198,6 +199,7 @@ VARIANT = register_variant(Variant(
     name="block_sparse",
     reference=block_sparse_reference,
     kernel=block_sparse_kernel,
+    torch_impl=block_sparse_torch,
     options=OPTIONS,
     validate=validate,
     kernel_support=kernel_support,
