@@ -105,3 +105,41 @@ def test_llama_forward(benchmark, impl):
             return model(input_ids=ids).logits
 
     run(benchmark, step, impl=impl, tokens=tokens)
+
+
+@pytest.mark.parametrize("provider", ["attnkit", "sdpa-causal"])
+def test_sliding_window_long(benchmark, provider):
+    """sliding_window at N = 32k, W = 512, 4 sinks, forward, against SDPA causal on the same
+    tensors (target: >= 8x faster). The torch backend attends each 128-query chunk to one
+    slab of 128 + 511 keys plus the sinks: memory O(N * W), never N x N."""
+    seqlen = 32768
+    q, k, v = qkv(seqlen)
+    if provider == "attnkit":
+        def forward():
+            return attnkit.sliding_window_attention(q, k, v, window=512, sinks=4)
+    else:
+        def forward():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    timed(benchmark, forward, "fwd", None, provider=provider, seqlen=seqlen)
+
+
+@pytest.mark.parametrize("provider", ["attnkit", "sdpa-dense-mask"])
+def test_neighborhood_2d(benchmark, provider):
+    """2-D neighborhood attention on a 128 x 128 map, kernel 13, forward, against SDPA with the
+    dense (N x N) neighborhood mask on the same tensors (target: >= 5x faster)."""
+    from attnkit.neighborhood.geometry import neighbor_table, normalize
+
+    side, kernel = 128, 13
+    q, k, v = qkv(side * side)
+    if provider == "attnkit":
+        def forward():
+            shape = (BATCH, HEADS, side, side, HEAD_DIM)
+            return attnkit.neighborhood_attention(q.view(shape), k.view(shape), v.view(shape), kernel_size=kernel)
+    else:
+        idx, valid = neighbor_table(normalize((side, side), kernel, 1, False, 1))
+        mask = torch.zeros(side * side, side * side, dtype=torch.bool)
+        mask[torch.arange(side * side)[:, None].expand_as(idx)[valid], idx[valid]] = True
+
+        def forward():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    timed(benchmark, forward, "fwd", None, provider=provider, side=side, kernel=kernel)

@@ -123,18 +123,15 @@ def neighborhood_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     qt = qt.permute(0, *[3 * a + 4 for a in range(n)], *[3 * a + 2 for a in range(n)], 1,
                     *[3 * a + 3 for a in range(n)], 3 * n + 2).reshape(B * count, Hq, math.prod(T), D)
 
-    # halos: index each axis (group position p, group g) of (B, Hkv, [nT * T, d] per axis, D)
-    index = []
-    for a, t in enumerate(tiles):
-        index.append(_broadcast(t.keys, a, n, 3))                                   # (d..., nT..., K...)
-        index.append(_broadcast(torch.arange(dil[a], device=device), a, n, 3))
+    # halos: gathered heads-last, so that every gathered token is one contiguous (Hkv, w) row:
+    # (B, *spatial, Hkv, w)[:, index...] -> (B, d..., nT..., K..., Hkv, w), then a view with the
+    # heads second (the flash kernel reads strides). Indices are original ones clamped into the
+    # map: slots that hold no key of the halo are masked.
+    index = [_broadcast(t.k_index, a, n, 3) for a, t in enumerate(tiles)]
 
     def halos(x: torch.Tensor) -> torch.Tensor:
-        w = x.shape[-1]
-        xv = pad(x).view(B, Hkv, *[s for a in range(n) for s in (nT[a] * T[a], dil[a])], w)
-        g = xv[(slice(None), slice(None), *index)]                  # (B, Hkv, d..., nT..., K..., w)
-        g = g.permute(0, *range(2, 2 + 2 * n), 1, *range(2 + 2 * n, 2 + 3 * n), 3 * n + 2)
-        return g.reshape(B * count, Hkv, math.prod(K), w)
+        g = x.movedim(1, -2).contiguous()[(slice(None), *index)]
+        return g.reshape(B * count, math.prod(K), Hkv, x.shape[-1]).transpose(1, 2)
 
     mask = None
     for a, t in enumerate(tiles):
