@@ -87,7 +87,7 @@ def chunk_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Ten
         DIM_K=dim_k, DIM_E=dim_e, BLOCK_K=block_k, BLOCK_E=block_e, BLOCK_C=block_c,
         HAS_DECAY=slopes is not None, HAS_P0=p0 is not None, STORE_PN=pn is not None, REVERSE=reverse,
         VARLEN=cu_seqlens is not None, DOT_PRECISION=dot_precision, STATE_PRECISION=state_precision,
-        num_warps=num_warps, num_stages=1,
+        num_warps=num_warps, num_stages=2,  # pipelined chunk loads (cp.async): the next chunk arrives during this one
     )
 
 
