@@ -143,3 +143,56 @@ def test_neighborhood_2d(benchmark, provider):
         def forward():
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     timed(benchmark, forward, "fwd", None, provider=provider, side=side, kernel=kernel)
+
+
+@pytest.mark.parametrize("provider", ["attnkit", "sdpa-dense"])
+def test_block_sparse_90(benchmark, provider):
+    """block_sparse at 90% sparsity, N = 8k, block 128 (a random per-head mask of density 10%
+    with the diagonal, as benchmarks/test_block_sparse.py's), forward, against dense SDPA on the
+    same tensors (target: >= 4x faster). The torch backend gathers only the listed key blocks."""
+    seqlen, block = 8192, 128
+    q, k, v = qkv(seqlen)
+    blocks = seqlen // block
+    dense = torch.rand(1, HEADS, blocks, blocks, generator=torch.Generator().manual_seed(0)) < 0.1
+    dense |= torch.eye(blocks, dtype=torch.bool)
+    mask = attnkit.BlockMask.from_dense(dense, block, (seqlen, seqlen))
+    if provider == "attnkit":
+        def forward():
+            return attnkit.block_sparse_attention(q, k, v, mask)
+    else:
+        def forward():
+            return F.scaled_dot_product_attention(q, k, v)
+    timed(benchmark, forward, "fwd", None, provider=provider, seqlen=seqlen, density=round(mask.density(), 3))
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("provider", ["attnkit", "sdpa-causal"])
+def test_moba(benchmark, provider, mode):
+    """MoBA at N = 8k, block 512, top-k 3 against dense causal SDPA on the same tensors
+    (target: >= 2x faster)."""
+    seqlen = 8192
+    q, k, v = qkv(seqlen, requires_grad=mode != "fwd")
+    if provider == "attnkit":
+        def forward():
+            return attnkit.moba_attention(q, k, v, block_size=512, top_k=3)
+    else:
+        def forward():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    timed(benchmark, forward, mode, torch.randn_like(q), provider=provider, seqlen=seqlen)
+
+
+@pytest.mark.parametrize("seqlen", [1024, 4096, 16384, 65536])
+def test_lightning_tokens_per_second(benchmark, seqlen):
+    """Lightning attention, forward, at 64k tokens per call (B = 64k / N): tokens/s flat from
+    N = 1k to 64k (target: within +-30%; compare ``tokens_per_s`` across N)."""
+    tokens = 65536
+    batch = tokens // seqlen
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, HEADS, seqlen, HEAD_DIM, generator=g, dtype=DTYPE) for _ in range(3))
+    slopes = attnkit.lightning_slopes(HEADS)
+
+    def forward():
+        return attnkit.lightning_attention(q, k, v, slopes)
+
+    timed(benchmark, forward, "fwd", None, seqlen=seqlen, batch=batch)
+    benchmark.extra_info["tokens_per_s"] = tokens / benchmark.stats.stats.median

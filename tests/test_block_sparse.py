@@ -300,13 +300,13 @@ def test_bad_attention_inputs():
         attnkit.block_sparse_attention(q, k, v, bm, causal=1)
 
 
-def test_small_blocks_fall_back_to_reference():
+def test_small_blocks_fall_back_to_the_torch_backend():
     q = k = v = torch.randn(1, 1, 32, 16)
     bm = BlockMask.from_dense(torch.eye(4, dtype=torch.bool), 8, (32, 32))
     explanation = attnkit.explain(q, k, v, "block_sparse", "auto", block_mask=bm)
-    assert explanation.backend == "reference"
+    assert explanation.backend == "torch"
     assert any("multiples of 16" in r for r in explanation.kernel_blockers)
     with pytest.raises(ValueError, match="multiples of 16"):
         attnkit.block_sparse_attention(q, k, v, bm, backend="triton")
-    out = attnkit.block_sparse_attention(q, k, v, bm)  # auto -> reference
+    out = attnkit.block_sparse_attention(q, k, v, bm)  # auto -> torch
     torch.testing.assert_close(out, dense_attention(q, k, v, token_mask(bm, False)))

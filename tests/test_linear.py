@@ -262,12 +262,13 @@ def test_lightning_is_linear_with_scale_one_and_slopes():
     assert_close(a, b, 2e-5, "lightning vs linear")
 
 
-def test_auto_backend_on_cpu_uses_reference_and_bf16_reference_runs():
+def test_auto_backend_on_cpu_uses_the_torch_backend_and_bf16_runs():
     q = randn(1, 2, 10, 16, dtype=torch.bfloat16)
     if DEVICE == "cpu":
-        assert attnkit.explain(q, q, q, "linear").backend == "reference"
-    out, state = attnkit.linear_attention(q, q, q, return_state=True, backend="reference")
-    assert out.dtype == torch.bfloat16 and state.dtype == torch.float32
+        assert attnkit.explain(q, q, q, "linear").backend == "torch"
+    for backend in ("reference", "torch"):
+        out, state = attnkit.linear_attention(q, q, q, return_state=True, backend=backend)
+        assert out.dtype == torch.bfloat16 and state.dtype == torch.float32
 
 
 # --------------------------------------------------------------------------- feature maps
