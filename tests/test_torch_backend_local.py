@@ -85,18 +85,21 @@ def test_sliding_window_long_other_dtypes(case, dtype):
 
 def test_sliding_window_auto_on_cpu_is_torch_and_chunks_are_batched(monkeypatch):
     """auto picks the torch backend on CPU; a long banded problem is a few flash calls (one for
-    the interior chunks, one per run of edge chunks, one for the sinks), not one per chunk."""
+    the interior chunks, one per run of edge chunks, one for the sinks), not one per chunk, and
+    they score O(N * W) pairs, not N x N."""
     q = torch.randn(1, 2, 2000, 16)
     assert attnkit.explain(q, q, q, "sliding_window", "auto", window=64, sinks=4).backend == "torch"
     import attnkit.torch_backend as tb
 
     calls = []
     real = tb._FlashCpu.apply
-    monkeypatch.setattr(tb._FlashCpu, "apply", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(tb._FlashCpu, "apply", lambda *a: calls.append((a[0].shape, a[1].shape)) or real(*a))
     out = attnkit.sliding_window_attention(q, q, q, window=64, sinks=4)
     ref = attnkit.sliding_window_attention(q, q, q, window=64, sinks=4, backend="reference")
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert len(calls) <= 4, calls
+    pairs = sum(qs[0] * qs[2] * ks[2] for qs, ks in calls)  # per head: query rows x keys scored
+    assert pairs <= 2.2 * 2000 * (64 + 4), (pairs, calls)  # ~2x the visible pairs; dense: 2000 x 2000
 
 
 # -------------------------------------------------------------------------------- neighborhood

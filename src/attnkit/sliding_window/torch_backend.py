@@ -7,8 +7,8 @@ one batched call: the chunks go to the batch dimension, and the keys are gathere
 (B * chunks, H, S + C + left + right, D). Inside a slab the visible pairs form the same
 band for every chunk; only the chunks near the sequence's ends (keys before 0 or past Nk,
 window keys that are sinks) need their own mask, so those few run in a second call. Work
-and memory are O(N * (W + C + S)), never O(N^2). Unbounded windows (a full causal head)
-fall back to chunks over the visible span, as the reference. Options SDPA cannot express
+and memory are O(N * (W + C + S)), never O(N^2). A full causal (or dense) head is one causal
+SDPA call; other unbounded windows run in chunks over the visible span, as the reference. Options SDPA cannot express
 (softcap, score_mod, dropout) run on the same gathered blocks through explicit scores
 (:func:`attnkit.torch_backend.masked_attention`).
 """
@@ -28,7 +28,7 @@ from ..checks import check_scale
 from ..dropout import Dropout
 from ..merge import merge_attention
 from ..mods import ScoreMod
-from ..torch_backend import add_sink_logits, masked_attention
+from ..torch_backend import add_sink_logits, masked_attention, sdpa_with_lse
 from .reference import sliding_window_score_mod, visible_keys
 from .window import head_windows
 
@@ -161,9 +161,15 @@ def _windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: list[t
         whole = len(groups) == 1
         qg, kg, vg = (x if whole else x.index_select(1, idx) for x in (q, k, v))
         sl = None if sink_logits is None or whole else sink_logits[idx]
-        fn = _banded if left >= 0 and right >= 0 else _spans
-        o, o_lse = fn(qg, kg, vg, left, right, sinks, sm_scale, softcap, sink_logits if whole else sl, score_mod,
-                      idx, first_batch, dropout)
+        sl = sink_logits if whole else sl
+        if left < 0 and right in (-1, 0) and softcap is None and score_mod is None and dropout is None:
+            # a full causal (or dense) head, e.g. DuoAttention's retrieval heads: bottom-right
+            # causal SDPA, whose kernel skips the blocks past the diagonal (sinks are inside it)
+            o, o_lse = add_sink_logits(*sdpa_with_lse(qg, kg, vg, causal=right == 0, scale=sm_scale), sl)
+        else:
+            fn = _banded if left >= 0 and right >= 0 else _spans
+            o, o_lse = fn(qg, kg, vg, left, right, sinks, sm_scale, softcap, sl, score_mod, idx, first_batch,
+                          dropout)
         outs.append(o)
         lses.append(o_lse)
         order += heads
