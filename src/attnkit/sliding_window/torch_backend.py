@@ -153,8 +153,10 @@ def _windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: list[t
     if Nq == 0 or Nk == 0:   # an empty sequence of a packed batch: rows see nothing
         return q.new_zeros(B, Hq, Nq, v.shape[-1]), torch.full((B, Hq, Nq), float("-inf"), dtype=lse_dtype(q), device=q.device)
     groups: dict[tuple[int, int], list[int]] = {}
-    for h, w in enumerate(windows):
-        groups.setdefault(w, []).append(h)
+    for h, (left, right) in enumerate(windows):
+        # an extent past every key is unbounded in effect (p - left < 0 for every row once
+        # left >= Nk, p + right >= Nk once right >= Nq): no slab padded by it, the unbounded paths
+        groups.setdefault((-1 if left >= Nk else left, -1 if right >= Nq else right), []).append(h)
     outs, lses, order = [], [], []
     for (left, right), heads in groups.items():
         idx = torch.tensor(heads, device=q.device)
