@@ -15,6 +15,7 @@ from attnkit.torch_backend import (
     add_sink_logits,
     blocked_attention,
     sdpa_with_lse,
+    softcap_attention,
     softmax_with_lse,
 )
 
@@ -174,6 +175,29 @@ def test_sdpa_with_lse_and_blocked_match_the_reference_with_lse_gradients(shape,
         grads = torch.autograd.grad(_loss(*got, w_out, w_lse), (q, k, v, sink))
         for a, b in zip(grads, want_grads):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("softcap", [3.0, 80.0], ids=["softcap3", "softcap80_row_max"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_softcap_attention_matches_the_reference_with_lse_gradients(shape, causal, softcap):
+    Hq, Hkv, Nq, Nk, D, Dv = shape
+    q, k, v = rand(1, Hq, Nq, D, grad=True), rand(1, Hkv, Nk, D, seed=1, grad=True), rand(1, Hkv, Nk, Dv, seed=2,
+                                                                                           grad=True)
+    w_out, w_lse = rand(1, Hq, Nq, Dv, seed=4), rand(1, Hq, Nq, seed=5)
+    want = dense_attention(q, k, v, causal=causal, sm_scale=0.7, softcap=softcap)
+    want_grads = torch.autograd.grad(_loss(*want, w_out, w_lse), (q, k, v))
+    got = softcap_attention(q, k, v, scale=0.7, softcap=softcap, causal=causal)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(_loss(*got, w_out, w_lse), (q, k, v)), want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_flash_torch_softcap_float16():
+    case = Case((1, 4, 45, 32), (1, 2, 61, 32), (1, 2, 61, 32), {"causal": True, "softcap": 20.0}, name="fp16")
+    report = check_case("flash", case, dtype=torch.float16, device="cpu", backend="torch")
+    assert report.ok, str(report)
 
 
 def test_sdpa_with_lse_empty_problems_keep_the_graph():

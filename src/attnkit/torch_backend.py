@@ -302,3 +302,144 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     if dropout is not None:
         p = dropout.apply(p, positions)
     return add_sink_logits(grouped_values(p.to(v.dtype), v), lse.to(lse_dtype(q)), sink_logits)
+
+
+def _softcap_plan(q: torch.Tensor, k: torch.Tensor, causal: bool):
+    """(first row that sees a key, rows per chunk, chunk key end) of :func:`softcap_attention`."""
+    Nq, Nk = q.shape[2], k.shape[2]
+    first = max(0, Nq - Nk) if causal else 0  # bottom-right causal: earlier rows see nothing
+    rows = query_chunk_rows(q.shape[0] * q.shape[1], Nk, budget=1 << 23)
+
+    def key_end(r1: int) -> int:
+        return min(Nk, r1 + Nk - Nq) if causal else Nk
+
+    return first, rows, key_end
+
+
+def _causal_cut(t: torch.Tensor, groups: int, r0: int, r1: int, offset: int, hi: int) -> None:
+    """Set to -inf, in place, the scores of t (BHkv, G * R, hi) (rows r0..r1 of each group)
+    past the bottom-right diagonal: key j > row + offset."""
+    c0 = max(0, r0 + offset + 1)
+    if c0 >= hi:
+        return
+    rows = torch.arange(r0, r1, device=t.device)[:, None] + offset
+    cut = torch.arange(c0, hi, device=t.device)[None, :] > rows
+    t.view(t.shape[0], groups, r1 - r0, hi)[..., c0:hi].masked_fill_(cut, -math.inf)
+
+
+class _SoftcapAttention(torch.autograd.Function):
+    """Softcapped softmax attention in query chunks with a hand-written backward.
+
+    softcap * tanh(z / softcap) = 2 softcap * sigmoid(2 z / softcap) - softcap (one
+    sigmoid pass instead of tanh, scale and 2 / softcap folded into q); scores are bounded
+    by the softcap, so exp needs no row maximum when exp(softcap) cannot overflow a sum.
+    Each chunk's scores live in one reused buffer (no fresh allocation per chunk); the
+    backward recomputes them per chunk (FlashAttention-2's backward, with the softcap's
+    derivative 4 sigmoid (1 - sigmoid)) and takes the LSE's gradient too.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, softcap: float,
+                causal: bool):
+        B, Hq, Nq, D = q.shape
+        Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+        G, BH = Hq // Hkv, B * Hkv
+        first, rows, key_end = _softcap_plan(q, k, causal)
+        # without a row maximum exp(u) lies in [exp(-softcap), exp(softcap)]: safe in float32's range
+        shift_free = softcap <= 60 and q.dtype != torch.float16
+        qg = q.reshape(BH, G, Nq, D)
+        kt, vg = k.reshape(BH, Nk, D).transpose(1, 2), v.reshape(BH, Nk, Dv)
+        out = q.new_zeros(BH, G, Nq, Dv)
+        lse = q.new_full((BH, G, Nq), -math.inf, dtype=lse_dtype(q))
+        scratch = q.new_empty(BH * G * min(rows, Nq) * Nk)
+        for r0 in range(first, Nq, rows):
+            r1 = min(Nq, r0 + rows)
+            hi = key_end(r1)
+            t = scratch[:BH * G * (r1 - r0) * hi].view(BH, G * (r1 - r0), hi)
+            qc = qg[:, :, r0:r1].reshape(BH, G * (r1 - r0), D) * (2 * scale / softcap)
+            torch.bmm(qc, kt[:, :, :hi], out=t)
+            t.sigmoid_().mul_(2 * softcap).sub_(softcap)  # the softcapped score u
+            if causal:
+                _causal_cut(t, G, r0, r1, Nk - Nq, hi)
+            if shift_free:
+                shift = None
+            else:
+                shift = t.amax(dim=-1, keepdim=True)
+                t.sub_(shift)
+            t.exp_()
+            total = t.sum(dim=-1, dtype=lse.dtype)
+            o = torch.bmm(t, vg[:, :hi]).div_(total.unsqueeze(-1).to(t.dtype))
+            row_lse = total.log_() if shift is None else total.log_().add_(shift.squeeze(-1).to(lse.dtype))
+            out[:, :, r0:r1] = o.view(BH, G, r1 - r0, Dv)
+            lse[:, :, r0:r1] = row_lse.view(BH, G, r1 - r0)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.options = (scale, softcap, causal)
+        ctx.set_materialize_grads(False)
+        return out.view(B, Hq, Nq, Dv), lse.view(B, Hq, Nq)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None):
+        q, k, v, out, lse = ctx.saved_tensors
+        scale, softcap, causal = ctx.options
+        B, Hq, Nq, D = q.shape
+        Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+        G, BH = Hq // Hkv, B * Hkv
+        first, rows, key_end = _softcap_plan(q, k, causal)
+        qg = q.reshape(BH, G, Nq, D)
+        kg, vg = k.reshape(BH, Nk, D), v.reshape(BH, Nk, Dv)
+        dout = torch.zeros_like(out) if grad_out is None else grad_out.reshape(BH, G, Nq, Dv)
+        # Δ = rowsum(dO * O) - dLSE: dS = P * (dP - Δ)
+        delta = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
+        if grad_lse is not None:
+            delta = delta - torch.where(torch.isinf(lse), 0, grad_lse.reshape(BH, G, Nq).to(lse.dtype))
+        dq = torch.zeros_like(qg)
+        dk = torch.zeros(BH, Nk, D, dtype=torch.float32 if q.dtype != torch.float64 else q.dtype, device=q.device)
+        dv = torch.zeros(BH, Nk, Dv, dtype=dk.dtype, device=q.device)
+        size = BH * G * min(rows, Nq) * Nk
+        sig_buf, p_buf, dp_buf = q.new_empty(size), q.new_empty(size), q.new_empty(size)
+        for r0 in range(first, Nq, rows):
+            r1 = min(Nq, r0 + rows)
+            hi, M = key_end(r1), G * (r1 - r0)
+            sig = sig_buf[:BH * M * hi].view(BH, M, hi)
+            p = p_buf[:BH * M * hi].view(BH, M, hi)
+            dp = dp_buf[:BH * M * hi].view(BH, M, hi)
+            q_c = qg[:, :, r0:r1].reshape(BH, M, D)
+            torch.bmm(q_c * (2 * scale / softcap), kg[:, :hi].transpose(1, 2), out=sig)
+            sig.sigmoid_()
+            row_lse = lse[:, :, r0:r1].reshape(BH, M, 1).to(q.dtype)
+            torch.mul(sig, 2 * softcap, out=p).sub_(row_lse + softcap)  # u - lse
+            if causal:
+                _causal_cut(p, G, r0, r1, Nk - Nq, hi)
+            p.exp_()  # the probabilities
+            do_c = dout[:, :, r0:r1].reshape(BH, M, Dv)
+            dv[:, :hi] += torch.bmm(p.transpose(1, 2), do_c).to(dv.dtype)
+            torch.bmm(do_c, vg[:, :hi].transpose(1, 2), out=dp)
+            dp.sub_(delta[:, :, r0:r1].reshape(BH, M, 1).to(q.dtype)).mul_(p)  # dL/du
+            sig.addcmul_(sig, sig, value=-1)  # sigmoid (1 - sigmoid): du/dz = 4 of it
+            dp.mul_(sig).mul_(4 * scale)  # dL/d(q.k)
+            dq[:, :, r0:r1] = torch.bmm(dp, kg[:, :hi]).view(BH, G, r1 - r0, D)
+            dk[:, :hi] += torch.bmm(dp.transpose(1, 2), q_c).to(dk.dtype)
+        return (dq.view(B, Hq, Nq, D), dk.to(k.dtype).view(B, Hkv, Nk, D), dv.to(v.dtype).view(B, Hkv, Nk, Dv),
+                None, None, None)
+
+
+def softcap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, softcap: float,
+                      causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of softcapped scores, softcap * tanh(scale * q.k / softcap).
+
+    q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), Hkv dividing Hq ->
+    out (B, Hq, Nq, Dv), lse (B, Hq, Nq) (float32 for half inputs), both differentiable;
+    ``causal`` bottom-right (rows that see no key: out 0, lse -inf). The fast path of the
+    references' softcap without mods or dropout: query chunks against only the keys up to
+    their diagonal, a hand-written backward; memory O(chunk x Nk).
+    """
+    B, Hq, Nq = q.shape[:3]
+    Nk = k.shape[2]
+    if min(B, Hq, Nq, Nk) == 0:
+        return sdpa_with_lse(q, k, v, causal=causal, scale=scale)
+    if q.dtype in (torch.float16, torch.bfloat16):
+        # the sigmoid form of tanh cancels near 0: in half precision that is a score error of
+        # ~softcap * 2^-11, so half inputs run in float32 (the inputs are O(N) to convert)
+        out, lse = _SoftcapAttention.apply(q.float(), k.float(), v.float(), scale, softcap, causal)
+        return out.to(q.dtype), lse
+    return _SoftcapAttention.apply(q, k, v, scale, softcap, causal)
