@@ -245,6 +245,7 @@ def _flex_cases():
         Case((1, 2, 50, 16), (1, 2, 20, 16), (1, 2, 20, 16), {"softcap": 3.0},
              build=lambda t: {"mask_mod": mods.causal()}, name="causal_nq>nk_empty_rows_softcap"),
         Case((1, 2, 37, 16), (1, 2, 37, 16), (1, 2, 37, 24), name="no_mods_dv24"),
+        Case((1, 4, 37, 16), (1, 2, 45, 16), (1, 2, 45, 16), {"softcap": 2.0}, name="softcap_only_gqa"),
     ]
 
 

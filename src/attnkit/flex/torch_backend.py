@@ -13,7 +13,7 @@ from ..dropout import Dropout
 from ..mods import MaskMod, Problem, ScoreMod
 from ..mods.core import check_mask_mod, check_score_mod
 from ..registry import get_variant
-from ..torch_backend import blocked_attention, sdpa_with_lse
+from ..torch_backend import blocked_attention, sdpa_with_lse, softcap_attention
 
 
 def flex_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, score_mod: ScoreMod | None = None,
@@ -26,7 +26,7 @@ def flex_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, score_mod: 
     q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> out (B, Hq, Nq, Dv)
     [, lse (B, Hq, Nq)]. With a block mask: the block_sparse variant's torch backend
     (only the listed tiles). Without one: with no mod, softcap or dropout, SDPA with its
-    LSE; otherwise query chunks that score only the span of keys the mask_mod keeps for
+    LSE; with softcap alone :func:`attnkit.torch_backend.softcap_attention`; otherwise query chunks that score only the span of keys the mask_mod keeps for
     them (fully masked key blocks are skipped), the mods and dropout keyed by the
     reference's positions. Packed sequences run one at a time, as the reference's.
     """
@@ -43,9 +43,13 @@ def flex_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, score_mod: 
     dropout = Dropout.draw(dropout_p, q.device)
     fused = softcap is None and score is None and mask is None and dropout is None
 
+    softcap_only = softcap is not None and score is None and mask is None and dropout is None
+
     def one(q_s: torch.Tensor, k_s: torch.Tensor, v_s: torch.Tensor, seq: int = 0):
         if fused:
             return sdpa_with_lse(q_s, k_s, v_s, scale=sm_scale)
+        if softcap_only:
+            return softcap_attention(q_s, k_s, v_s, scale=sm_scale, softcap=softcap)
         return blocked_attention(q_s, k_s, v_s, scale=sm_scale, softcap=softcap, score_mod=score, mask_mod=mask,
                                  dropout=dropout, first_batch=seq)
 
