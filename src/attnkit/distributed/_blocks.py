@@ -18,20 +18,18 @@ memory stays O(chunk x keys).
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 from torch.autograd.function import once_differentiable
 
-from .._reference import expand_kv_heads, query_chunk_rows
+from .._reference import expand_kv_heads, query_chunk_rows, softmax_attend
 from ..engine import head_dim_blockers
 from ..flash import flash_attention
 
-Grads = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
-                  softcap: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+                  softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, Hq, M, D), k (B, Hkv, L, D), v (B, Hkv, L, Dv) -> out (B, Hq, M, Dv) in the
     compute dtype (float32, float64 for float64), lse (B, Hq, M). Bottom-right causal."""
     with torch.no_grad():
@@ -44,8 +42,8 @@ def _kernel_ok(q: torch.Tensor, v: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and not head_dim_blockers(q, v)
 
 
-def block_backward(q, k, v, o, lse, do, delta, dlse, *, causal: bool, scale: float, softcap: Optional[float],
-                   use_kernel: Optional[bool] = None) -> Grads:
+def block_backward(q, k, v, o, lse, do, delta, dlse, *, causal: bool, scale: float, softcap: float | None,
+                   use_kernel: bool | None = None) -> Grads:
     """Gradients of one block given the final output rows and LSE.
 
     q (B, Hq, M, D), k (B, Hkv, L, D), v (B, Hkv, L, Dv); o, do (B, Hq, M, Dv): the final
@@ -62,7 +60,7 @@ def block_backward(q, k, v, o, lse, do, delta, dlse, *, causal: bool, scale: flo
                                 scale=scale, softcap=softcap)
 
 
-def block_backward_kernel(q, k, v, o, lse, do, *, causal: bool, scale: float, softcap: Optional[float]) -> Grads:
+def block_backward_kernel(q, k, v, o, lse, do, *, causal: bool, scale: float, softcap: float | None) -> Grads:
     """The fused engine's backward with flash's schedule, run on the final o and lse."""
     from ..flash import flash_schedule
     from ..kernels import engine
@@ -74,8 +72,31 @@ def block_backward_kernel(q, k, v, o, lse, do, *, causal: bool, scale: float, so
     return dq.float(), dk.float(), dv.float()
 
 
-def block_backward_torch(q, k, v, lse, do, delta, *, causal: bool, scale: float, softcap: Optional[float]) -> Grads:
-    """FlashAttention-2's backward in PyTorch (delta already includes -dlse)."""
+def block_forward_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, *, scale: float,
+                         softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block under an explicit mask (windows, sinks, packed sequences): q (B, Hq, M, D),
+    k (B, Hkv, L, D), v (B, Hkv, L, Dv), mask (1 or Hq, M, L) bool, True = visible ->
+    out (B, Hq, M, Dv), lse (B, Hq, M) in the compute dtype; a row that sees nothing
+    gets out 0 and lse -inf. PyTorch, chunked over query rows (memory O(chunk x L))."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    Hq, M, L = q.shape[1], q.shape[2], k.shape[2]
+    ke, ve = expand_kv_heads(k.to(compute), Hq), expand_kv_heads(v.to(compute), Hq)
+    outs, lses = [], []
+    rows = query_chunk_rows(q.shape[0] * Hq, L)
+    with torch.no_grad():
+        for r0 in range(0, M, rows):
+            r1 = min(M, r0 + rows)
+            o, lse = softmax_attend(q[:, :, r0:r1].to(compute), ke, ve, scale=scale, mask=mask[None, :, r0:r1],
+                                    softcap=softcap)
+            outs.append(o)
+            lses.append(lse)
+    return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+def block_backward_torch(q, k, v, lse, do, delta, *, causal: bool, scale: float, softcap: float | None,
+                         mask: torch.Tensor | None = None) -> Grads:
+    """FlashAttention-2's backward in PyTorch (delta already includes -dlse); ``mask``
+    (1 or Hq, M, L) bool, True = visible, applies on top of ``causal``."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     B, Hq, M, _ = q.shape
     Hkv, L = k.shape[1], k.shape[2]
@@ -97,6 +118,8 @@ def block_backward_torch(q, k, v, lse, do, delta, *, causal: bool, scale: float,
         if causal:  # bottom-right: query i sits at key position i + L - M
             qpos = torch.arange(r0, r1, device=q.device) + (L - M)
             s = s.masked_fill(key_pos[None, :] > qpos[:, None], float("-inf"))
+        if mask is not None:
+            s = s.masked_fill(~mask[None, :, r0:r1], float("-inf"))
         p = torch.exp(s - lse[:, :, r0:r1, None])
         dve += torch.matmul(p.transpose(-1, -2), do[:, :, r0:r1])
         dp = torch.matmul(do[:, :, r0:r1], ve.transpose(-1, -2))
@@ -116,7 +139,7 @@ class LocalAttention(torch.autograd.Function):
     (the forward may run the kernel; the backward is :func:`block_backward`)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, scale: float, softcap: Optional[float]):
+    def forward(ctx, q, k, v, causal: bool, scale: float, softcap: float | None):
         ctx.set_materialize_grads(False)
         out, lse = block_forward(q, k, v, causal=causal, scale=scale, softcap=softcap)
         ctx.save_for_backward(q, k, v, out, lse)

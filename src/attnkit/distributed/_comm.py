@@ -189,22 +189,27 @@ def agree(op: str, check: Callable[[], tuple[T, Sequence[Field]]], group, size: 
 
 
 class Ring:
-    """Point-to-point exchange with the ring neighbours: send to rank + 1, receive from
-    rank - 1 (group ranks), posted as one ``batch_isend_irecv`` so that it runs while
-    the caller computes. ``start`` returns the receive buffers and a handle for ``wait``."""
+    """Point-to-point exchange with the ring neighbours: send to rank + step, receive from
+    rank - step (group ranks; ``step=-1`` turns the ring around), posted as one
+    ``batch_isend_irecv`` so that it runs while the caller computes. ``start`` returns the
+    receive buffers and a handle for ``wait``."""
 
-    def __init__(self, group, rank: int, size: int):
+    def __init__(self, group, rank: int, size: int, *, step: int = 1):
         self.group = group
         self.size = size
-        self.send_to = global_rank(group, (rank + 1) % size)
-        self.recv_from = global_rank(group, (rank - 1) % size)
+        self.send_to = global_rank(group, (rank + step) % size)
+        self.recv_from = global_rank(group, (rank - step) % size)
 
-    def start(self, tensors: Sequence[torch.Tensor], tag: int = 0) -> tuple[list[torch.Tensor], list]:
+    def start(self, tensors: Sequence[torch.Tensor], tag: int = 0, *, send: bool = True,
+              recv: bool = True) -> tuple[list[torch.Tensor] | None, list]:
+        """Send ``tensors`` and receive tensors of their shapes; ``send``/``recv`` False
+        leave out that half (the ends of a chain, which is a ring cut open: no buffers
+        come back without ``recv``)."""
         tensors = [t.contiguous() for t in tensors]
-        bufs = [torch.empty_like(t) for t in tensors]
-        ops = [dist.P2POp(dist.isend, t, self.send_to, self.group, tag) for t in tensors]
-        ops += [dist.P2POp(dist.irecv, b, self.recv_from, self.group, tag) for b in bufs]
-        return bufs, dist.batch_isend_irecv(ops)
+        bufs = [torch.empty_like(t) for t in tensors] if recv else None
+        ops = [dist.P2POp(dist.isend, t, self.send_to, self.group, tag) for t in tensors] if send else []
+        ops += [dist.P2POp(dist.irecv, b, self.recv_from, self.group, tag) for b in bufs or ()]
+        return bufs, (dist.batch_isend_irecv(ops) if ops else [])
 
     @staticmethod
     def wait(requests: list) -> None:
