@@ -12,6 +12,11 @@ When one device cannot hold a sequence, shard it across the ranks of a process g
   all-reduces, O(log W) steps (:mod:`.tree`).
 * :func:`lasp2_linear_attention`, :func:`lasp2_lightning_attention` - LASP-2 for
   linear / lightning attention: one all-gather of the recurrent states (:mod:`.lasp2`).
+* :func:`token_ring_attention` - TokenRing: queries travel forward, partial outputs
+  back, K/V stay home (:mod:`.token_ring`).
+* :func:`star_attention` - Star Attention's two phases (long-context inference,
+  approximate by design): blockwise context with an anchor prefix, then the query
+  over every rank's cache (:mod:`.star`).
 
 ``python -m attnkit.distributed.costs`` prints the communication cost model
 (docs/distributed.md). Every function also runs without an initialized process
@@ -21,8 +26,11 @@ group (one rank).
 from .lasp2 import lasp2_lightning_attention, lasp2_linear_attention
 from .layout import LAYOUTS, shard_sequence, unshard_sequence
 from .ring import ring_attention
+from .star import star_attention
+from .token_ring import token_ring_attention
 from .tree import tree_decode
 from .ulysses import ulysses_attention
 
 __all__ = ["LAYOUTS", "lasp2_lightning_attention", "lasp2_linear_attention", "ring_attention", "shard_sequence",
            "tree_decode", "ulysses_attention", "unshard_sequence"]
+__all__ += ["star_attention", "token_ring_attention"]

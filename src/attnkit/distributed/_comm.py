@@ -246,7 +246,7 @@ class AllReduceSumReplicated(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group):
-        x = x.clone()
+        x = x.clone(memory_format=torch.contiguous_format)   # ranks' tensors may differ in strides
         dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
         return x
 

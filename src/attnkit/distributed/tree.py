@@ -61,10 +61,22 @@ def tree_decode(q: torch.Tensor, k_shard: torch.Tensor, v_shard: torch.Tensor, *
     out, lse = LocalAttention.apply(q, k_shard, v_shard, False, sm_scale, None)
     if size == 1:
         return out
-    m = lse.detach().clone()
+    return tree_merge(out, lse, group).to(q.dtype)
+
+
+def tree_merge(out: torch.Tensor, lse: torch.Tensor, group) -> torch.Tensor:
+    """Merge every rank's partial attention over its own keys into attention over all of
+    them, by two all-reduces (see the module docstring). Collective over ``group``.
+
+    out (B, Hq, Nq, Dv) and lse (B, Hq, Nq) (-inf where this rank saw no key) of the same
+    queries on every rank -> (B, Hq, Nq, Dv) in lse's dtype, the same on every rank, a
+    replicated value for autograd (each rank's inputs get their share of the gradient).
+    """
+    # contiguous: an all-reduce combines memory, and ranks' partials may have different strides
+    m = lse.detach().clone(memory_format=torch.contiguous_format)
     dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)   # no key anywhere: weights 0, not NaN
     w = torch.exp(lse - m).unsqueeze(-1)                       # (B, Hq, Nq, 1)
     packed = AllReduceSumReplicated.apply(torch.cat([w * out.to(w.dtype), w], dim=-1), group)
     num, den = packed[..., :-1], packed[..., -1:]
-    return (num / torch.where(den == 0, torch.ones_like(den), den)).to(q.dtype)
+    return num / torch.where(den == 0, torch.ones_like(den), den)
