@@ -68,6 +68,14 @@ SW_CASES = [
     Case((1, 4, 250, 16), (1, 2, 330, 16), (1, 2, 330, 16), {"window": 37, "sinks": 2},
          {"sink_logits": _logits(4), "cu_seqlens_q": packed_offsets(150, 0, 99, 1),
           "cu_seqlens_k": packed_offsets(170, 3, 156, 1)}, name="long_varlen"),
+    # every packed sequence's chunks in one call: mods and dropout see each sequence's index and
+    # positions; a sequence without keys, one shorter than the sinks
+    Case((1, 2, 120, 16), (1, 1, 127, 16), (1, 1, 127, 16), {"window": (20, 3), "sinks": 5, "softcap": 4.0,
+                                                              "dropout_p": 0.2},
+         {"slopes": _slopes(2), "cu_seqlens_q": packed_offsets(70, 3, 2, 45),
+          "cu_seqlens_k": packed_offsets(80, 0, 2, 45)},
+         build=lambda t: dict(_alibi(t), cu_seqlens_q=t["cu_seqlens_q"], cu_seqlens_k=t["cu_seqlens_k"]),
+         name="varlen_softcap_alibi_dropout"),
 ]
 
 
@@ -211,3 +219,21 @@ def test_decode_is_one_batched_product(monkeypatch):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(scores, ref_scores, atol=1e-6, rtol=1e-5)
     assert len(calls) == 1 and calls[0][:2] == (5, 2), calls
+
+
+def test_sliding_window_packed_sequences_are_one_call(monkeypatch):
+    """A packed batch of many sequences with a bounded window is one flash call, not one per sequence."""
+    import attnkit.torch_backend as tb
+
+    lengths = [7, 0, 30, 1, 12] * 10
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, int(cu[-1]), 16, generator=g) for _ in range(3))
+    calls = []
+    real = tb._FlashCpu.apply
+    monkeypatch.setattr(tb._FlashCpu, "apply", lambda *a: calls.append(a[0].shape) or real(*a))
+    options = {"window": 5, "sinks": 2, "cu_seqlens_q": cu, "cu_seqlens_k": cu}
+    out = attnkit.sliding_window_attention(q, k, v, **options)
+    ref = attnkit.sliding_window_attention(q, k, v, backend="reference", **options)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert len(calls) == 1, calls

@@ -143,6 +143,31 @@ def _spans(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int, right: 
     return map_query_chunks(attend, q, 1024)
 
 
+def _by_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: list[tuple[int, int]],
+               sink_logits: torch.Tensor | None, run) -> tuple[torch.Tensor, torch.Tensor]:
+    """Heads grouped by window: ``run(q, k, v, left, right, heads, sink_logits)`` -> (out, lse)
+    on each group's heads (k, v expanded to the query heads), put back in head order."""
+    Hq = q.shape[1]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for h, w in enumerate(windows):
+        groups.setdefault(w, []).append(h)
+    if len(groups) == 1:
+        (left, right), = groups
+        return run(q, k, v, left, right, torch.arange(Hq, device=q.device), sink_logits)
+    outs, lses, order = [], [], []
+    for (left, right), heads in groups.items():
+        idx = torch.tensor(heads, device=q.device)
+        o, o_lse = run(q.index_select(1, idx), k.index_select(1, idx), v.index_select(1, idx), left, right, idx,
+                       None if sink_logits is None else sink_logits[idx])
+        outs.append(o)
+        lses.append(o_lse)
+        order += heads
+    inverse = torch.empty(Hq, dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(Hq)
+    inverse = inverse.to(q.device)
+    return torch.cat(outs, dim=1).index_select(1, inverse), torch.cat(lses, dim=1).index_select(1, inverse)
+
+
 def _windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: list[tuple[int, int]], sinks: int,
               sm_scale: float, softcap: float | None, sink_logits: torch.Tensor | None,
               score_mod: ScoreMod | None, dropout: Dropout | None, first_batch: int = 0
@@ -151,36 +176,71 @@ def _windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: list[t
     B, Hq, Nq = q.shape[:3]
     Nk = k.shape[2]
     if Nq == 0 or Nk == 0:   # an empty sequence of a packed batch: rows see nothing
-        return q.new_zeros(B, Hq, Nq, v.shape[-1]), torch.full((B, Hq, Nq), float("-inf"), dtype=lse_dtype(q), device=q.device)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for h, (left, right) in enumerate(windows):
-        # an extent past every key is unbounded in effect (p - left < 0 for every row once
-        # left >= Nk, p + right >= Nk once right >= Nq): no slab padded by it, the unbounded paths
-        groups.setdefault((-1 if left >= Nk else left, -1 if right >= Nq else right), []).append(h)
-    outs, lses, order = [], [], []
-    for (left, right), heads in groups.items():
-        idx = torch.tensor(heads, device=q.device)
-        whole = len(groups) == 1
-        qg, kg, vg = (x if whole else x.index_select(1, idx) for x in (q, k, v))
-        sl = None if sink_logits is None or whole else sink_logits[idx]
-        sl = sink_logits if whole else sl
+        lse = torch.full((B, Hq, Nq), float("-inf"), dtype=lse_dtype(q), device=q.device)
+        return q.new_zeros(B, Hq, Nq, v.shape[-1]), lse
+    # an extent past every key is unbounded in effect (p - left < 0 for every row once
+    # left >= Nk, p + right >= Nk once right >= Nq): no slab padded by it, the unbounded paths
+    windows = [(-1 if left >= Nk else left, -1 if right >= Nq else right) for left, right in windows]
+
+    def run(qg, kg, vg, left, right, heads, sl):
         if left < 0 and right in (-1, 0) and softcap is None and score_mod is None and dropout is None:
             # a full causal (or dense) head, e.g. DuoAttention's retrieval heads: bottom-right
             # causal SDPA, whose kernel skips the blocks past the diagonal (sinks are inside it)
-            o, o_lse = add_sink_logits(*sdpa_with_lse(qg, kg, vg, causal=right == 0, scale=sm_scale), sl)
-        else:
-            fn = _banded if left >= 0 and right >= 0 else _spans
-            o, o_lse = fn(qg, kg, vg, left, right, sinks, sm_scale, softcap, sl, score_mod, idx, first_batch,
-                          dropout)
-        outs.append(o)
-        lses.append(o_lse)
-        order += heads
-    if len(groups) == 1:
-        return outs[0], lses[0]
-    inverse = torch.empty(Hq, dtype=torch.long)
-    inverse[torch.tensor(order)] = torch.arange(Hq)
-    inverse = inverse.to(q.device)
-    return torch.cat(outs, dim=1).index_select(1, inverse), torch.cat(lses, dim=1).index_select(1, inverse)
+            return add_sink_logits(*sdpa_with_lse(qg, kg, vg, causal=right == 0, scale=sm_scale), sl)
+        fn = _banded if left >= 0 and right >= 0 else _spans
+        return fn(qg, kg, vg, left, right, sinks, sm_scale, softcap, sl, score_mod, heads, first_batch, dropout)
+
+    return _by_window(q, k, v, windows, sink_logits, run)
+
+
+def _banded_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int, right: int, sinks: int,
+                   sm_scale: float, softcap: float | None, sink_logits: torch.Tensor | None,
+                   score_mod: ScoreMod | None, heads: torch.Tensor, dropout: Dropout | None,
+                   cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bounded window over a packed batch: q (1, H, Nq, D), k (1, H, Nk, D), v (1, H, Nk, Dv)
+    holding S sequences at ``cu_seqlens_q/k``. The chunks of every sequence, with their key slabs
+    and their sinks gathered (one index_select each for q, k and v), run in one call, each with
+    its own mask (a sequence's window and sinks restart at its start) -> out (1, H, Nq, Dv),
+    lse (1, H, Nq)."""
+    H, D, Dv = q.shape[1], q.shape[-1], v.shape[-1]
+    device = q.device
+    lq, lk = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long(), (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
+    q_max, k_max = int(lq.max()), int(lk.max())
+    # extents past every key of every sequence are unbounded in effect: cap the slab there
+    left, right = min(left, k_max), min(right, q_max)
+    C = _chunk_rows(left, right, max(q_max, 1))
+    L = C + left + right
+    S = min(sinks, k_max)
+    chunks = (lq + C - 1) // C                                           # per sequence
+    seq = torch.repeat_interleave(torch.arange(lq.shape[0], device=device), chunks)   # (n,) sequence of a chunk
+    n = seq.shape[0]
+    first = (torch.arange(n, device=device) - (torch.cumsum(chunks, 0) - chunks)[seq]) * C   # its first local row
+    nq, nk = lq[seq, None], lk[seq, None]                                # (n, 1)
+    row = first[:, None] + torch.arange(C, device=device)               # (n, C) local rows
+    pos = row + nk - nq                                                  # their positions
+    j = torch.cat([torch.arange(S, device=device).expand(n, S),
+                   (first + (nk - nq)[:, 0] - left)[:, None] + torch.arange(L, device=device)], dim=1)  # (n, S + L)
+    is_sink = (torch.arange(S + L, device=device) < S)[None, None, :]
+    p, jj = pos[:, :, None], j[:, None, :]
+    sink_count = nk.clamp(max=sinks)[:, :, None]
+    mask = (jj <= p + right) & torch.where(is_sink, jj < sink_count,
+                                           (jj >= p - left) & (jj >= sink_count) & (jj < nk[:, :, None]))
+    kv_pos = torch.minimum(j.clamp(min=0), (nk - 1).clamp(min=0))       # valid positions (masked slots too)
+    q_pos = torch.minimum(pos, nk - 1)
+    k_index = (cu_seqlens_k.long()[seq, None] + kv_pos).clamp(max=k.shape[2] - 1).flatten()
+    q_index = (cu_seqlens_q.long()[seq, None] + row).clamp(max=q.shape[2] - 1)   # padding rows: discarded
+    real = (row < nq).flatten()
+    qc = q.index_select(2, q_index.flatten()).view(H, n, C, D).transpose(0, 1)
+    kc = k.index_select(2, k_index).view(H, n, S + L, D).transpose(0, 1)
+    vc = v.index_select(2, k_index).view(H, n, S + L, Dv).transpose(0, 1)
+    positions = None
+    if score_mod is not None or dropout is not None:
+        positions = (seq.view(n, 1, 1, 1), heads.view(1, -1, 1, 1), q_pos.view(n, 1, C, 1),
+                     kv_pos.view(n, 1, 1, S + L))
+    out, lse = masked_attention(qc, kc, vc, mask.unsqueeze(1), scale=sm_scale, softcap=softcap,
+                                sink_logits=sink_logits, score_mod=score_mod, dropout=dropout, positions=positions)
+    # the chunks' real rows, in order, are the packed rows
+    return out.transpose(0, 1).reshape(H, n * C, Dv)[:, real][None], lse.transpose(0, 1).reshape(H, n * C)[:, real][None]
 
 
 def sliding_window_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window, sinks: int = 0,
@@ -193,7 +253,8 @@ def sliding_window_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, w
 
     q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> out (B, Hq, Nq, Dv)
     [, lse (B, Hq, Nq) float32 (float64 for float64 inputs)]. Packed sequences
-    (``cu_seqlens_q/k``) run one after the other, each banded.
+    (``cu_seqlens_q/k``) with a bounded window run in one call (their chunks side by side);
+    with an unbounded one, one after the other.
     """
     sm_scale = check_scale(scale, q.shape[-1])
     Hq = q.shape[1]
@@ -203,8 +264,16 @@ def sliding_window_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, w
     options = {"windows": windows, "sinks": sinks, "sm_scale": sm_scale, "softcap": softcap,
                "sink_logits": sink_logits, "score_mod": score_mod, "dropout": Dropout.draw(dropout_p, q.device)}
     if cu_seqlens_q is not None:
-        out, lse = map_sequences(lambda q_s, k_s, v_s, seq: _windowed(q_s, k_s, v_s, first_batch=seq, **options),
-                                 q, k, v, cu_seqlens_q, cu_seqlens_k)
+        def run(qg, kg, vg, left, right, heads, sl):
+            group = dict(options, windows=[(left, right)] * qg.shape[1], sink_logits=sl)
+            if left >= 0 and right >= 0:  # every sequence's chunks in one call
+                return _banded_packed(qg, kg, vg, left, right, sinks, sm_scale, softcap, sl, score_mod, heads,
+                                      group["dropout"], cu_seqlens_q, cu_seqlens_k)
+            # unbounded: each sequence alone (a causal head is one causal SDPA call per sequence)
+            return map_sequences(lambda q_s, k_s, v_s, seq: _windowed(q_s, k_s, v_s, first_batch=seq, **group),
+                                 qg, kg, vg, cu_seqlens_q, cu_seqlens_k)
+
+        out, lse = _by_window(q, k, v, windows, sink_logits, run)
     else:
         out, lse = _windowed(q, k, v, **options)
     lse = lse.to(lse_dtype(q))
