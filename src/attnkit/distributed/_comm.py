@@ -261,3 +261,39 @@ def all_gather_async(x: torch.Tensor, group, size: int) -> tuple[list[torch.Tens
     out = [torch.empty_like(x) for _ in range(size)]
     work = dist.all_gather(out, x, group=group, async_op=True)
     return out, work
+
+
+def agree_2d(op: str, check: Callable[[], tuple[T, Sequence[Field]]], first: tuple, second: tuple) -> T:
+    """:func:`agree` over the ranks of a 2-D mesh, given as its two families of groups.
+
+    ``first`` and ``second`` are (group, size, name) of this rank's group along each mesh
+    dimension (ranks in messages are ranks of those groups). The ranks agree along
+    ``first``, then along ``second``, where a rank whose first agreement failed rejects
+    its input with that error: a failure anywhere reaches every rank of the mesh (a group
+    of one dimension meets every group of the other), and ranks that agree along both
+    dimensions agree across the mesh. No group spanning the mesh is needed. Collective
+    over the mesh; returns what ``check()`` returned first.
+    """
+    failure: Exception | None = None
+    try:
+        agree(op, check, first[0], first[1])
+    except Exception as exc:  # noqa: BLE001 - shared with the other dimension's ranks, raised on all
+        failure = exc
+
+    def second_check():
+        if failure is not None:     # the first dimension's message, without repeating op
+            raise type(failure)(f"(in its {first[2]!r} group) {str(failure).removeprefix(f'{op}: ')}")
+        return check()
+
+    return agree(op, second_check, second[0], second[1])
+
+
+def reduce_scatter(x: torch.Tensor, dim: int, group, size: int) -> torch.Tensor:
+    """Sum x over the ranks and keep this rank's chunk ``rank`` of ``size`` along ``dim``
+    (a reduce-scatter, as an all-to-all of the chunks and a local sum: gloo has no
+    reduce-scatter; the bytes per rank are the same)."""
+    send = torch.stack(x.chunk(size, dim=dim)).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return recv.sum(0)
+

@@ -14,12 +14,13 @@ is masked, which is how ring attention skips and balances causal work.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from ._comm import Field, agree, input_fields, world
+from ._comm import Field, agree, agree_2d, input_fields, world
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
 
@@ -60,6 +61,71 @@ def positions(layout: str, rank: int, world_size: int, total: int, device=None) 
     return torch.cat([first, second])
 
 
+MESH_DIMS = ("ulysses", "ring")
+
+
+class MeshGroups(NamedTuple):
+    """This rank's place on a USP mesh: its group, rank and size along each dimension."""
+
+    ulysses_group: object
+    ulysses_rank: int
+    ulysses_size: int
+    ring_group: object
+    ring_rank: int
+    ring_size: int
+
+
+def is_mesh(x: object) -> bool:
+    """Whether ``x`` is a torch.distributed DeviceMesh (False where torch lacks them)."""
+    try:
+        from torch.distributed.device_mesh import DeviceMesh
+    except ImportError:         # a torch built without distributed support
+        return False
+    return isinstance(x, DeviceMesh)
+
+
+def mesh_groups(mesh: object, name: str = "mesh") -> MeshGroups:
+    """The groups of a 2-D DeviceMesh whose dimensions are named "ulysses" and "ring"
+    (in either order: put "ulysses" on the fast links, e.g. the GPUs of one node).
+
+    Raises TypeError/ValueError naming ``name`` otherwise. A mesh is built collectively
+    and is the same on every rank, so every rank raises the same error without talking.
+    """
+    wanted = f"a 2-D torch.distributed.device_mesh.DeviceMesh with dimensions named {MESH_DIMS}"
+    if not is_mesh(mesh):
+        raise TypeError(f"{name} must be {wanted}, got {type(mesh).__name__}")
+    names = tuple(mesh.mesh_dim_names or ())
+    if mesh.ndim != 2 or sorted(names) != sorted(MESH_DIMS):
+        raise ValueError(f"{name} must be {wanted} (in either order), got a {mesh.ndim}-D mesh with dimension "
+                         f"names {mesh.mesh_dim_names}")
+    sizes = dict(zip(names, mesh.mesh.shape))
+    return MeshGroups(mesh.get_group("ulysses"), mesh.get_local_rank("ulysses"), int(sizes["ulysses"]),
+                      mesh.get_group("ring"), mesh.get_local_rank("ring"), int(sizes["ring"]))
+
+
+def check_mesh_length(total: int, layout: str, mesh: MeshGroups, name: str = "the sequence length") -> int:
+    """Raise a ValueError unless ``total`` tokens split over the mesh: ``layout`` over the
+    ring dimension, then equal contiguous parts over the Ulysses dimension. Returns the
+    tokens per rank."""
+    need = math.lcm(pieces(layout, mesh.ring_size), mesh.ring_size * mesh.ulysses_size)
+    if total % need != 0:
+        raise ValueError(f"{name} {total} cannot take layout {layout!r} on a {mesh.ulysses_size} x "
+                         f"{mesh.ring_size} (ulysses x ring) mesh: each ring shard must split into "
+                         f"{mesh.ulysses_size} equal parts, i.e. the length must be a multiple of {need}")
+    return total // (mesh.ring_size * mesh.ulysses_size)
+
+
+def mesh_positions(layout: str, mesh: MeshGroups, total: int, device=None) -> torch.Tensor:
+    """Global positions (increasing) of the tokens this rank holds on a USP mesh: its ring
+    rank's shard of ``layout`` over the ring dimension, cut into equal contiguous parts,
+    of which it holds part ``ulysses_rank`` (so Ulysses' all-to-all over the parts gives
+    back the ring shard, in order)."""
+    check_layout(layout)
+    local = check_mesh_length(total, layout, mesh)
+    ring = positions(layout, mesh.ring_rank, mesh.ring_size, total, device)
+    return ring[mesh.ulysses_rank * local:(mesh.ulysses_rank + 1) * local]
+
+
 def _check_dim(x: object, dim: object, name: str) -> int:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -78,16 +144,21 @@ def shard_sequence(x: torch.Tensor, *, layout: str, group=None, dim: int = 2) ->
             along ``dim`` (default 2).
         layout: "contiguous", "zigzag" or "striped" (see the module docstring).
         group: the process group (None: the default group; without torch.distributed
-            initialized, one rank).
+            initialized, one rank), or a 2-D DeviceMesh with dimensions "ulysses" and
+            "ring" (:func:`usp_attention`'s layout: ``layout`` over the ring dimension,
+            each ring shard cut into equal contiguous parts over the Ulysses dimension).
         dim: the sequence dimension.
 
     Returns:
-        (..., N / W, ...): the tokens this rank holds, in increasing position order.
+        (..., N / W, ...): the tokens this rank holds, in increasing position order
+        (W: the number of ranks of the group or mesh).
         Differentiable: the gradient is scattered back to those positions (this rank's
         share of the gradient of the replicated input).
     """
     dim = _check_dim(x, dim, "x")
     check_layout(layout)
+    if is_mesh(group):          # USP: layout over "ring", contiguous parts over "ulysses"
+        return x.index_select(dim, mesh_positions(layout, mesh_groups(group, "group"), x.shape[dim], x.device))
     rank, size = world(group)
     return x.index_select(dim, positions(layout, rank, size, x.shape[dim], x.device))
 
@@ -117,13 +188,15 @@ def unshard_sequence(x_local: torch.Tensor, *, layout: str, group=None, dim: int
             the same shape and dtype, and every rank the same layout and dim (checked
             before the all-gather: the same ValueError/TypeError on every rank otherwise,
             also when one rank's arguments are invalid).
-        layout, group, dim: as for :func:`shard_sequence`.
+        layout, group, dim: as for :func:`shard_sequence` (``group`` may be a USP mesh).
 
     Returns:
         (..., N, ...), the same on every rank. Differentiable: the result is treated as
         one replicated value (compute the same loss from it on every rank); the
         gradient of this rank's shard is the gradient at its positions.
     """
+    if is_mesh(group):
+        return _unshard_mesh(x_local, layout, mesh_groups(group, "group"), dim)
     rank, size = world(group)
 
     def check():                # this rank's arguments; agree() makes every rank raise if one fails
@@ -138,6 +211,26 @@ def unshard_sequence(x_local: torch.Tensor, *, layout: str, group=None, dim: int
     if size == 1:
         return x_local
     return _Unshard.apply(x_local, layout, group, dim, rank, size)
+
+
+def _unshard_mesh(x_local: torch.Tensor, layout: str, mesh: MeshGroups, dim: int) -> torch.Tensor:
+    """unshard_sequence on a USP mesh: the Ulysses parts back into ring shards, then the
+    ring shards back into the sequence (two all-gathers, the inverse of mesh_positions)."""
+    def check():                # agree_2d() makes every rank of the mesh raise if one fails
+        d = _check_dim(x_local, dim, "x_local")
+        check_layout(layout)
+        check_mesh_length(x_local.shape[d] * mesh.ulysses_size * mesh.ring_size, layout, mesh)
+        fields = input_fields("the shape of x_local", x_local.shape, "x_local", x_local)
+        return d, [*fields, Field("layout", layout), Field("dim", d)]
+
+    dim = agree_2d("unshard_sequence", check, (mesh.ulysses_group, mesh.ulysses_size, "ulysses"),
+                   (mesh.ring_group, mesh.ring_size, "ring"))
+    x = x_local
+    if mesh.ulysses_size > 1:
+        x = _Unshard.apply(x, "contiguous", mesh.ulysses_group, dim, mesh.ulysses_rank, mesh.ulysses_size)
+    if mesh.ring_size > 1:
+        x = _Unshard.apply(x, layout, mesh.ring_group, dim, mesh.ring_rank, mesh.ring_size)
+    return x
 
 
 class Block(NamedTuple):
