@@ -246,7 +246,7 @@ def test_window_reach_is_the_ranks_a_window_sees(world):
 def test_cost_model_covers_every_scheme(capsys):
     """``python -m attnkit.distributed.costs`` prints every scheme and the papers' figures
     beside the model's; the formulas follow each scheme's communication pattern."""
-    costs.main(["--lengths", "262144", "--worlds", "8"])
+    costs.main(["--lengths", "262144", "--worlds", "8", "--scheme-world", "8"])
     text = capsys.readouterr().out
     for name in ("windowed ring", "| Ulysses |", "USP (8 x 1)", "TokenRing", "LASP-2 (linear", "LASP-2H", "tree decode",
                  "Star Attention", "1.45x", "+36.6%", "86% MFU", "not measurements"):

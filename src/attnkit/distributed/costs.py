@@ -255,6 +255,7 @@ def main(argv=None) -> None:
     p.add_argument("--fast-gbs", type=float, default=200.0, help="intra-node link bandwidth per rank, GB/s")
     p.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072, 262144, 1048576])
     p.add_argument("--worlds", type=int, nargs="+", default=[2, 8, 16, 64])
+    p.add_argument("--scheme-world", type=int, default=16, help="W of the every-scheme table (N: the last length)")
     a = p.parse_args(argv)
     m = Model(a.heads, a.kv_heads, a.head_dim, a.elem_bytes, a.tflops, a.link_gbs, a.fast_gbs)
     print(f"Model: Hq={m.heads} Hkv={m.kv_heads} D=Dv={m.head_dim} {m.elem_bytes}-byte q/k/v/o, fp32 states; "
@@ -262,7 +263,7 @@ def main(argv=None) -> None:
           "per layer, batch 1. Model figures, not measurements.\n")
     print(markdown(table(a.lengths, a.worlds, m)))
     print()
-    print(schemes_markdown(a.lengths[-1], max(a.worlds[-1], 8), m))
+    print(schemes_markdown(a.lengths[-1], a.scheme_world, m))
     print()
     print(published(m))
 
