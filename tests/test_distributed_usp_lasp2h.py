@@ -135,6 +135,9 @@ def usp_bad_input(rank, world):
                            "same on every rank"))
     messages.append(raised(lambda: unshard_sequence(other, layout="zigzag", group=mesh), ValueError,
                            "same on every rank"))
+    y = x.double() if rank == 2 else x                              # rank 2's dtype differs
+    messages.append(raised(lambda: usp_attention(y, y, y, mesh), TypeError, "the dtype of q, k and v",
+                           "same on every rank"))
     usp_case(mesh, layout="striped", causal=True, n=8)              # the group still works afterwards
     return messages
 
@@ -176,6 +179,9 @@ def lasp2h_bad_input(rank, world):
     messages.append(raised(lambda: lasp2h_attention(x, x, x, None, window=3 + rank), ValueError, "window",
                            "same on every rank"))
     messages.append(raised(lambda: lasp2h_attention(x, x, x.double(), None), (TypeError, ValueError), "rank"))
+    y = x.double() if rank == 1 else x                              # rank 1's dtype differs
+    messages.append(raised(lambda: lasp2h_attention(y, y, y, None), TypeError, "the dtype of q, k and v",
+                           "same on every rank"))
     lasp2h_case(rank, world, window=3, ref_window=3)                # the group still works afterwards
     return messages
 
