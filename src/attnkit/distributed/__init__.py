@@ -5,7 +5,9 @@ When one device cannot hold a sequence, shard it across the ranks of a process g
 * :func:`shard_sequence` / :func:`unshard_sequence` - layouts "contiguous", "zigzag",
   "striped" (:mod:`.layout`).
 * :func:`ring_attention` - K/V rotate around the ring by P2P; causal work balanced by
-  the zigzag and striped layouts; GQA; differentiable (:mod:`.ring`).
+  the zigzag and striped layouts; GQA; sink logits; packed sequences; sliding windows
+  and sinks on a chain that talks only to the ranks a window reaches; differentiable
+  (:mod:`.ring`).
 * :func:`ulysses_attention` - all-to-all sequence <-> heads around any registered
   variant (:mod:`.ulysses`).
 * :func:`tree_decode` - decoding against a KV cache split across ranks with
