@@ -265,3 +265,4 @@ def test_cost_model_covers_every_scheme(capsys):
     assert costs.token_ring(n, w, m)["step_bytes"] == 32 * local * (128 * 2 + 4)
     assert costs.layer_time("striped", 1 << 18, 8, m) < costs.layer_time("ring", 1 << 18, 8, m)
     assert costs.star(n, w, m, query_tokens=3)["bytes"] == 3 * costs.tree(n, w, m)["bytes"]
+    assert costs.star(n, w, m, anchor=local)["bytes"] == shard + costs.tree(n, w, m)["bytes"]   # + the anchor

@@ -36,9 +36,10 @@ fp32; N_l = N / W tokens per rank):
 * tree:     decoding one token against a cache of N split over W ranks: all-reduce
             max (Hq 4 bytes) and sum (Hq (Dv + 1) 4 bytes); 2 log2 W rounds with
             recursive doubling, versus W - 1 steps for a ring of partial results.
-* star:     Star Attention: phase 1 (context) sends nothing (each rank attends its
-            block prefixed by the anchor block, which every rank already has); phase 2
-            is a tree decode of the query tokens. Approximate by design.
+* star:     Star Attention: phase 1 (context) broadcasts the anchor's K/V once
+            (2 Hkv anchor D e bytes), then each rank attends its block prefixed by the
+            anchor with no more communication; phase 2 is a tree decode of the query
+            tokens. Approximate by design.
 """
 
 from __future__ import annotations
@@ -126,9 +127,11 @@ def tree(n: int, w: int, m: Model) -> dict[str, float]:
     return {"bytes": size * rounds, "steps": 2 * rounds}
 
 
-def star(n: int, w: int, m: Model, query_tokens: int = 1) -> dict[str, float]:
+def star(n: int, w: int, m: Model, query_tokens: int = 1, anchor: int = 0) -> dict[str, float]:
+    """Phase 1's broadcast of the ``anchor`` tokens' K/V, then phase 2 for ``query_tokens``."""
     t = tree(n, w, m)
-    return {"bytes": query_tokens * t["bytes"], "steps": t["steps"]}
+    bcast = _kv_shard(anchor, m) if anchor and w > 1 else 0
+    return {"bytes": bcast + query_tokens * t["bytes"], "steps": t["steps"] + (1 if bcast else 0)}
 
 
 def layer_time(scheme: str, n: int, w: int, m: Model, *, u: int = 8) -> float:
@@ -184,7 +187,7 @@ def schemes(n: int, w: int, m: Model, *, window: int = 4096, sinks: int = 4, u: 
             ("LASP-2 (linear layers)", lasp2(n, w, m)),
             ("LASP-2H (softmax layers)", lasp2h(n, w, m)),
             ("tree decode (1 token)", tree(n, w, m)),
-            ("Star Attention (phase 2, 1 token)", star(n, w, m))]
+            ("Star Attention (anchor = N/W, 1 query token)", star(n, w, m, anchor=n // w))]
     return [(name, c["bytes"] / 2**20, c["steps"]) for name, c in rows]
 
 
