@@ -237,3 +237,15 @@ def test_sliding_window_packed_sequences_are_one_call(monkeypatch):
     ref = attnkit.sliding_window_attention(q, k, v, backend="reference", **options)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert len(calls) == 1, calls
+
+
+def test_explicit_scores_run_in_pieces(monkeypatch):
+    """Softcap, mods and dropout take explicit scores; a large call runs them in pieces of the
+    blocks (checkpointed under autograd) with the same forward and gradients."""
+    import attnkit.torch_backend as tb
+
+    monkeypatch.setattr(tb, "_EXPLICIT_SCORES", 2 * 40 * 80)  # two heads of one 40 x 80 block
+    case = Case((1, 2, 150, 16), (1, 1, 150, 16), (1, 1, 150, 16),
+                {"window": (30, 4), "sinks": 2, "softcap": 3.0, "dropout_p": 0.2}, name="pieces")
+    _check("sliding_window", case, torch.float32)
+    _check("neighborhood", _nb((11, 13), kernel_size=5, dropout_p=0.2, name="pieces"), torch.float32)

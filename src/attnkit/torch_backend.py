@@ -267,6 +267,10 @@ __all__ = ["add_sink_logits", "blocked_attention", "grouped_scores", "grouped_va
            "softmax_with_lse"]
 
 
+#: explicit scores (softcap, mods, dropout) per piece of :func:`masked_attention`'s blocks, at most
+_EXPLICIT_SCORES = 1 << 23
+
+
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, *, scale: float,
                      softcap: float | None = None, score_mod: Any = None, sink_logits: torch.Tensor | None = None,
                      dropout: Any = None, positions: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,7 +283,8 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     and ``dropout`` (an :class:`attnkit.dropout.Dropout`) as in the references, with
     ``positions`` = (b, h, q_idx, kv_idx) broadcastable to the scores (what mods and dropout
     see). Without those three, on CPU, it is one call of the flash kernel with the mask
-    added to the scores; otherwise explicit scores (the caller keeps the blocks small).
+    added to the scores; otherwise explicit scores, in pieces of the blocks (along Bx) of
+    about 8M scores, checkpointed under autograd.
     """
     Bx, Hq, M = q.shape[:3]
     L = k.shape[2]
@@ -293,6 +298,29 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         seen = mask.any(dim=-1)  # the kernel gives a row that sees nothing lse 0
         lse = torch.where(seen, lse.to(lse_dtype(q)), -math.inf)
         return add_sink_logits(out, lse, sink_logits)
+    step = max(1, _EXPLICIT_SCORES // (Hq * M * L))
+    if Bx > step:
+        # explicit scores of every block at once could take gigabytes: blocks in pieces of about
+        # _EXPLICIT_SCORES scores, each checkpointed under autograd (recomputed in the backward)
+        def piece(first: int, q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor):
+            def cut(t: torch.Tensor) -> torch.Tensor:
+                return t[first:first + step] if t.dim() and t.shape[0] == Bx else t
+
+            return masked_attention(q_, k_, v_, cut(mask), scale=scale, softcap=softcap, score_mod=score_mod,
+                                    dropout=dropout, positions=None if positions is None else tuple(map(cut, positions)))
+
+        from torch.utils.checkpoint import checkpoint
+
+        outs, lses = [], []
+        for first in range(0, Bx, step):
+            args = (first, q[first:first + step], k[first:first + step], v[first:first + step])
+            if torch.is_grad_enabled():
+                o, o_lse = checkpoint(piece, *args, use_reentrant=False)
+            else:
+                o, o_lse = piece(*args)
+            outs.append(o)
+            lses.append(o_lse)
+        return add_sink_logits(torch.cat(outs), torch.cat(lses), sink_logits)
     s = grouped_scores(q, k) * scale
     if softcap is not None:
         s = torch.tanh(s / softcap) * softcap
