@@ -26,7 +26,8 @@ fp32; N_l = N / W tokens per rank):
             (fast links), then a ring of R - 1 steps over K/V shards of N / R tokens
             and Hkv / U heads across the groups (slow links).
 * tokenring: queries travel forward (Hq N_l D e per step) while partial outputs and
-            LSEs travel back (Hq N_l (Dv e + 4)), both link directions busy at once:
+            LSEs travel back in fp32 (Hq N_l (Dv + 1) 4, as token_ring_attention sends
+            them), both link directions busy at once:
             W - 1 steps whose time is the larger of the two, not their sum.
 * lasp2:    one all-gather of the D x Dv fp32 state per head: a rank receives
             (W-1) Hq D Dv 4 bytes, independent of N; 1 collective (log2 W rounds
@@ -109,8 +110,9 @@ def usp(n: int, u: int, r: int, m: Model) -> dict[str, float]:
 def token_ring(n: int, w: int, m: Model) -> dict[str, float]:
     local = n / w
     forward = m.heads * local * m.head_dim * m.elem_bytes           # queries, one way
-    backward = m.heads * local * (m.head_dim * m.elem_bytes + 4)    # partial outputs and LSEs, the other
-    return {"bytes": (w - 1) * (forward + backward), "steps": w - 1, "step_bytes": max(forward, backward)}
+    backward = m.heads * local * (m.head_dim + 1) * 4              # fp32 partial outputs and LSEs, the other
+    return {"bytes": (w - 1) * (forward + backward), "steps": w - 1, "step_bytes": max(forward, backward),
+            "forward_bytes": forward, "backward_bytes": backward}
 
 
 def lasp2(n: int, w: int, m: Model) -> dict[str, float]:
@@ -240,9 +242,10 @@ def published(m: Model) -> str:
               f"modelled layer time (8-way Ulysses on {m.fast_gbs:g} GB/s, 2-way ring on {m.link_gbs:g} GB/s) vs "
               f"{ring_share:.0%} for a striped ring over all 16 ranks on {m.link_gbs:g} GB/s |"),
              (f"| TokenRing: both directions of a link busy | bidirectional overlap | a step moves "
-             f"{tr['step_bytes'] / 2**20:.1f} MB each way at once (q forward, o + LSE back) vs the ring's "
-             f"{ring_step / 2**20:.1f} MB one way, N = 128K, W = 8 (GQA 32/8: TokenRing moves more bytes "
-             "and gains where Hq D is close to 2 Hkv D) |")]
+             f"{tr['forward_bytes'] / 2**20:.1f} MB of queries forward and {tr['backward_bytes'] / 2**20:.1f} MB "
+             f"of fp32 partials back at once (its time: the larger) vs the ring's {ring_step / 2**20:.1f} MB "
+             "one way, N = 128K, W = 8 (with GQA 32/8 the ring moves fewer bytes; with MHA the larger "
+             "direction is about the ring's K/V shard, and the other direction comes free) |")]
     return "\n".join(lines)
 
 
