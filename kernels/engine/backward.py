@@ -29,6 +29,7 @@ import triton.language as tl
 from .common import (
     LOG2E,
     block_index,
+    head_rows,
     load_rows,
     mod_positions,
     scores,
@@ -159,8 +160,8 @@ def attn_bwd_dkdv_kernel(
         tb = tensor_b.to(tl.int64)
         k_row = k_start.to(tl.int64)
         q_row = q_start.to(tl.int64)
-        k_base = K + tb * stride_kb + off_hk.to(tl.int64) * stride_kh + k_row * stride_kn
-        v_base = V + tb * stride_vb + off_hk.to(tl.int64) * stride_vh + k_row * stride_vn
+        k_base = head_rows(K, tb, off_hk, k_row, stride_kb, stride_kh, stride_kn)
+        v_base = head_rows(V, tb, off_hk, k_row, stride_vb, stride_vh, stride_vn)
         k = load_rows(tile_source(k_base, seqlen_k, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D, TMA), start_n, stride_kn,
                       offs_n, seqlen_k, offs_d, HEAD_DIM, CHECK_N, PAD_D, TMA)
         v = load_rows(tile_source(v_base, seqlen_k, stride_vn, HEAD_DIM_V, BLOCK_N, BLOCK_DV, TMA), start_n,
@@ -169,12 +170,12 @@ def attn_bwd_dkdv_kernel(
         dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
         for g in range(groups):
             off_h = off_hk * groups + g
-            q_src = tile_source(Q + tb * stride_qb + off_h.to(tl.int64) * stride_qh + q_row * stride_qm, seqlen_q,
+            q_src = tile_source(head_rows(Q, tb, off_h, q_row, stride_qb, stride_qh, stride_qm), seqlen_q,
                                 stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
-            do_src = tile_source(DO + tb * stride_dob + off_h.to(tl.int64) * stride_doh + q_row * stride_dom,
-                                 seqlen_q, stride_dom, HEAD_DIM_V, BLOCK_M, BLOCK_DV, TMA)
-            lse_base = LSE + tb * stride_lb + off_h.to(tl.int64) * stride_lh + q_row
-            delta_base = DELTA + tb * stride_lb + off_h.to(tl.int64) * stride_lh + q_row
+            do_src = tile_source(head_rows(DO, tb, off_h, q_row, stride_dob, stride_doh, stride_dom), seqlen_q,
+                                 stride_dom, HEAD_DIM_V, BLOCK_M, BLOCK_DV, TMA)
+            lse_base = head_rows(LSE, tb, off_h, q_row, stride_lb, stride_lh, 1)
+            delta_base = head_rows(DELTA, tb, off_h, q_row, stride_lb, stride_lh, 1)
             seq = (off_b, off_h, seqlen_q, seqlen_k)
             ranges, index = segments(start_n // LIST_BK, start_n, BLOCK_M, BLOCK_N, seq, RANGE_FN, LISTS,
                                      VARIANT_ARGS, SUB)
@@ -191,9 +192,9 @@ def attn_bwd_dkdv_kernel(
             dv = dv * DROPOUT_ARGS[2]
         mask_nd = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
         mask_ndv = (offs_n[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V)
-        tl.store(DK + tb * stride_dkb + off_hk.to(tl.int64) * stride_dkh + (k_row + offs_n[:, None]) * stride_dkn
+        tl.store(head_rows(DK, tb, off_hk, k_row, stride_dkb, stride_dkh, stride_dkn) + offs_n[:, None] * stride_dkn
                  + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=mask_nd)
-        tl.store(DV + tb * stride_dvb + off_hk.to(tl.int64) * stride_dvh + (k_row + offs_n[:, None]) * stride_dvn
+        tl.store(head_rows(DV, tb, off_hk, k_row, stride_dvb, stride_dvh, stride_dvn) + offs_n[:, None] * stride_dvn
                  + offs_dv[None, :], dv.to(DV.dtype.element_ty), mask=mask_ndv)
 
 
@@ -287,19 +288,20 @@ def attn_bwd_dq_kernel(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
-        q_base = Q + tb * stride_qb + off_h.to(tl.int64) * stride_qh + q_row * stride_qm
-        do_base = DO + tb * stride_dob + off_h.to(tl.int64) * stride_doh + q_row * stride_dom
+        q_base = head_rows(Q, tb, off_h, q_row, stride_qb, stride_qh, stride_qm)
+        do_base = head_rows(DO, tb, off_h, q_row, stride_dob, stride_doh, stride_dom)
         q = load_rows(tile_source(q_base, seqlen_q, stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D, TMA), start_m, stride_qm,
                       offs_m, seqlen_q, offs_d, HEAD_DIM, CHECK_M, PAD_D, TMA)
         do = load_rows(tile_source(do_base, seqlen_q, stride_dom, HEAD_DIM_V, BLOCK_M, BLOCK_DV, TMA), start_m,
                        stride_dom, offs_m, seqlen_q, offs_dv, HEAD_DIM_V, CHECK_M, PAD_DV, TMA)
-        l_ptrs = tb * stride_lb + off_h.to(tl.int64) * stride_lh + q_row + offs_m
-        lse = tl.load(LSE + l_ptrs, mask=offs_m < seqlen_q, other=0.0)
-        delta = tl.load(DELTA + l_ptrs, mask=offs_m < seqlen_q, other=0.0)
+        lse = tl.load(head_rows(LSE, tb, off_h, q_row, stride_lb, stride_lh, 1) + offs_m, mask=offs_m < seqlen_q,
+                      other=0.0)
+        delta = tl.load(head_rows(DELTA, tb, off_h, q_row, stride_lb, stride_lh, 1) + offs_m, mask=offs_m < seqlen_q,
+                        other=0.0)
         lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
-        k_src = tile_source(K + tb * stride_kb + off_hk.to(tl.int64) * stride_kh + k_row * stride_kn, seqlen_k,
+        k_src = tile_source(head_rows(K, tb, off_hk, k_row, stride_kb, stride_kh, stride_kn), seqlen_k,
                             stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
-        v_src = tile_source(V + tb * stride_vb + off_hk.to(tl.int64) * stride_vh + k_row * stride_vn, seqlen_k,
+        v_src = tile_source(head_rows(V, tb, off_hk, k_row, stride_vb, stride_vh, stride_vn), seqlen_k,
                             stride_vn, HEAD_DIM_V, BLOCK_N, BLOCK_DV, TMA)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         seq = (off_b, off_h, seqlen_q, seqlen_k)
@@ -314,6 +316,6 @@ def attn_bwd_dq_kernel(
                             MASK_MOD if seg > 0 or MASK_FULL_BLOCKS else None, LIST, SUB, BLOCK_N, HEAD_DIM,
                             HEAD_DIM_V, CHECK_M, CHECK_N, PAD_D, PAD_DV, HAS_SOFTCAP, DROPOUT, DOT_PRECISION, TMA)
         dq = dq * sm_scale
-        tl.store(DQ + tb * stride_dqb + off_h.to(tl.int64) * stride_dqh + (q_row + offs_m[:, None]) * stride_dqm
+        tl.store(head_rows(DQ, tb, off_h, q_row, stride_dqb, stride_dqh, stride_dqm) + offs_m[:, None] * stride_dqm
                  + offs_d[None, :], dq.to(DQ.dtype.element_ty),
                  mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))

@@ -35,6 +35,13 @@ def load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK_
 
 
 @triton.jit
+def head_rows(PTR, b, h, row0, stride_b, stride_h, stride_row):
+    """Pointer to row ``row0`` of head ``h`` of batch entry ``b`` of a (B, H, N, ...) tensor,
+    with 64-bit offsets (B * H * N * D can pass 2**31)."""
+    return PTR + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h + row0.to(tl.int64) * stride_row
+
+
+@triton.jit
 def tile_source(base, n_rows, stride_row, N_COLS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                 TMA: tl.constexpr):
     """Where row tiles of the (n_rows, N_COLS) matrix at ``base`` (row stride ``stride_row``,

@@ -38,6 +38,7 @@ import triton.language as tl
 from .common import (
     LN2,
     block_index,
+    head_rows,
     load_rows,
     scores,
     segments,
@@ -136,9 +137,9 @@ def attn_fwd_kernel(
                                                                      VARLEN)
     if start_m < seqlen_q:
         off_hk = off_h // groups
-        q_base = Q + tensor_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qm
-        k_base = K + tensor_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
-        v_base = V + tensor_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
+        q_base = head_rows(Q, tensor_b, off_h, q_start, stride_qb, stride_qh, stride_qm)
+        k_base = head_rows(K, tensor_b, off_hk, k_start, stride_kb, stride_kh, stride_kn)
+        v_base = head_rows(V, tensor_b, off_hk, k_start, stride_vb, stride_vh, stride_vn)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
@@ -184,16 +185,17 @@ def attn_fwd_kernel(
         else:
             out = acc / l_safe[:, None]
         lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-        o_base = O + tensor_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_om
+        o_base = head_rows(O, tensor_b, off_h, q_start, stride_ob, stride_oh, stride_om)
         o_ptrs = o_base + offs_m[:, None] * stride_om + offs_dv[None, :]
         if TMA:  # the copy engine drops the rows and columns past the ends
             tile_source(o_base, seqlen_q, stride_om, HEAD_DIM_V, BLOCK_M, BLOCK_DV, TMA).store(
                 [start_m, 0], out.to(O.dtype.element_ty))
         elif CHECK_M or PAD_DV:
-            tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V))
+            tl.store(o_ptrs, out.to(O.dtype.element_ty),
+                     mask=(offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V))
         else:
             tl.store(o_ptrs, out.to(O.dtype.element_ty))
-        l_ptrs = LSE + tensor_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + q_start + offs_m
+        l_ptrs = head_rows(LSE, tensor_b, off_h, q_start, stride_lb, stride_lh, 1) + offs_m
         if CHECK_M:
             tl.store(l_ptrs, lse, mask=offs_m < seqlen_q)
         else:
