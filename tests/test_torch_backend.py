@@ -319,3 +319,17 @@ def test_hf_llama_on_cpu_runs_the_torch_backend(monkeypatch, padded):
     assert calls, "the torch backend did not run"
     keep = mask.bool()
     torch.testing.assert_close(logits["attnkit"][keep], logits["sdpa"][keep], rtol=1e-4, atol=1e-4)
+
+
+def test_sdpa_with_lse_expands_kv_heads_where_the_cpu_kernel_lacks_gqa(monkeypatch):
+    import attnkit.torch_backend as tb
+
+    q, k, v = rand(1, 4, 9, 8, grad=True), rand(1, 2, 13, 8, seed=1, grad=True), rand(1, 2, 13, 8, seed=2, grad=True)
+    want = dense_attention(q, k, v, causal=True, sm_scale=0.3)
+    monkeypatch.setattr(tb, "_CPU_FLASH_GQA", False)
+    got = sdpa_with_lse(q, k, v, causal=True, scale=0.3)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(got[0].sum(), (k, v))
+    for a, b in zip(grads, torch.autograd.grad(want[0].sum(), (k, v))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -39,6 +39,9 @@ from .merge import merge_attention
 
 _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+#: the CPU flash kernel reads kv head h // (Hq // Hkv) itself since torch 2.5 (SDPA's enable_gqa);
+#: older versions get the kv heads expanded
+_CPU_FLASH_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 def _sdpa_lse_any_device(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
@@ -98,6 +101,8 @@ def _fused_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, 
     elif dv < d:
         v = F.pad(v, (0, d - dv))
     if q.device.type == "cpu":
+        if k.shape[1] != q.shape[1] and not _CPU_FLASH_GQA:
+            k, v = expand_kv_heads(k, q.shape[1]), expand_kv_heads(v, q.shape[1])
         out, lse = _FlashCpu.apply(q, k, v, causal, scale, mask)
     else:  # (masked calls run on CPU only: see masked_attention)
         out, lse = _sdpa_lse_any_device(q, k, v, causal, scale)
