@@ -15,6 +15,7 @@ explicit scores and the flat row-major positions the reference gives them.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -84,6 +85,47 @@ def _broadcast(x: torch.Tensor, a: int, ndim: int, groups: int) -> torch.Tensor:
     return x.reshape(shape)
 
 
+class _Plan(NamedTuple):
+    """What a geometry's calls share: the axes' tiles, the halo index per axis (see
+    ``neighborhood_torch``), the mask (tiles, 1, prod(T), prod(K)) and the flat row-major
+    positions mods see, of the tiles' queries (tiles, prod(T)) and halo keys (tiles, prod(K))."""
+
+    tiles: list[_AxisTiles]
+    index: list[torch.Tensor]
+    mask: torch.Tensor
+    q_idx: torch.Tensor
+    k_idx: torch.Tensor
+
+
+def _make_plan(axes: tuple[AxisParams, ...], device: torch.device) -> _Plan:
+    n = len(axes)
+    tiles = [_axis_tiles(a, n, device) for a in axes]
+    count = math.prod(a.dilation for a in axes) * math.prod(t.tiles for t in tiles)
+    mask = None
+    for a, t in enumerate(tiles):
+        m = _broadcast(t.mask, a, n, 4)                       # (d..., nT..., T..., K...)
+        mask = m if mask is None else mask & m
+    strides = [math.prod(ax.length for ax in axes[a + 1:]) for a in range(n)]
+    q_idx = sum(_broadcast(t.q_index, a, n, 3) * strides[a] for a, t in enumerate(tiles))
+    k_idx = sum(_broadcast(t.k_index, a, n, 3) * strides[a] for a, t in enumerate(tiles))
+    return _Plan(tiles, [_broadcast(t.k_index, a, n, 3) for a, t in enumerate(tiles)],
+                 mask.reshape(count, 1, math.prod(t.tile for t in tiles), math.prod(t.halo for t in tiles)),
+                 q_idx.reshape(count, -1), k_idx.reshape(count, -1))
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_plan(axes: tuple[AxisParams, ...], device: str) -> _Plan:
+    return _make_plan(axes, torch.device(device))
+
+
+def _plan(axes: tuple[AxisParams, ...], device: torch.device) -> _Plan:
+    """The plan of a geometry: cached when eager (a model calls one geometry in every layer);
+    under torch.compile built in the graph, as the reference's neighbour table."""
+    if torch.compiler.is_compiling():
+        return _make_plan(axes, device)
+    return _cached_plan(axes, str(device))
+
+
 def neighborhood_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                        kernel_size: int | Sequence[int], dilation: int | Sequence[int] = 1,
                        causal: bool | Sequence[bool] = False, stride: int | Sequence[int] = 1,
@@ -103,7 +145,8 @@ def neighborhood_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     sm_scale = check_scale(scale, q.shape[-1])
     B, Hq, Hkv, D, Dv = q.shape[0], q.shape[1], k.shape[1], q.shape[-1], v.shape[-1]
     device = q.device
-    tiles = [_axis_tiles(a, n, device) for a in axes]
+    plan = _plan(axes, device)
+    tiles = plan.tiles
     dil = [a.dilation for a in axes]
     nT = [t.tiles for t in tiles]
     T = [t.tile for t in tiles]
@@ -127,29 +170,19 @@ def neighborhood_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     # (B, *spatial, Hkv, w)[:, index...] -> (B, d..., nT..., K..., Hkv, w), then a view with the
     # heads second (the flash kernel reads strides). Indices are original ones clamped into the
     # map: slots that hold no key of the halo are masked.
-    index = [_broadcast(t.k_index, a, n, 3) for a, t in enumerate(tiles)]
+    index = plan.index
 
     def halos(x: torch.Tensor) -> torch.Tensor:
         g = x.movedim(1, -2).contiguous()[(slice(None), *index)]
         return g.reshape(B * count, math.prod(K), Hkv, x.shape[-1]).transpose(1, 2)
 
-    mask = None
-    for a, t in enumerate(tiles):
-        m = _broadcast(t.mask, a, n, 4)                       # (d..., nT..., T..., K...)
-        mask = m if mask is None else mask & m
-    mask = mask.reshape(count, 1, math.prod(T), math.prod(K))
-    if B > 1:
-        mask = mask.repeat(B, 1, 1, 1)
-
+    mask = plan.mask.repeat(B, 1, 1, 1) if B > 1 else plan.mask
     positions = None
     if score_mod is not None or dropout is not None:
-        strides = [math.prod(spatial[a + 1:]) for a in range(n)]
-        q_idx = sum(_broadcast(t.q_index, a, n, 3) * strides[a] for a, t in enumerate(tiles))
-        k_idx = sum(_broadcast(t.k_index, a, n, 3) * strides[a] for a, t in enumerate(tiles))
         b = torch.arange(B, device=device).repeat_interleave(count).view(-1, 1, 1, 1)
         positions = (b, torch.arange(Hq, device=device).view(1, -1, 1, 1),
-                     q_idx.reshape(1, count, -1).expand(B, -1, -1).reshape(B * count, 1, -1, 1),
-                     k_idx.reshape(1, count, -1).expand(B, -1, -1).reshape(B * count, 1, 1, -1))
+                     plan.q_idx.repeat(B, 1).view(B * count, 1, -1, 1),
+                     plan.k_idx.repeat(B, 1).view(B * count, 1, 1, -1))
 
     out, lse = masked_attention(qt, halos(k), halos(v), mask, scale=sm_scale, score_mod=score_mod,
                                 dropout=dropout, positions=positions)
