@@ -17,6 +17,7 @@ initial state).
 from __future__ import annotations
 
 import torch
+from torch.nn.functional import pad
 
 from .._reference import expand_kv_heads
 from .reference import resolve_offsets, run_linear
@@ -80,44 +81,80 @@ def chunked_linear_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slop
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     B, Hq, N, F = q.shape
     Dv = v.shape[-1]
+    dev = q.device
     k, v = expand_kv_heads(k, Hq), expand_kv_heads(v, Hq)
+    q, k, v = (x.to(compute) for x in (q, k, v))
+    # chunks (P, Hq, T, C, E): an unpacked batch is (B, Hq, N / C chunks) as it lies (the
+    # last chunk padded); a packed one (1, Hq, all sequences' chunks), cut per sequence
     if cu_seqlens is None:
         lengths = [N] * B
+        T = -(-N // chunk)
+        qc, kc, vc = ((x if T * chunk == N else pad(x, (0, 0, 0, T * chunk - N))).view(B, Hq, T, chunk, x.shape[-1])
+                      for x in (q, k, v))
+        valid = torch.tensor([min(chunk, N - j * chunk) for j in range(T)], dtype=compute, device=dev)
     else:
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    rows = len(lengths)
-    # tokens head-major, the sequences (batch entries or packed sequences) end to end
-    qt, kt, vt = (x.to(compute).transpose(0, 1).reshape(Hq, -1, x.shape[-1]) for x in (q, k, v))
-    qc, kc, vc = (_to_chunks(x, lengths, chunk) for x in (qt, kt, vt))    # (Hq, T, C, E)
-    first, counts = _chunk_layout(lengths, chunk)
-    T = qc.shape[1]
-    # valid rows of each chunk (a sequence's last chunk may be short)
-    valid = torch.tensor([min(chunk, n - j * chunk) for n, c in zip(lengths, counts) for j in range(c)],
-                         dtype=compute, device=q.device).view(1, T, 1, 1)
-    pos = torch.arange(chunk, dtype=compute, device=q.device)
+        qc, kc, vc = (_to_chunks(x[0], lengths, chunk).unsqueeze(0) for x in (q, k, v))
+        T = qc.shape[2]
+        valid = torch.tensor([min(chunk, n - j * chunk) for n in lengths for j in range(-(-n // chunk))],
+                             dtype=compute, device=dev)
+    valid = valid.view(1, 1, T, 1, 1)                                      # rows of each chunk
+    pos = torch.arange(chunk, dtype=compute, device=dev)
     dist = pos[:, None] - pos[None, :]                                     # t - s in the chunk
     causal = dist >= 0
-    zero = torch.zeros((), dtype=compute, device=q.device)
+    zero = torch.zeros((), dtype=compute, device=dev)
     if slopes is None:
         intra_mask = causal.to(compute)                                    # (C, C)
         q_decay = k_weight = chunk_decay = None
     else:
-        rate = slopes.to(compute).view(Hq, 1, 1, 1)
-        intra_mask = torch.where(causal, torch.exp(-rate * dist.clamp(min=0)), zero)   # (Hq, 1, C, C)
-        q_decay = torch.exp(-rate * (pos + 1).view(1, 1, chunk, 1))       # lambda^(t+1) (Hq, 1, C, 1)
-        to_end = valid - 1 - pos.view(1, 1, chunk, 1)                      # n_c - 1 - s (1, T, C, 1)
+        rate = slopes.to(compute).view(1, Hq, 1, 1, 1)
+        intra_mask = torch.where(causal, torch.exp(-rate * dist.clamp(min=0)), zero)   # (1, Hq, 1, C, C)
+        q_decay = torch.exp(-rate * (pos + 1).view(chunk, 1))             # lambda^(t+1) (1, Hq, 1, C, 1)
+        to_end = valid - 1 - pos.view(chunk, 1)                            # n_c - 1 - s (1, 1, T, C, 1)
         # lambda^(n_c - 1 - s); padded rows (negative exponent) hold zero keys: weight 0, never inf * 0
         k_weight = torch.where(to_end >= 0, torch.exp(-rate * to_end.clamp(min=0)), zero)
-        chunk_decay = torch.exp(-rate * valid)                             # lambda^(n_c) (Hq, T, 1, 1)
+        chunk_decay = torch.exp(-rate * valid)                             # lambda^(n_c) (1, Hq, T, 1, 1)
     intra = torch.matmul(torch.matmul(qc, kc.transpose(-1, -2)) * intra_mask, vc)
-    kv = torch.matmul((kc if k_weight is None else kc * k_weight).transpose(-1, -2), vc)   # (Hq, T, F, Dv)
-
-    # The recurrence over chunk indices, all sequences at once: sequences sorted by their
-    # number of chunks (longest first), so the ones still running are a prefix that shrinks.
-    order = sorted(range(rows), key=lambda s: -counts[s])
-    state = (torch.zeros(rows, Hq, F, Dv, dtype=compute, device=q.device) if initial_state is None
+    kv = torch.matmul((kc if k_weight is None else kc * k_weight).transpose(-1, -2), vc)   # (P, Hq, T, F, Dv)
+    state = (torch.zeros(len(lengths), Hq, F, Dv, dtype=compute, device=dev) if initial_state is None
              else initial_state.to(compute))
-    state = state.transpose(0, 1)[:, torch.tensor(order, dtype=torch.long, device=q.device)]   # (Hq, rows, F, Dv)
+    if cu_seqlens is None:  # every row has T chunks: the state of each chunk index in one step
+        incoming = []
+        for j in range(T):
+            incoming.append(state)
+            state = kv[:, :, j] + (state if chunk_decay is None else chunk_decay[:, :, j] * state)
+        final = state
+        s_in = torch.stack(incoming, dim=2) if T else None                 # (B, Hq, T, F, Dv)
+    else:
+        s_in, final = _packed_states(kv[0], None if chunk_decay is None else chunk_decay[0], state, lengths, chunk)
+        s_in = s_in.unsqueeze(0) if s_in is not None else None
+    if s_in is not None:
+        reader = qc if q_decay is None else qc * q_decay
+        out_c = (intra + torch.matmul(reader, s_in)) * scale
+    else:
+        out_c = intra * scale
+    if cu_seqlens is None:
+        out = out_c.view(B, Hq, T * chunk, Dv)[:, :, :N]
+    else:
+        out = _from_chunks(out_c[0], lengths, chunk).unsqueeze(0)          # (1, Hq, N, Dv)
+    return out, final
+
+
+def _packed_states(kv: torch.Tensor, chunk_decay: torch.Tensor | None, state: torch.Tensor, lengths: list[int],
+                   chunk: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The states entering each chunk of packed sequences, and their final states.
+
+    kv (Hq, T, F, Dv) each chunk's contribution, chunk_decay (Hq, T, 1, 1) or None, state
+    (S, Hq, F, Dv) the initial ones -> (Hq, T, F, Dv) (None when T = 0), (S, Hq, F, Dv). The
+    recurrence runs over chunk indices, all sequences at once: sorted by their number of
+    chunks (longest first), the ones still running are a prefix that shrinks.
+    """
+    dev = kv.device
+    rows = len(lengths)
+    first, counts = _chunk_layout(lengths, chunk)
+    T = kv.shape[1]
+    order = sorted(range(rows), key=lambda s: -counts[s])
+    state = state.transpose(0, 1)[:, torch.tensor(order, dtype=torch.long, device=dev)]   # (Hq, rows, F, Dv)
     incoming, incoming_ids, finals = [], [], []
     active = rows
     for j in range(max(counts, default=0) + 1):
@@ -128,28 +165,21 @@ def chunked_linear_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slop
             active = still
         if active == 0:
             break
-        ids = torch.tensor([first[s] + j for s in order[:active]], dtype=torch.long, device=q.device)
+        ids = torch.tensor([first[s] + j for s in order[:active]], dtype=torch.long, device=dev)
         incoming.append(state)
         incoming_ids.append(ids)
         step = kv.index_select(1, ids)
         state = step + (state if chunk_decay is None else chunk_decay.index_select(1, ids) * state)
     finals.reverse()  # shortest sequences finished first: back to the sorted order
-    final_sorted = torch.cat(finals, dim=1)
     unsort = torch.empty(rows, dtype=torch.long)
     unsort[torch.tensor(order, dtype=torch.long)] = torch.arange(rows)
-    final = final_sorted[:, unsort.to(q.device)].transpose(0, 1)           # (rows, Hq, F, Dv)
-
-    if T:
-        ids = torch.cat(incoming_ids)
-        back = torch.empty_like(ids)
-        back[ids] = torch.arange(T, device=q.device)
-        s_in = torch.cat(incoming, dim=1)[:, back]                         # (Hq, T, F, Dv), chunk order
-        reader = qc if q_decay is None else qc * q_decay
-        out_c = (intra + torch.matmul(reader, s_in)) * scale
-    else:
-        out_c = intra * scale
-    out = _from_chunks(out_c, lengths, chunk)                              # (Hq, Ntot, Dv)
-    return out.view(Hq, B, N, Dv).transpose(0, 1), final
+    final = torch.cat(finals, dim=1)[:, unsort.to(dev)].transpose(0, 1)    # (rows, Hq, F, Dv)
+    if not T:
+        return None, final
+    ids = torch.cat(incoming_ids)
+    back = torch.empty_like(ids)
+    back[ids] = torch.arange(T, device=dev)
+    return torch.cat(incoming, dim=1)[:, back], final                       # chunk order
 
 
 def linear_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
