@@ -10,19 +10,12 @@ checks are batched. Workers end as docs/distributed.md says (barrier, destroy th
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
-import pathlib
-import socket
-import time
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from gloo_group import assert_check, run_group
 import attnkit
 from attnkit.distributed import (LAYOUTS, lasp2_lightning_attention, lasp2_linear_attention, ring_attention,
                                  shard_sequence, tree_decode, ulysses_attention, unshard_sequence)
@@ -235,66 +228,15 @@ CHECKS["bad_input"] = bad_input_case
 
 # --------------------------------------------------------------------------- the spawned group
 
-def _worker(rank: int, world: int, port: int, outdir: str) -> None:
-    torch.set_num_threads(1)
-    results = {}
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
-        for name, check in CHECKS.items():
-            start = time.perf_counter()
-            try:
-                check(rank, world)
-                results[name] = {"ok": True, "s": time.perf_counter() - start}
-            except Exception:
-                results[name] = {"ok": False, "error": traceback.format_exc()}
-    except Exception:
-        results["<setup>"] = {"ok": False, "error": traceback.format_exc()}
-    finally:
-        path = pathlib.Path(outdir) / f"rank{rank}.json"
-        path.write_text(json.dumps(results))
-        try:
-            if dist.is_initialized():
-                dist.barrier()
-                dist.destroy_process_group()
-        finally:
-            os._exit(0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_group(world: int, outdir: pathlib.Path):
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(outdir)), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the {world}-rank group did not finish in {DEADLINE_S} s")
-    finally:
-        for p in ctx.processes:      # only the processes this test started
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    return [json.loads((outdir / f"rank{r}.json").read_text()) for r in range(world)]
-
-
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"W{w}")
 def group_results(request, tmp_path_factory):
-    return run_group(request.param, tmp_path_factory.mktemp(f"dist{request.param}"))
+    return run_group(__name__, request.param, tmp_path_factory.mktemp(f"dist{request.param}"),
+                     deadline_s=DEADLINE_S, group_timeout_s=GROUP_TIMEOUT_S)
 
 
 @pytest.mark.parametrize("check", list(CHECKS))
 def test_distributed(group_results, check):
-    for rank, results in enumerate(group_results):
-        assert "<setup>" not in results, results["<setup>"]["error"]
-        outcome = results.get(check)
-        assert outcome is not None, f"rank {rank} did not run {check}"
-        assert outcome["ok"], f"rank {rank}:\n{outcome['error']}"
+    assert_check(group_results, check)
 
 
 # --------------------------------------------------------------------------- single process

@@ -11,18 +11,12 @@ expected, and the pytest tests compare the messages of the two ranks.
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
-import pathlib
-import time
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from test_distributed import _free_port, close, rand
+from gloo_group import assert_check, run_group
+from test_distributed import close, rand
 
 import attnkit
 from attnkit.distributed import (
@@ -251,74 +245,20 @@ CHECKS = {
 
 # --------------------------------------------------------------------------- the spawned group
 
-def _worker(rank: int, world: int, port: int, outdir: str, names: list) -> None:
-    torch.set_num_threads(1)
-    results = {}
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
-        for name in names:
-            start = time.perf_counter()
-            try:
-                results[name] = {"ok": True, "message": CHECKS[name](rank), "s": time.perf_counter() - start}
-            except Exception:  # noqa: BLE001 - every failure of a check is reported by its test
-                results[name] = {"ok": False, "error": traceback.format_exc()}
-            # written after every check, so that a group that hangs still reports what ran
-            (pathlib.Path(outdir) / f"rank{rank}.json").write_text(json.dumps(results))
-    except Exception:  # noqa: BLE001 - reported by every test
-        results["<setup>"] = {"ok": False, "error": traceback.format_exc()}
-    finally:
-        (pathlib.Path(outdir) / f"rank{rank}.json").write_text(json.dumps(results))
-        try:
-            if dist.is_initialized():
-                dist.barrier()
-                dist.destroy_process_group()
-        finally:
-            os._exit(0)
-
-
 @pytest.fixture(scope="module")
 def group_results(request, tmp_path_factory):
     """Run the selected checks in one group; returns (results per rank, what went wrong with
     the group: "" when it ended normally)."""
     names = [item.callspec.params["check"] for item in request.session.items       # those pytest selected
              if item.module is request.module and "check" in getattr(getattr(item, "callspec", None), "params", {})]
-    names = names or list(CHECKS)
-    outdir = tmp_path_factory.mktemp("agreement")
-    ctx = mp.start_processes(_worker, args=(WORLD, _free_port(), str(outdir), names), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    trouble = ""
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                trouble = f"the group did not finish in {DEADLINE_S} s"
-                break
-    except mp.ProcessExitedException as exc:      # a rank crashed (e.g. gloo aborted it)
-        trouble = str(exc)
-    finally:
-        for p in ctx.processes:      # only the processes this test started
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    results = []
-    for r in range(WORLD):
-        path = outdir / f"rank{r}.json"
-        results.append(json.loads(path.read_text()) if path.exists() else {})
-    return results, trouble
+    return run_group(__name__, WORLD, tmp_path_factory.mktemp("agreement"), names=names or list(CHECKS),
+                     deadline_s=DEADLINE_S, group_timeout_s=GROUP_TIMEOUT_S, with_world=False)
 
 
 @pytest.mark.parametrize("check", list(CHECKS))
 def test_ranks_agree(group_results, check):
     """Every rank raises the expected error, with the same message on every rank."""
-    results, trouble = group_results
-    for rank, per_rank in enumerate(results):
-        assert "<setup>" not in per_rank, per_rank["<setup>"]["error"]
-        outcome = per_rank.get(check)
-        assert outcome is not None, f"rank {rank} did not finish {check} ({trouble or 'no result'})"
-        assert outcome["ok"], f"rank {rank}:\n{outcome['error']}"
-    messages = [per_rank[check]["message"] for per_rank in results]
-    assert all(m == messages[0] for m in messages), f"ranks raised different errors: {messages}"
+    assert_check(group_results, check, same_message=True)
 
 
 def test_group_finished(group_results):

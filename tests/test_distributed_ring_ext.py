@@ -7,19 +7,12 @@ every check in ``CHECKS``, each bounded by the gloo timeout and the group's dead
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
-import pathlib
-import time
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_group import assert_check, run_group
 from test_distributed import (
-    _free_port,
     close,
     expect_error,
     grads_of,
@@ -167,56 +160,15 @@ CHECKS = {
 }
 
 
-def _worker(rank: int, world: int, port: int, outdir: str) -> None:
-    torch.set_num_threads(1)
-    results = {}
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
-        for name, check in CHECKS.items():
-            start = time.perf_counter()
-            try:
-                check(rank, world)
-                results[name] = {"ok": True, "s": time.perf_counter() - start}
-            except Exception:  # noqa: BLE001 - every failure is reported per check
-                results[name] = {"ok": False, "error": traceback.format_exc()}
-    except Exception:  # noqa: BLE001 - reported as the setup's failure
-        results["<setup>"] = {"ok": False, "error": traceback.format_exc()}
-    finally:
-        (pathlib.Path(outdir) / f"rank{rank}.json").write_text(json.dumps(results))
-        try:
-            if dist.is_initialized():
-                dist.barrier()
-                dist.destroy_process_group()
-        finally:
-            os._exit(0)
-
-
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"W{w}")
 def group_results(request, tmp_path_factory):
-    world, outdir = request.param, tmp_path_factory.mktemp(f"ringext{request.param}")
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(outdir)), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the {world}-rank group did not finish in {DEADLINE_S} s")
-    finally:
-        for p in ctx.processes:      # only the processes this test started
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    return [json.loads((outdir / f"rank{r}.json").read_text()) for r in range(world)]
+    return run_group(__name__, request.param, tmp_path_factory.mktemp(f"ringext{request.param}"),
+                     deadline_s=DEADLINE_S, group_timeout_s=GROUP_TIMEOUT_S)
 
 
 @pytest.mark.parametrize("check", list(CHECKS))
 def test_ring_ext(group_results, check):
-    for rank, results in enumerate(group_results):
-        assert "<setup>" not in results, results["<setup>"]["error"]
-        outcome = results.get(check)
-        assert outcome is not None, f"rank {rank} did not run {check}"
-        assert outcome["ok"], f"rank {rank}:\n{outcome['error']}"
+    assert_check(group_results, check)
 
 
 def test_single_process_window_sinks_logits_packed():

@@ -10,19 +10,14 @@ alive at the deadline.
 
 from __future__ import annotations
 
-import datetime
 import importlib
-import json
-import os
 import pathlib
-import time
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from test_distributed import _free_port, close, expect_error, grads_of, rand
+from gloo_group import assert_check, run_group
+from test_distributed import close, expect_error, grads_of, rand
 
 import attnkit
 from attnkit.distributed import (
@@ -245,70 +240,17 @@ CHECKS = {**usp_checks(), **LASP2H_CHECKS}
 
 # --------------------------------------------------------------------------- the spawned group
 
-def _worker(rank: int, world: int, port: int, outdir: str) -> None:
-    torch.set_num_threads(1)
-    results = {}
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
-        for name, check in CHECKS.items():
-            start = time.perf_counter()
-            try:
-                results[name] = {"ok": True, "message": check(rank, world), "s": time.perf_counter() - start}
-            except Exception:  # noqa: BLE001 - every failure of a check is reported by its test
-                results[name] = {"ok": False, "error": traceback.format_exc()}
-            (pathlib.Path(outdir) / f"rank{rank}.json").write_text(json.dumps(results))
-    except Exception:  # noqa: BLE001 - reported by every test
-        results["<setup>"] = {"ok": False, "error": traceback.format_exc()}
-    finally:
-        (pathlib.Path(outdir) / f"rank{rank}.json").write_text(json.dumps(results))
-        try:
-            if dist.is_initialized():
-                dist.barrier()
-                dist.destroy_process_group()
-        finally:
-            os._exit(0)
-
-
 @pytest.fixture(scope="module")
 def group_results(tmp_path_factory):
-    world = WORLD
-    outdir = tmp_path_factory.mktemp(f"usp_lasp2h{world}")
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(outdir)), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    trouble = ""
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                trouble = f"the {world}-rank group did not finish in {DEADLINE_S} s"
-                break
-    except mp.ProcessExitedException as exc:      # a rank crashed
-        trouble = str(exc)
-    finally:
-        for p in ctx.processes:      # only the processes this test started
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    results = []
-    for r in range(world):
-        path = outdir / f"rank{r}.json"
-        results.append(json.loads(path.read_text()) if path.exists() else {})
-    return results, trouble
+    return run_group(__name__, WORLD, tmp_path_factory.mktemp(f"usp_lasp2h{WORLD}"),
+                     deadline_s=DEADLINE_S, group_timeout_s=GROUP_TIMEOUT_S)
 
 
 @pytest.mark.parametrize("check", list(CHECKS))
 def test_usp_lasp2h(group_results, check):
     """Equal to one process, or the same clear error on every rank."""
-    results, trouble = group_results
-    for rank, per_rank in enumerate(results):
-        assert "<setup>" not in per_rank, per_rank["<setup>"]["error"]
-        outcome = per_rank.get(check)
-        assert outcome is not None, f"rank {rank} did not finish {check} ({trouble or 'no result'})"
-        assert outcome["ok"], f"rank {rank}:\n{outcome['error']}"
-    messages = [per_rank[check]["message"] for per_rank in results]
-    assert all(m == messages[0] for m in messages), f"ranks raised different errors: {messages}"
-    assert not trouble, trouble
+    assert_check(group_results, check, same_message=True)
+    assert not group_results[1], group_results[1]
 
 
 # --------------------------------------------------------------------------- single process
