@@ -21,6 +21,7 @@ from .sliding_window import SlidingWindowCache, sliding_window_attention  # noqa
 from .block_sparse import BlockMask, block_sparse_attention, moba_attention, patterns  # noqa: E402
 from .neighborhood import neighborhood_attention  # noqa: E402
 from .linear import feature_maps, lightning_attention, lightning_slopes, linear_attention  # noqa: E402
+from .gla import gated_linear_attention  # noqa: E402
 from .flex import create_block_mask, flex_attention  # noqa: E402
 from .decode import HeavyHitterCache, PagedKVCache, StreamingHeadsCache, decode_attention  # noqa: E402
 
@@ -37,8 +38,8 @@ __all__ = [
     "SlidingWindowCache", "StreamingHeadsCache", "Variant", "attention",
     "block_sparse_attention", "checks", "create_block_mask", "decode_attention", "explain", "extension",
     "feature_maps",
-    "flash_attention", "flex_attention", "get_variant", "lightning_attention", "lightning_slopes",
-    "linear_attention", "list_variants", "merge_attention", "moba_attention", "mods", "neighborhood_attention",
-    "nn", "patterns", "register_variant", "scaled_dot_product_attention", "sdpa_route",
+    "flash_attention", "flex_attention", "gated_linear_attention", "get_variant", "lightning_attention",
+    "lightning_slopes", "linear_attention", "list_variants", "merge_attention", "moba_attention", "mods",
+    "neighborhood_attention", "nn", "patterns", "register_variant", "scaled_dot_product_attention", "sdpa_route",
     "sliding_window_attention", "testing", "unregister_variant",
 ]

@@ -181,6 +181,35 @@ def check_head_vector(name: str, x: object, heads: int, like: torch.Tensor) -> t
     return x
 
 
+def check_log_gates(name: str, g: object, shapes: Shapes, like: torch.Tensor, *,
+                    per_channel: bool = False) -> torch.Tensor:
+    """Log-gates of a gated linear recurrence (the state decays by exp(g_t) <= 1 at token t):
+    (B, Hq, N), one per token and query head, or, with ``per_channel``, also (B, Hq, N, Dk),
+    one per key channel. Floating, on q's device, finite and <= 0."""
+    forms = [(shapes.batch, shapes.heads_q, shapes.seqlen_k)]
+    if per_channel:
+        forms.append(forms[0] + (shapes.head_dim,))
+    spelled = " or ".join(f"{form} = {want}" for form, want in
+                          zip(("(B, Hq, N)", "(B, Hq, N, Dk)"), forms))
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of log-gates of shape {spelled}, got {type(g).__name__}")
+    if not g.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor of log-gates, got {g.dtype}")
+    if g.device != like.device:
+        raise ValueError(f"{name} is on {g.device} but q is on {like.device}")
+    if tuple(g.shape) not in forms:
+        raise ValueError(f"{name} must have shape {spelled}, got {tuple(g.shape)}")
+    if checking_values() and g.numel():
+        values = g.detach()
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError(f"{name} must be finite (log-gates: the state decays by exp({name}) in (0, 1]), "
+                             f"got {int((~torch.isfinite(values)).sum())} non-finite value(s)")
+        if bool((values > 0).any()):
+            raise ValueError(f"{name} must be <= 0 (log-gates: the state decays by exp({name}) <= 1), got a "
+                             f"largest value of {values.max().item():g}")
+    return g
+
+
 def check_cu_seqlens(name: str, cu: object, total: int, device: torch.device) -> torch.Tensor:
     """Offsets of a packed batch: int32, 1-D, starts at 0, non-decreasing, ends at ``total``."""
     if not isinstance(cu, torch.Tensor):
