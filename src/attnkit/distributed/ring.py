@@ -243,6 +243,25 @@ class _Chain:
                 pending[d] = ring.start(tensors_of[d], _CHAIN_TAGS[d][tags], send=send, recv=recv)
         return pending
 
+    def blocks(self, k: torch.Tensor, v: torch.Tensor):
+        """Walk both chains with this rank's K/V. Yields None once the first hop is posted (the
+        caller's local blocks overlap it), then (direction, hop, (k, v), key positions) for every
+        block that reaches this rank, with the next hop's transfers already in flight."""
+        held = {d: (k, v) for d in self.rings}
+        pending = self.transfers(held, 1, 0) if self.steps else {}
+        yield None
+        for s in range(1, self.steps + 1):
+            for d, (bufs, requests) in pending.items():
+                Ring.wait(requests)
+                held[d] = bufs
+            for d in self.rings:
+                if d not in pending or s > self.hops(d):
+                    held[d] = None
+            pending = self.transfers(held, s + 1, 0) if s < self.steps else {}
+            for d in self.rings:
+                if held[d] is not None:
+                    yield d, s, held[d], self.kpos(self.source(d, s))
+
     def sink_slab(self, k: torch.Tensor, v: torch.Tensor):
         """Every sink key and value (B, Hkv, S_all, D): one all-reduce of the owners' rows."""
         slabs = []
@@ -277,22 +296,13 @@ class _MaskedRing(torch.autograd.Function):
                                               softcap=softcap)
             out[:, :, rows], lse[:, :, rows] = merge_attention([out[:, :, rows], o_b], [lse[:, :, rows], lse_b])
 
-        held = {d: (k, v) for d in chain.rings}
-        pending = chain.transfers(held, 1, 0) if chain.steps else {}
+        walk = chain.blocks(k, v)
+        next(walk)  # the first hop is posted: the local blocks overlap it
         if chain.sinks is not None:
             attend(chain.sink_slab(k, v), chain.sinks, sink_block=True)
         attend((k, v), chain.qpos)
-        for s in range(1, chain.steps + 1):
-            for d, (bufs, requests) in pending.items():
-                Ring.wait(requests)
-                held[d] = bufs
-            for d in chain.rings:
-                if d not in pending or s > chain.hops(d):
-                    held[d] = None
-            pending = chain.transfers(held, s + 1, 0) if s < chain.steps else {}
-            for d in chain.rings:
-                if held[d] is not None:
-                    attend(held[d], chain.kpos(chain.source(d, s)))
+        for _, _, kv, kpos in walk:
+            attend(kv, kpos)
         lse = lse.float() if compute == torch.float32 else lse
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (group, rank, size, layout, pattern, scale, softcap)
@@ -338,19 +348,10 @@ class _MaskedRing(torch.autograd.Function):
             dv[:, :, chain.own_sink_rows] += sink_grads[1][:, :, chain.own_sinks]
         # the same K/V transfers again; each block's dK/dV wait for the return trip
         parts: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        held = {d: (k, v) for d in chain.rings}
-        pending = chain.transfers(held, 1, 0) if chain.steps else {}
-        for s in range(1, chain.steps + 1):
-            for d, (bufs, requests) in pending.items():
-                Ring.wait(requests)
-                held[d] = bufs
-            for d in chain.rings:
-                if d not in pending or s > chain.hops(d):
-                    held[d] = None
-            pending = chain.transfers(held, s + 1, 0) if s < chain.steps else {}
-            for d in chain.rings:
-                if held[d] is not None:
-                    parts[d, s] = grads(held[d], chain.kpos(chain.source(d, s))) or zeros
+        walk = chain.blocks(k, v)
+        next(walk)
+        for d, s, kv, kpos in walk:
+            parts[d, s] = grads(kv, kpos) or zeros
         # return trip: hop t carries the sum for the rank t hops back, adding each rank's part on the way
         for d in chain.rings:
             back = Ring(group, rank, size, step=-d)
