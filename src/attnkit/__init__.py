@@ -24,6 +24,7 @@ from .linear import feature_maps, lightning_attention, lightning_slopes, linear_
 from .gla import gated_linear_attention  # noqa: E402
 from .flex import create_block_mask, flex_attention  # noqa: E402
 from .decode import HeavyHitterCache, PagedKVCache, StreamingHeadsCache, decode_attention  # noqa: E402
+from .delta_rule import delta_rule_attention  # noqa: E402
 
 from . import extension, nn  # noqa: E402
 
@@ -37,6 +38,7 @@ __all__ = [
     "BlockMask", "Case", "Explanation", "HeavyHitterCache", "MaskMod", "PagedKVCache", "ScoreMod",
     "SlidingWindowCache", "StreamingHeadsCache", "Variant", "attention",
     "block_sparse_attention", "checks", "create_block_mask", "decode_attention", "explain", "extension",
+    "delta_rule_attention",
     "feature_maps",
     "flash_attention", "flex_attention", "gated_linear_attention", "get_variant", "lightning_attention",
     "lightning_slopes", "linear_attention", "list_variants", "merge_attention", "moba_attention", "mods",
