@@ -27,11 +27,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..checks import check_flag, check_qkv, check_scale
+from ..checks import check_flag, check_scale
 from ..flash import flash_attention
 from ..sliding_window import sliding_window_attention
 from ..sliding_window.window import check_sinks, head_windows
 from ._comm import Field, agree, input_fields, reduce_scatter, world
+from .layout import check_shards
 
 
 class _GatherKV(torch.autograd.Function):
@@ -120,12 +121,9 @@ def lasp2h_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=No
     rank, size = world(group)
 
     def check():                # this rank's arguments; agree() makes every rank raise if one fails
-        shapes = check_qkv(q, k, v)
+        shapes = check_shards("lasp2h_attention", q, k, v)
         is_causal, sm_scale = check_flag("causal", causal), check_scale(scale, shapes.head_dim)
         n_sinks = check_sinks(sinks)
-        if shapes.seqlen_q != shapes.seqlen_k:
-            raise ValueError(f"lasp2h_attention needs q and k/v shards of the same tokens (Nq == Nk per rank), "
-                             f"got {shapes.seqlen_q} and {shapes.seqlen_k}")
         windows = None
         if window is not None:
             windows = head_windows(window, shapes.heads_q, q.device)

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from ..checks import Shapes, check_qkv
 from ._comm import Field, agree, agree_2d, input_fields, world
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
@@ -34,6 +35,16 @@ def check_layout(layout: object) -> str:
 def pieces(layout: str, world_size: int) -> int:
     """How many equal pieces the layout cuts a sequence into (the length must divide)."""
     return 2 * world_size if layout == "zigzag" else world_size
+
+
+def check_shards(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Shapes:
+    """``check_qkv`` plus the rule of every sequence-parallel scheme: q and k/v are shards of
+    the same tokens (Nq == Nk per rank). ``op`` names the scheme in the error."""
+    shapes = check_qkv(q, k, v)
+    if shapes.seqlen_q != shapes.seqlen_k:
+        raise ValueError(f"{op} needs q and k/v shards of the same tokens (Nq == Nk per rank), got "
+                         f"{shapes.seqlen_q} and {shapes.seqlen_k}")
+    return shapes
 
 
 def check_length(total: int, layout: str, world_size: int, name: str = "the sequence length") -> int:

@@ -36,7 +36,6 @@ from ..checks import (
     check_cu_seqlens,
     check_flag,
     check_head_vector,
-    check_qkv,
     check_scale,
     check_softcap,
 )
@@ -49,7 +48,7 @@ from ._blocks import (
     block_forward_masked,
 )
 from ._comm import Field, Ring, agree, input_fields, world
-from .layout import block_plan, check_layout, check_length, positions
+from .layout import block_plan, check_layout, check_length, check_shards, positions
 
 _KV_TAG, _GRAD_TAG = 0, 1
 _CHAIN_TAGS = {1: (2, 3), -1: (4, 5)}   # per chain direction: (K/V tag, dK/dV tag)
@@ -437,13 +436,10 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=N
     rank, size = world(group)
 
     def check():                # this rank's arguments; agree() makes every rank raise if one fails
-        shapes = check_qkv(q, k, v)
+        shapes = check_shards("ring attention", q, k, v)
         options = (check_flag("causal", causal), check_scale(scale, shapes.head_dim), check_softcap(softcap))
         check_flag("return_lse", return_lse)
         check_layout(layout)
-        if shapes.seqlen_q != shapes.seqlen_k:
-            raise ValueError(f"ring attention needs q and k/v shards of the same tokens (Nq == Nk per rank), got "
-                             f"{shapes.seqlen_q} and {shapes.seqlen_k}")
         total = shapes.seqlen_q * size
         check_length(total, layout, size, name="the sequence length N")
         n_sinks = check_sinks(sinks)

@@ -29,11 +29,11 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from ..checks import check_flag, check_qkv, check_scale
+from ..checks import check_flag, check_scale
 from ..merge import merge_attention
 from ._blocks import _kernel_ok, block_backward, block_forward
 from ._comm import Field, agree, global_rank, input_fields, world
-from .layout import Block, block_plan, check_layout, check_length
+from .layout import Block, block_plan, check_layout, check_length, check_shards
 
 _QUERY_TAG, _PARTIAL_TAG = 0, 1
 
@@ -228,13 +228,10 @@ def token_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grou
     rank, size = world(group)
 
     def check():                # this rank's arguments; agree() makes every rank raise if one fails
-        shapes = check_qkv(q, k, v)
+        shapes = check_shards("token ring attention", q, k, v)
         options = (check_flag("causal", causal), check_scale(scale, shapes.head_dim))
         check_flag("return_lse", return_lse)
         check_layout(layout)
-        if shapes.seqlen_q != shapes.seqlen_k:
-            raise ValueError(f"token ring attention needs q and k/v shards of the same tokens (Nq == Nk per rank), "
-                             f"got {shapes.seqlen_q} and {shapes.seqlen_k}")
         check_length(shapes.seqlen_q * size, layout, size, name="the sequence length N")
         sizes = (shapes.batch, shapes.heads_q, shapes.heads_kv, shapes.seqlen_q, shapes.head_dim, shapes.head_dim_v)
         fields = input_fields("the shapes of q, k and v (B, Hq, Hkv, N/W, D, Dv)", sizes, "q, k and v", q)

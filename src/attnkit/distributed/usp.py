@@ -21,12 +21,11 @@ from .._reference import expand_kv_heads
 from ..checks import (
     check_flag,
     check_head_vector,
-    check_qkv,
     check_scale,
     check_softcap,
 )
 from ._comm import Field, agree_2d, input_fields
-from .layout import check_layout, check_mesh_length, mesh_groups
+from .layout import check_layout, check_mesh_length, check_shards, mesh_groups
 from .ring import ring_attention
 from .ulysses import _heads_to_seq, _seq_to_heads
 
@@ -74,13 +73,10 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mesh, *, ca
     U, R = m.ulysses_size, m.ring_size
 
     def check():                # this rank's arguments; agree_2d() makes every rank raise if one fails
-        shapes = check_qkv(q, k, v)
+        shapes = check_shards("usp_attention", q, k, v)
         options = (check_flag("causal", causal), check_scale(scale, shapes.head_dim), check_softcap(softcap))
         check_flag("return_lse", return_lse)
         check_layout(layout)
-        if shapes.seqlen_q != shapes.seqlen_k:
-            raise ValueError(f"usp_attention needs q and k/v shards of the same tokens (Nq == Nk per rank), got "
-                             f"{shapes.seqlen_q} and {shapes.seqlen_k}")
         if shapes.heads_q % U != 0:
             raise ValueError(f"usp_attention needs the number of query heads of q ({shapes.heads_q}) to be divisible "
                              f"by the size of the mesh's 'ulysses' dimension ({U})")
