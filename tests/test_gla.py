@@ -246,3 +246,12 @@ def test_bad_states_and_packing():
     bad(r"return_state must be a bool", TypeError, return_state=1)
     q = inputs()[0].float()
     bad(r"needs Nq == Nk", q=torch.cat([q, q], dim=2))
+
+
+@pytest.mark.parametrize("chunk", [16, 24, 48])
+def test_chunk_sizes_match_the_recurrence(chunk):
+    """Chunks of one sub-chunk (16), of a size that sub-chunks do not divide (24: one exact
+    block) and of three sub-chunks (48) all give the recurrence."""
+    q, k, v, g, s0 = inputs(N=70)
+    want = recurrent_form(q, k, v, g, 0.5, s0)
+    assert_close(torch_backend.chunked_gla(q, k, v, g, 0.5, s0, chunk=chunk), want, ["out", "state"], tol=1e-12)
