@@ -224,3 +224,22 @@ def test_moba_torch_uses_the_reference_gate(monkeypatch):
     q = torch.randn(1, 2, 64, 16)
     attnkit.moba_attention(q, q, q, block_size=16, top_k=2, backend="torch")
     assert calls and all(kw["block_size"] == 16 and kw["top_k"] == 2 for kw in calls)
+
+
+# ---------------------------------------------------------------- strided inputs
+
+
+@pytest.mark.parametrize("name", ["block_sparse", "moba", "linear", "lightning"])
+def test_torch_backend_reads_bshd_views(name):
+    # layout="bshd" hands the torch backend strided (B, H, N, D) views, not contiguous tensors
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 96, h, 16, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    options = {
+        "block_sparse": {"block_mask": _random_mask(1, 1, 96, 96, 16, 0.6, seed=1), "causal": True},
+        "moba": {"block_size": 16, "top_k": 3},
+        "linear": {"decay": torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)},
+        "lightning": {"slopes": attnkit.lightning_slopes(4).double()},
+    }[name]
+    out = attnkit.attention(q, k, v, name, "torch", layout="bshd", **options)
+    expected = attnkit.attention(q, k, v, name, "reference", layout="bshd", **options)
+    torch.testing.assert_close(out, expected)

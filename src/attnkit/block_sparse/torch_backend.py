@@ -121,9 +121,10 @@ def block_sparse_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, blo
     with_positions = explicit or own_mask is not None or extra_mask is not None
 
     # flat tables of blocks, so that a gather is one index_select of contiguous rows
-    qb = F.pad(q, (0, 0, 0, R * bq - Nq)).view(B, Hq, R, bq * D)
-    kb = F.pad(k, (0, 0, 0, C * bk - Nk)).view(B, Hkv, C, bk * D)
-    vb = F.pad(v, (0, 0, 0, C * bk - Nk)).view(B, Hkv, C, bk * Dv)
+    # (reshape: q, k, v may be strided views, e.g. layout="bshd")
+    qb = F.pad(q, (0, 0, 0, R * bq - Nq)).reshape(B, Hq, R, bq * D)
+    kb = F.pad(k, (0, 0, 0, C * bk - Nk)).reshape(B, Hkv, C, bk * D)
+    vb = F.pad(v, (0, 0, 0, C * bk - Nk)).reshape(B, Hkv, C, bk * Dv)
     if per_head:  # rows (b, h, r); key blocks (b, kv head, c)
         qb, kb, vb = qb.reshape(B * Hq * R, -1), kb.reshape(B * Hkv * C, -1), vb.reshape(B * Hkv * C, -1)
     else:  # rows (b, r) with every query head; key blocks (kv head, (b, c))
@@ -305,7 +306,7 @@ def _moba_own(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int
     vp = F.pad(v[:, :, c0 * bs:], (0, 0, 0, c1 * bs - Nk))
 
     def blocks(x: torch.Tensor) -> torch.Tensor:   # (B, H, nblk * bs, E) -> (B * nblk, H, bs, E)
-        return x.view(B, x.shape[1], nblk, bs, x.shape[-1]).transpose(1, 2).reshape(B * nblk, x.shape[1], bs, -1)
+        return x.reshape(B, x.shape[1], nblk, bs, x.shape[-1]).transpose(1, 2).reshape(B * nblk, x.shape[1], bs, -1)
 
     qb, kb, vb = blocks(qp), blocks(kp), blocks(vp)
     if dropout is None:

@@ -41,8 +41,8 @@ def _to_chunks(x: torch.Tensor, lengths: list[int], chunk: int) -> torch.Tensor:
     """Tokens (H, Ntot, E) of sequences of ``lengths`` laid end to end -> (H, T, chunk, E):
     each sequence cut into chunks, its last one padded with zeros."""
     H, total, E = x.shape
-    if all(n % chunk == 0 for n in lengths):  # nothing to pad: a view
-        return x.view(H, total // chunk, chunk, E)
+    if all(n % chunk == 0 for n in lengths):  # nothing to pad
+        return x.reshape(H, total // chunk, chunk, E)
     index, start = [], 0
     for n in lengths:
         padded = -(-n // chunk) * chunk
@@ -89,7 +89,8 @@ def chunked_linear_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slop
     if cu_seqlens is None:
         lengths = [N] * B
         T = -(-N // chunk)
-        qc, kc, vc = ((x if T * chunk == N else pad(x, (0, 0, 0, T * chunk - N))).view(B, Hq, T, chunk, x.shape[-1])
+        # (reshape: q, k, v may be strided views, e.g. layout="bshd")
+        qc, kc, vc = ((x if T * chunk == N else pad(x, (0, 0, 0, T * chunk - N))).reshape(B, Hq, T, chunk, x.shape[-1])
                       for x in (q, k, v))
         valid = torch.tensor([min(chunk, N - j * chunk) for j in range(T)], dtype=compute, device=dev)
     else:
