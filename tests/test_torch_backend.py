@@ -77,15 +77,20 @@ def test_auto_on_cpu_runs_the_torch_implementation(monkeypatch):
     assert len(calls) == 1 and calls[0]["causal"] is True
 
 
-def test_explicit_torch_backend_refuses_a_variant_without_one():
-    plain = [n for n in attnkit.list_variants() if attnkit.get_variant(n).torch_impl is None]
-    if not plain:
-        pytest.skip("every variant has a torch implementation")
-    spec = attnkit.get_variant(plain[0])
-    q, k, v, tensors = attnkit.testing.make_inputs(spec.examples()[0])
-    with pytest.raises(ValueError, match="has no torch implementation"):
-        attnkit.attention(q, k, v, plain[0], "torch", **spec.examples()[0].options,
-                          **spec.examples()[0].tensor_options(tensors))
+def test_a_variant_without_torch_implementation_auto_reference_and_torch_refused():
+    import dataclasses
+
+    from attnkit.registry import register_variant, unregister_variant
+
+    register_variant(dataclasses.replace(attnkit.get_variant("flash"), name="flash_without_torch", torch_impl=None))
+    try:
+        q = rand(1, 2, 9, 16, dtype=torch.float32)
+        e = attnkit.explain(q, q, q, "flash_without_torch")
+        assert e.backend == "reference" and not any("torch backend" in r for r in e.reasons), str(e)
+        with pytest.raises(ValueError, match="has no torch implementation"):
+            attnkit.attention(q, q, q, "flash_without_torch", "torch")
+    finally:
+        unregister_variant("flash_without_torch")
 
 
 # ---------------------------------------------------------------- flash: awkward sizes and options
