@@ -338,3 +338,18 @@ def test_sdpa_with_lse_expands_kv_heads_where_the_cpu_kernel_lacks_gqa(monkeypat
     grads = torch.autograd.grad(got[0].sum(), (k, v))
     for a, b in zip(grads, torch.autograd.grad(want[0].sum(), (k, v))):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_softmax_with_lse_gradient_is_p_in_bfloat16():
+    """The LSE's gradient is the softmax itself: on flat bfloat16 rows, differentiating
+    lse = m - log(max p) in the input dtype cancelled to ~10% errors."""
+    from attnkit.torch_backend import softmax_with_lse
+
+    torch.manual_seed(0)
+    s = (0.01 * torch.randn(4, 64, dtype=torch.float64)).requires_grad_()
+    g = torch.randn(4, dtype=torch.float64)
+    want = torch.autograd.grad((torch.logsumexp(s, -1) * g).sum(), s)[0]
+    sb = s.detach().bfloat16().requires_grad_()
+    _, lse = softmax_with_lse(sb)
+    got = torch.autograd.grad((lse * g.bfloat16()).sum(), sb)[0].double()
+    assert (got - want).abs().max() <= 0.02 * want.abs().max()

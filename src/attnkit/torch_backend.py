@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ._reference import (
     expand_kv_heads,
@@ -182,6 +183,23 @@ def grouped_values(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out.view(B, Hq, M, v.shape[-1])
 
 
+class _LseOfSoftmax(torch.autograd.Function):
+    """lse = m - log(max p) of rows with softmax p and maximum m, with the gradient p itself:
+    differentiating through log(max p) would cancel 1 - (1 - p) in the input dtype (a flat
+    bfloat16 row's LSE gradient off by ~10%)."""
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, m: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(p)
+        return m - torch.log(p.amax(dim=-1))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (p,) = ctx.saved_tensors
+        return grad.unsqueeze(-1) * p, None, None
+
+
 def softmax_with_lse(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row softmax of scores s (..., L) that may hold -inf -> (p (..., L), lse (...)), both
     differentiable and in s's dtype; a row of only -inf (it sees nothing) gives p = 0 and
@@ -189,7 +207,7 @@ def softmax_with_lse(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     One fused softmax pass; the LSE comes from the row maximum m and the largest
     probability, p_max = exp(m - lse), so lse = m - log(p_max) (exact to rounding, and
-    its gradient is p) instead of a second pass of exponentials.
+    its gradient is p, applied as such) instead of a second pass of exponentials.
     """
     if s.shape[-1] == 0:
         return s, s.new_full(s.shape[:-1], -math.inf)
@@ -199,7 +217,7 @@ def softmax_with_lse(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if any_dead:
         s = s.masked_fill(dead.unsqueeze(-1), 0.0)
     p = torch.softmax(s, dim=-1)
-    lse = m - torch.log(p.amax(dim=-1))
+    lse = _LseOfSoftmax.apply(s, m.detach(), p.detach())
     if any_dead:
         p = p.masked_fill(dead.unsqueeze(-1), 0.0)
         lse = lse.masked_fill(dead, -math.inf)
@@ -311,8 +329,9 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
             def cut(t: torch.Tensor) -> torch.Tensor:
                 return t[first:first + step] if t.dim() and t.shape[0] == Bx else t
 
+            cut_positions = None if positions is None else tuple(map(cut, positions))
             return masked_attention(q_, k_, v_, cut(mask), scale=scale, softcap=softcap, score_mod=score_mod,
-                                    dropout=dropout, positions=None if positions is None else tuple(map(cut, positions)))
+                                    dropout=dropout, positions=cut_positions)
 
         from torch.utils.checkpoint import checkpoint
 

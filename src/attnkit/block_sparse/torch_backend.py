@@ -315,7 +315,8 @@ def _moba_own(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int
         pos = torch.arange(bs, device=q.device)
         entry = torch.arange(B * nblk, device=q.device)
         start = ((c0 + entry % nblk) * bs).view(-1, 1, 1, 1)
-        positions = ((entry // nblk + first_batch).view(-1, 1, 1, 1), torch.arange(Hq, device=q.device).view(1, Hq, 1, 1),
+        positions = ((entry // nblk + first_batch).view(-1, 1, 1, 1),
+                     torch.arange(Hq, device=q.device).view(1, Hq, 1, 1),
                      start + pos.view(1, 1, bs, 1), start + pos.view(1, 1, 1, bs))
         causal = (pos[None, :] <= pos[:, None]).view(1, 1, bs, bs)
         per_call = max(1, SCORE_BUDGET // (Hq * bs * bs))
@@ -323,8 +324,8 @@ def _moba_own(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int
         for lo in range(0, B * nblk, per_call):
             sl = slice(lo, lo + per_call)
             call = (qb[sl], kb[sl], vb[sl], positions[0][sl], positions[2][sl], positions[3][sl])
-            parts.append(_checkpointed(lambda qc, kc, vc, b, qi, ki: _dropped_part(
-                qc, kc, vc, causal, sm_scale, dropout, (b, positions[1], qi, ki)),
+            parts.append(_checkpointed(lambda qc, kc, vc, b, qi, ki: masked_attention(
+                qc, kc, vc, causal, scale=sm_scale, dropout=dropout, positions=(b, positions[1], qi, ki)),
                 tracked(q, k, v), *call))
         out, lse = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     out = out.view(B, nblk, Hq, bs, Dv).transpose(1, 2).reshape(B, Hq, nblk * bs, Dv)[:, :, lead:lead + Nq - skip]
@@ -333,17 +334,6 @@ def _moba_own(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int
         out = torch.cat([out.new_zeros(B, Hq, skip, Dv), out], dim=2)
         lse = torch.cat([lse.new_full((B, Hq, skip), -math.inf), lse], dim=2)
     return out, lse.to(lse_dtype(q))
-
-
-def _dropped_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
-                  dropout: Dropout, positions: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    """A part of MoBA with attention dropout (explicit scores), whose LSE the merge differentiates:
-    half inputs run in float32, since the explicit softmax's LSE gradient loses the small
-    probabilities of a flat row in bfloat16 (1 - (1 - p) at the row's maximum)."""
-    work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    out, lse = masked_attention(q.to(work), k.to(work), v.to(work), mask, scale=scale, dropout=dropout,
-                                positions=positions)
-    return out.to(q.dtype), lse
 
 
 def _checkpointed(fn, track: bool, *args):
@@ -406,8 +396,8 @@ def _moba_selected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size
         parts = []
         for lo in range(0, n_g, per_call):
             sl = slice(lo, lo + per_call)
-            parts.append(_checkpointed(lambda qc, kc, vc, b, h, qi, ki: _dropped_part(
-                qc, kc, vc, every, sm_scale, dropout, (b, h, qi, ki)),
+            parts.append(_checkpointed(lambda qc, kc, vc, b, h, qi, ki: masked_attention(
+                qc, kc, vc, every, scale=sm_scale, dropout=dropout, positions=(b, h, qi, ki)),
                 track, qg[sl], kg[sl], vg[sl], *(p[sl] for p in positions)))
         out_g, lse_g = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     # back to (row, slot)
