@@ -21,7 +21,7 @@ from ..checks import (
     checking_values,
 )
 from ..dispatch import attention
-from ..linear import _check_packing, _check_state
+from ..linear import check_packing, check_state
 from ..registry import Case, Variant, packed_offsets, register_variant
 from .reference import (
     L2NORM_EPS,
@@ -70,8 +70,8 @@ def validate_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, optio
     _check_beta(options["beta"], shapes, q)
     if options["g"] is not None:  # one log-gate per token and head (no per-channel form here)
         check_log_gates("g", options["g"], shapes, q)
-    sequences = _check_packing(dict(options, cu_seqlens_q=None, cu_seqlens_k=None), shapes, q, True)
-    _check_state(options["initial_state"], shapes, shapes.head_dim, shapes.head_dim_v, q, sequences=sequences)
+    sequences = check_packing(dict(options, cu_seqlens_q=None, cu_seqlens_k=None), shapes, q, True)
+    check_state(options["initial_state"], shapes, shapes.head_dim, shapes.head_dim_v, q, sequences=sequences)
     return shapes
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch.nn.functional import pad
 
-from ..linear.torch_backend import _chunk_layout, _from_chunks, _to_chunks
+from ..linear.torch_backend import chunk_layout, from_chunks, to_chunks
 from .reference import run_delta_rule
 
 #: rows per chunk (flash-linear-attention's chunk size too)
@@ -44,7 +44,7 @@ def _chunks(x: torch.Tensor, lengths: list[int] | None, chunk: int) -> torch.Ten
         P, H, N, E = x.shape
         T = -(-N // chunk)
         return pad(x, (0, 0, 0, T * chunk - N)).view(P, H, T, chunk, E)
-    return _to_chunks(x[0], lengths, chunk).unsqueeze(0)
+    return to_chunks(x[0], lengths, chunk).unsqueeze(0)
 
 
 def chunked_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
@@ -102,7 +102,7 @@ def chunked_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: 
             state = step(state, j)
         final = state
     else:  # one chunk list for all sequences; the state restarts at each sequence's first chunk
-        first, counts = _chunk_layout(lengths, chunk)
+        first, counts = chunk_layout(lengths, chunk)
         finals = []
         for s in range(len(lengths)):
             state = init[s:s + 1]
@@ -118,7 +118,7 @@ def chunked_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: 
     if lengths is None:
         out = out_c.reshape(B, H, T * chunk, Dv)[:, :, :N]
     else:
-        out = _from_chunks(out_c[0], lengths, chunk).unsqueeze(0)
+        out = from_chunks(out_c[0], lengths, chunk).unsqueeze(0)
     return out, final
 
 

@@ -14,7 +14,7 @@ from torch.nn.functional import logsigmoid
 
 from ..checks import Shapes, check_flag, check_log_gates, check_qkv, check_scale
 from ..dispatch import attention
-from ..linear import _check_packing, _check_state
+from ..linear import check_packing, check_state
 from ..registry import Case, Variant, packed_offsets, register_variant
 from .reference import gla_reference
 from .torch_backend import gla_torch
@@ -36,8 +36,8 @@ def validate_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dic
     check_log_gates("g", options["g"], shapes, q, per_channel=True)
     # the packing and state rules of the linear variants (flash-linear-attention's cu_seqlens)
     packing = {"cu_seqlens": options["cu_seqlens"], "cu_seqlens_q": None, "cu_seqlens_k": None}
-    sequences = _check_packing(packing, shapes, q, True)
-    _check_state(options["initial_state"], shapes, shapes.head_dim, shapes.head_dim_v, q, sequences=sequences)
+    sequences = check_packing(packing, shapes, q, True)
+    check_state(options["initial_state"], shapes, shapes.head_dim, shapes.head_dim_v, q, sequences=sequences)
     return shapes
 
 

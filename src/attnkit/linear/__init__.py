@@ -57,7 +57,7 @@ def _check_rates(name: str, x: Any, heads: int, q: torch.Tensor) -> torch.Tensor
     return x
 
 
-def _check_packing(options: dict[str, Any], shapes: Shapes, q: torch.Tensor, causal: bool) -> int | None:
+def check_packing(options: dict[str, Any], shapes: Shapes, q: torch.Tensor, causal: bool) -> int | None:
     """A packed batch: flash's ``cu_seqlens_q/k`` (checks.check_varlen) and/or flash-linear-attention's
     one ``cu_seqlens`` for q, k and v, which any of the pair given with it must equal. Causal
     sequences need as many queries as keys. Returns S, the number of sequences (None if unpacked)."""
@@ -84,7 +84,7 @@ def _check_packing(options: dict[str, Any], shapes: Shapes, q: torch.Tensor, cau
     return cu_q.numel() - 1
 
 
-def _check_state(state: Any, shapes: Shapes, feature_dim: int | None, value_dim: int, q: torch.Tensor,
+def check_state(state: Any, shapes: Shapes, feature_dim: int | None, value_dim: int, q: torch.Tensor,
                  normalize: bool = False, sequences: int | None = None) -> None:
     """initial_state: (B, Hq, F, Dv), or (S, Hq, F, Dv) for ``sequences`` = S packed sequences."""
     if state is None:
@@ -123,8 +123,8 @@ def validate_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: 
             raise ValueError("decay needs causal=True: the non-causal form O = phi(Q) (phi(K)^T V) has no order "
                              "for a decay to follow")
         _check_rates("decay", options["decay"], shapes.heads_q, q)
-    sequences = _check_packing(options, shapes, q, causal)
-    _check_state(options["initial_state"], shapes, feature_maps.output_dim(fmap, shapes.head_dim),
+    sequences = check_packing(options, shapes, q, causal)
+    check_state(options["initial_state"], shapes, feature_maps.output_dim(fmap, shapes.head_dim),
                  shapes.head_dim_v + int(normalize), q, normalize, sequences)
     return shapes
 
@@ -139,8 +139,8 @@ def validate_lightning(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, option
     if shapes.seqlen_q != shapes.seqlen_k:
         raise ValueError(f"lightning attention is causal and needs Nq == Nk (got {shapes.seqlen_q} and "
                          f"{shapes.seqlen_k}); to attend to a prefix, pass its state as initial_state")
-    sequences = _check_packing(options, shapes, q, True)
-    _check_state(options["initial_state"], shapes, shapes.head_dim, shapes.head_dim_v, q, sequences=sequences)
+    sequences = check_packing(options, shapes, q, True)
+    check_state(options["initial_state"], shapes, shapes.head_dim, shapes.head_dim_v, q, sequences=sequences)
     return shapes
 
 

@@ -27,7 +27,7 @@ from .reference import resolve_offsets, run_linear
 CHUNK = 64
 
 
-def _chunk_layout(lengths: list[int], chunk: int) -> tuple[list[int], list[int]]:
+def chunk_layout(lengths: list[int], chunk: int) -> tuple[list[int], list[int]]:
     """Per sequence: its first chunk in the flat chunk list and its number of chunks."""
     first, counts, total = [], [], 0
     for n in lengths:
@@ -37,7 +37,7 @@ def _chunk_layout(lengths: list[int], chunk: int) -> tuple[list[int], list[int]]
     return first, counts
 
 
-def _to_chunks(x: torch.Tensor, lengths: list[int], chunk: int) -> torch.Tensor:
+def to_chunks(x: torch.Tensor, lengths: list[int], chunk: int) -> torch.Tensor:
     """Tokens (H, Ntot, E) of sequences of ``lengths`` laid end to end -> (H, T, chunk, E):
     each sequence cut into chunks, its last one padded with zeros."""
     H, total, E = x.shape
@@ -54,8 +54,8 @@ def _to_chunks(x: torch.Tensor, lengths: list[int], chunk: int) -> torch.Tensor:
     return gathered.view(H, -1, chunk, E)
 
 
-def _from_chunks(y: torch.Tensor, lengths: list[int], chunk: int) -> torch.Tensor:
-    """Inverse of :func:`_to_chunks`: (H, T, chunk, E) -> (H, Ntot, E), the padding dropped."""
+def from_chunks(y: torch.Tensor, lengths: list[int], chunk: int) -> torch.Tensor:
+    """Inverse of :func:`to_chunks`: (H, T, chunk, E) -> (H, Ntot, E), the padding dropped."""
     H, T, _, E = y.shape
     flat = y.reshape(H, T * chunk, E)
     if all(n % chunk == 0 for n in lengths):
@@ -95,7 +95,7 @@ def chunked_linear_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slop
         valid = torch.tensor([min(chunk, N - j * chunk) for j in range(T)], dtype=compute, device=dev)
     else:
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-        qc, kc, vc = (_to_chunks(x[0], lengths, chunk).unsqueeze(0) for x in (q, k, v))
+        qc, kc, vc = (to_chunks(x[0], lengths, chunk).unsqueeze(0) for x in (q, k, v))
         T = qc.shape[2]
         valid = torch.tensor([min(chunk, n - j * chunk) for n in lengths for j in range(-(-n // chunk))],
                              dtype=compute, device=dev)
@@ -124,7 +124,10 @@ def chunked_linear_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slop
         for j in range(T):
             incoming.append(state)
             # one fused op per step (each step is a parallel region: fewer of them, less waiting)
-            state = kv[:, :, j] + state if chunk_decay is None else torch.addcmul(kv[:, :, j], chunk_decay[:, :, j], state)
+            if chunk_decay is None:
+                state = kv[:, :, j] + state
+            else:
+                state = torch.addcmul(kv[:, :, j], chunk_decay[:, :, j], state)
         final = state
         s_in = torch.stack(incoming, dim=2) if T else None                 # (B, Hq, T, F, Dv)
     else:
@@ -138,7 +141,7 @@ def chunked_linear_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slop
     if cu_seqlens is None:
         out = out_c.view(B, Hq, T * chunk, Dv)[:, :, :N]
     else:
-        out = _from_chunks(out_c[0], lengths, chunk).unsqueeze(0)          # (1, Hq, N, Dv)
+        out = from_chunks(out_c[0], lengths, chunk).unsqueeze(0)          # (1, Hq, N, Dv)
     return out, final
 
 
@@ -153,7 +156,7 @@ def _packed_states(kv: torch.Tensor, chunk_decay: torch.Tensor | None, state: to
     """
     dev = kv.device
     rows = len(lengths)
-    first, counts = _chunk_layout(lengths, chunk)
+    first, counts = chunk_layout(lengths, chunk)
     T = kv.shape[1]
     order = sorted(range(rows), key=lambda s: -counts[s])
     state = state.transpose(0, 1)[:, torch.tensor(order, dtype=torch.long, device=dev)]   # (Hq, rows, F, Dv)
