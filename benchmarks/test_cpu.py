@@ -15,9 +15,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import with_backward
+from conftest import QUICK, with_backward
 
 import attnkit
+
+# A quick GPU round (python -m attnkit.bench --quick) spends its minutes on the GPU.
+pytestmark = pytest.mark.skipif(QUICK and torch.cuda.is_available(),
+                                reason="the --quick GPU round leaves the CPU benchmarks out (plain pytest runs them)")
 
 BATCH, HEADS, HEAD_DIM = 1, 8, 64
 DTYPE = torch.float32
