@@ -1,4 +1,5 @@
-"""The engine's prune filter fits tiles to the device's real shared memory per block."""
+"""The engine's prune filter fits tiles to the device's real shared memory per block, and to the head
+dims their table rows were measured spill-free at."""
 
 import pytest
 
@@ -31,3 +32,14 @@ def test_limit_without_a_gpu_is_the_sm90_figure():
     assert configs.smem_limit(80) == 166912
     with pytest.raises(ValueError, match="arch"):
         configs.smem_limit(75)
+
+
+def test_a_table_row_with_a_max_head_dim_is_dropped_above_it(monkeypatch):
+    """A row's fifth entry is the largest head dim it was measured spill-free at (tools/aot_compile.py)."""
+    from attnkit.kernels.engine import configs
+
+    monkeypatch.setitem(configs.TABLES, "fwd", [(128, 64, 4, 3, 64), (64, 64, 8, 3)])
+    assert (128, 64, 3) in _fwd_tiles(64, arch=90)
+    assert (128, 64, 3) not in _fwd_tiles(128, arch=90)  # the pointer config and its TMA twin
+    assert (64, 64, 3) in _fwd_tiles(128, arch=90)
+    assert all(c.max_head_dim in (64, None) for c in configs.autotune_configs("fwd"))

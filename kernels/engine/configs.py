@@ -2,16 +2,17 @@
 
 On a GPU every kernel autotunes over a small table. The prune filter drops, before
 anything is timed, the configs that do not fit the problem — list block sizes they do
-not divide, the device's shared memory per block (:func:`smem_limit`), large tiles at head dims above 128 — and then every config
+not divide, the device's shared memory per block (:func:`smem_limit`), large tiles at head dims above 128,
+a config above the head dim it was measured spill-free at (the tables' fifth entry) — and then every config
 whose compiled kernel spills registers (ptxas's count, read from the binary: register
 pressure depends on the head dim, the dtype and the hooks, a score mod's included, so
 it is measured, not guessed). Under the interpreter autotuning is meaningless and slow,
 so one fixed small config is used (shrunk, in list mode, to a tile that divides the list's
 block sizes); tests can force another with :func:`force_config`.
 
-The tables hold 8-warp tiles next to the 4-warp ones: at head dim 128 on sm_90 the
-backward's 4-warp tiles all spill (its dK/dV accumulators and resident K/V take most of
-a thread's 255 registers), while 8-warp tiles of the same size do not
+The tables hold 8-warp tiles next to the 4-warp ones: at head dim 128 on sm_90 the large
+4-warp tiles spill (forward 128 x 64; dK/dV 64 x 64, whose accumulators and resident K/V
+take most of a thread's 255 registers), while 8-warp tiles of the same size do not
 (tools/aot_compile.py measures it; see docs/performance.md).
 """
 
@@ -27,19 +28,25 @@ import triton
 
 from ..common import INTERPRET
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). The order does not affect the choice (every
-# kept config is timed); configs that rarely spill come first, so that the compile check
-# (tools/aot_compile.py --configs first-clean) finds a spill-free one quickly. The 16 x 16
-# tiles (list block sizes of 16) come with 2 warps first: with 4 warps some compile to a
-# few bytes of spills for MoBA with Triton 3.6 and 3.9.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, max head dim]). The order does not affect the
+# choice (every kept config is timed); configs that rarely spill come first, so that the
+# compile check (tools/aot_compile.py --configs first-clean) finds a spill-free one quickly,
+# and the first uses Hopper's warpgroup MMA (the compile check requires it of flash's main
+# launches). A max head dim is the largest BLOCK_D at which the config (and its TMA twin)
+# compiled without register spills on sm_90 for flash's main launches — fp16, whole blocks,
+# causal and not, Triton 3.6 and 3.9, measured with tools/aot_compile.py at head dims 64 and
+# 128 (docs/performance.md, Static check); the prune filter drops it above. The 16 x 16 tiles
+# (list block sizes of 16) come with 2 warps first: with 4 warps some compile to a few bytes
+# of spills for MoBA with Triton 3.6 and 3.9.
 _FWD = [
-    (64, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4),
+    (64, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 4, 3, 64), (128, 32, 4, 4),
     (64, 64, 4, 3), (64, 32, 4, 4), (64, 128, 4, 2), (32, 32, 4, 2), (16, 16, 2, 2), (16, 16, 4, 2),
 ]
-# dK/dV pass: BLOCK_N keys owned by the program, BLOCK_M queries per step.
+# dK/dV pass: BLOCK_N keys owned by the program, BLOCK_M queries per step. 16 x 64 / 8 warps
+# first: the 64 x 32 and 32 x 32 tiles do not use HGMMA (too few keys per warpgroup).
 _DKDV = [
-    (64, 32, 8, 2), (32, 32, 8, 2), (16, 64, 8, 2), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3),
-    (64, 64, 4, 3), (16, 64, 4, 2), (32, 32, 4, 2), (16, 16, 2, 2), (16, 16, 4, 2),
+    (16, 64, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2), (32, 128, 8, 3), (64, 128, 8, 2, 64), (32, 64, 4, 3),
+    (64, 64, 4, 3, 64), (16, 64, 4, 2), (32, 32, 4, 2), (16, 16, 2, 2), (16, 16, 4, 2),
 ]
 # dQ pass: BLOCK_M queries owned, BLOCK_N keys per step.
 _DQ = [
@@ -50,7 +57,7 @@ TABLES = {"fwd": _FWD, "dkdv": _DKDV, "dq": _DQ}
 
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16}
 #: the smallest tile of the tables: list block sizes are multiples of it
-MIN_TILE = min(min(bm, bn) for table in TABLES.values() for bm, bn, _, _ in table)
+MIN_TILE = min(min(row[:2]) for table in TABLES.values() for row in table)
 _forced: dict[str, int] | None = None
 
 
@@ -187,6 +194,9 @@ def prune(configs: list[triton.Config], named_args: dict, kernel: Any = None, *,
             continue
         if max(block_d, block_dv) > 128 and bm * bn > 64 * 64:
             continue
+        limit = getattr(cfg, "max_head_dim", None)
+        if limit is not None and max(block_d, block_dv) > limit:  # it spills there (see the tables)
+            continue
         kept.append(cfg)
     if not kept:  # always leave something that fits
         small = [c for c in configs if c.kwargs["BLOCK_M"] <= 16 and c.kwargs["BLOCK_N"] <= 16]
@@ -237,11 +247,18 @@ def autotune_configs(kind: str) -> list[triton.Config]:
     prune filter drops those where :func:`tma_support` says no)."""
     hook = zero_tensor_grads if kind == "dq" else None
     table = TABLES[kind]
-    pointer = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "TMA": False}, num_warps=w, num_stages=s,
-                             pre_hook=hook) for bm, bn, w, s in table]
-    twins = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "TMA": True}, num_warps=w, num_stages=s, pre_hook=hook)
-             for bm, bn, w, s in table if bm * bn >= TMA_MIN_TILE]
+    pointer = [_config(row, False, hook) for row in table]
+    twins = [_config(row, True, hook) for row in table if row[0] * row[1] >= TMA_MIN_TILE]
     return pointer + twins
+
+
+def _config(row: tuple, tma: bool, hook: Any) -> triton.Config:
+    """A table row as a Triton config; its largest head dim (None: any) as ``max_head_dim``,
+    which :func:`prune` reads."""
+    bm, bn, w, s, *limit = row
+    config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "TMA": tma}, num_warps=w, num_stages=s, pre_hook=hook)
+    config.max_head_dim = limit[0] if limit else None
+    return config
 
 
 AUTOTUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "RANGE_FN", "VARIANT_MASK", "POSITIONS", "SCORE_MOD", "MASK_MOD",
