@@ -71,6 +71,19 @@ def test_cli_progress_is_plain_lines_in_a_log(capsys):
     assert len(progress) == 1, captured.err  # one plain line per step, no redraws
 
 
+def test_cli_runs_the_torch_backend_by_default(capsys):
+    """The status table has a row per variant for the torch backend (what auto runs on CPU)."""
+    from attnkit.__main__ import build_parser, main
+
+    assert "torch" in build_parser(cuda=False).parse_args([]).backends.split(",")
+    code = main(["--variants", "flash", "--backends", "torch", "--batch", "1", "--heads", "1",
+                 "--seqlen", "16", "--head-dim", "16", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    row = next(line for line in out.splitlines() if line.startswith("flash"))
+    assert row.split()[1] == "torch" and row.split()[-1] == "ok", out
+
+
 # ---------------------------------------------------------------- public surfaces
 
 

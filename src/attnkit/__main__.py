@@ -108,6 +108,8 @@ def check_one(spec: Any, case: Any, backend: str, dtype: torch.dtype, device: to
     """One table row: error against the float64 reference, times and peak memory of one
     variant on one backend (errors are reported in the row, not raised)."""
     name, label = spec.name, backend
+    if backend == "torch" and spec.torch_impl is None:
+        return [name, backend, "-", "-", "-", "-", "no torch backend"]
     if backend == "triton":
         if spec.kernel is None:
             return [name, backend, "-", "-", "-", "-", "no kernel"]
@@ -185,9 +187,10 @@ def build_parser(cuda: bool) -> argparse.ArgumentParser:
                              "tl.dot wrongly)")
     parser.add_argument("--repeats", type=int, default=sizes(10, 1),
                         help="timed runs per measurement, after one warm-up; the median is shown (GPU 10, CPU 1)")
-    parser.add_argument("--backends", default="reference,triton",
-                        help="comma-separated backends to run: reference, triton (on CPU the Triton kernels run "
-                             "through the interpreter)")
+    parser.add_argument("--backends", default="reference,torch,triton",
+                        help="comma-separated backends to run: reference, torch (fused PyTorch: what auto runs "
+                             "where the kernel does not), triton (on CPU the Triton kernels run through the "
+                             "interpreter)")
     return parser
 
 
