@@ -215,4 +215,5 @@ def test_main_job_prints_its_table():
     lines = result.stdout.splitlines()
     assert any(line.startswith("variant") and "max rel err" in line for line in lines)
     rows = [line for line in lines if line.startswith(("flash", "linear"))]
-    assert len(rows) == 4 and all(line.rstrip().endswith("ok") for line in rows), result.stdout
+    assert len(rows) == 6 and all(line.rstrip().endswith("ok") for line in rows), result.stdout  # 3 backends each
+    assert sum(line.split()[1] == "torch" for line in rows) == 2, result.stdout
