@@ -26,7 +26,7 @@ from ..checks import check_scale
 from ..dropout import Dropout, bind_dropout
 from ..mods import Problem, ScoreMod
 from ..mods.core import check_score_mod
-from .window import head_windows
+from .window import by_window, head_windows
 
 
 def sliding_window_score_mod(q: torch.Tensor, k: torch.Tensor, score_mod: ScoreMod | None,
@@ -97,27 +97,11 @@ def _windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: list[t
               score_mod: ScoreMod | None, first_batch: int = 0, dropout: Dropout | None = None):
     """One (B, Hq, N, D) problem, k and v already expanded to Hq heads, one window per
     head: -> (out, lse). Heads are grouped by window, each group run by :func:`_one_window`."""
-    Hq = q.shape[1]
-    groups: dict[tuple[int, int], list[int]] = {}
-    for h, w in enumerate(windows):
-        groups.setdefault(w, []).append(h)
-    if len(groups) <= 1:  # one window for every head (or no heads: Hq = 0, an empty problem)
-        left, right = windows[0] if windows else (-1, -1)
-        return _one_window(q, k, v, left, right, sinks, sm_scale, softcap, sink_logits, score_mod,
-                           torch.arange(Hq, device=q.device), first_batch, dropout)
-    outs, lses, order = [], [], []
-    for (left, right), heads in groups.items():
-        idx = torch.tensor(heads, device=q.device)
-        o, o_lse = _one_window(q.index_select(1, idx), k.index_select(1, idx), v.index_select(1, idx), left, right,
-                               sinks, sm_scale, softcap, None if sink_logits is None else sink_logits[idx],
-                               score_mod, idx, first_batch, dropout)
-        outs.append(o)
-        lses.append(o_lse)
-        order += heads
-    inverse = torch.empty(Hq, dtype=torch.long)
-    inverse[torch.tensor(order)] = torch.arange(Hq)
-    inverse = inverse.to(q.device)
-    return torch.cat(outs, dim=1).index_select(1, inverse), torch.cat(lses, dim=1).index_select(1, inverse)
+    def run(q, k, v, left, right, heads, sink_logits):
+        return _one_window(q, k, v, left, right, sinks, sm_scale, softcap, sink_logits, score_mod, heads,
+                           first_batch, dropout)
+
+    return by_window(q, k, v, windows, sink_logits, run)
 
 
 def sliding_window_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window, sinks: int = 0,

@@ -30,7 +30,7 @@ from ..merge import merge_attention
 from ..mods import ScoreMod
 from ..torch_backend import add_sink_logits, masked_attention, sdpa_with_lse
 from .reference import sliding_window_score_mod, visible_keys
-from .window import head_windows
+from .window import by_window, head_windows
 
 #: query rows per chunk at most: bigger chunks waste more of the (C + W)-key slab on
 #: masked pairs, smaller ones more on per-chunk overhead (CPU time at W = 512, N = 8k, fp32:
@@ -143,31 +143,6 @@ def _spans(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int, right: 
     return map_query_chunks(attend, q, 1024)
 
 
-def _by_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: list[tuple[int, int]],
-               sink_logits: torch.Tensor | None, run) -> tuple[torch.Tensor, torch.Tensor]:
-    """Heads grouped by window: ``run(q, k, v, left, right, heads, sink_logits)`` -> (out, lse)
-    on each group's heads (k, v expanded to the query heads), put back in head order."""
-    Hq = q.shape[1]
-    groups: dict[tuple[int, int], list[int]] = {}
-    for h, w in enumerate(windows):
-        groups.setdefault(w, []).append(h)
-    if len(groups) == 1:
-        (left, right), = groups
-        return run(q, k, v, left, right, torch.arange(Hq, device=q.device), sink_logits)
-    outs, lses, order = [], [], []
-    for (left, right), heads in groups.items():
-        idx = torch.tensor(heads, device=q.device)
-        o, o_lse = run(q.index_select(1, idx), k.index_select(1, idx), v.index_select(1, idx), left, right, idx,
-                       None if sink_logits is None else sink_logits[idx])
-        outs.append(o)
-        lses.append(o_lse)
-        order += heads
-    inverse = torch.empty(Hq, dtype=torch.long)
-    inverse[torch.tensor(order)] = torch.arange(Hq)
-    inverse = inverse.to(q.device)
-    return torch.cat(outs, dim=1).index_select(1, inverse), torch.cat(lses, dim=1).index_select(1, inverse)
-
-
 def _windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: list[tuple[int, int]], sinks: int,
               sm_scale: float, softcap: float | None, sink_logits: torch.Tensor | None,
               score_mod: ScoreMod | None, dropout: Dropout | None, first_batch: int = 0
@@ -190,7 +165,7 @@ def _windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: list[t
         fn = _banded if left >= 0 and right >= 0 else _spans
         return fn(qg, kg, vg, left, right, sinks, sm_scale, softcap, sl, score_mod, heads, first_batch, dropout)
 
-    return _by_window(q, k, v, windows, sink_logits, run)
+    return by_window(q, k, v, windows, sink_logits, run)
 
 
 def _banded_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int, right: int, sinks: int,
@@ -273,7 +248,7 @@ def sliding_window_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, w
             return map_sequences(lambda q_s, k_s, v_s, seq: _windowed(q_s, k_s, v_s, first_batch=seq, **group),
                                  qg, kg, vg, cu_seqlens_q, cu_seqlens_k)
 
-        out, lse = _by_window(q, k, v, windows, sink_logits, run)
+        out, lse = by_window(q, k, v, windows, sink_logits, run)
     else:
         out, lse = _windowed(q, k, v, **options)
     lse = lse.to(lse_dtype(q))

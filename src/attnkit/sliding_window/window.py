@@ -72,3 +72,30 @@ def bounded(extent: int, seqlen_q: int, seqlen_k: int) -> int:
     unbounded in effect; keeps kernel index arithmetic inside int32."""
     cap = seqlen_q + seqlen_k
     return cap if extent < 0 or extent > cap else extent
+
+
+def by_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: List[Window],
+              sink_logits: torch.Tensor | None, run) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Heads grouped by window: ``run(q, k, v, left, right, heads, sink_logits)`` -> (out, lse)
+    on each group's heads (q, k, v (B, Hq, N, D), k and v expanded to the query heads; ``heads``
+    the group's head indices), put back in head order. One window for every head (or no heads)
+    is one call."""
+    Hq = q.shape[1]
+    groups: dict = {}
+    for h, w in enumerate(windows):
+        groups.setdefault(w, []).append(h)
+    if len(groups) <= 1:
+        left, right = windows[0] if windows else (-1, -1)
+        return run(q, k, v, left, right, torch.arange(Hq, device=q.device), sink_logits)
+    outs, lses, order = [], [], []
+    for (left, right), heads in groups.items():
+        idx = torch.tensor(heads, device=q.device)
+        o, o_lse = run(q.index_select(1, idx), k.index_select(1, idx), v.index_select(1, idx), left, right, idx,
+                       None if sink_logits is None else sink_logits[idx])
+        outs.append(o)
+        lses.append(o_lse)
+        order += heads
+    inverse = torch.empty(Hq, dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(Hq)
+    inverse = inverse.to(q.device)
+    return torch.cat(outs, dim=1).index_select(1, inverse), torch.cat(lses, dim=1).index_select(1, inverse)
