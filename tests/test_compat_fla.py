@@ -301,6 +301,14 @@ def _args(T=8):
      TypeError, "output_final_state"),
     (lambda q, k, v, g, b, h0: fla.chunk_simple_gla(q, k, v, g, cu_seqlens=torch.tensor([0, 3, 9])), ValueError,
      "cu_seqlens"),
+    (lambda q, k, v, g, b, h0: fla.fused_recurrent_simple_gla(q, k, v, g, reverse=True, cu_seqlens=torch.tensor(
+        [0, 3, 9])), ValueError, "cu_seqlens"),
+    (lambda q, k, v, g, b, h0: fla.chunk_gla(q, k[0], v, g[..., None]), ValueError, r"k must have shape \(B, T, H, K\)"),
+    (lambda q, k, v, g, b, h0: fla.chunk_gated_delta_rule(q, k, v, g, b[0]), ValueError,
+     r"beta must have shape \(B, T, HV\)"),
+    (lambda q, k, v, g, b, h0: fla.chunk_linear_attn(q, k, v[0]), ValueError, r"v must have shape \(B, T, H, V\)"),
+    (lambda q, k, v, g, b, h0: fla.chunk_gated_delta_rule(q, k, v, None, b, use_gate_in_kernel=True,
+                                                          A_log=torch.zeros(2, dtype=F64)), ValueError, "needs g"),
 ])
 def test_unsupported_and_bad_arguments_are_named(call, error, match):
     with pytest.raises(error, match=match):

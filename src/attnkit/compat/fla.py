@@ -92,6 +92,12 @@ def _offsets(cu_seqlens: object) -> torch.Tensor | None:
     return cu_seqlens  # type: ignore[return-value]
 
 
+def _qkv(q: object, k: object, v: object, heads: str = "H") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k (B, T, H, K) and v (B, T, H, V) as tensors of rank 4 (the rest is the op's to check)."""
+    return (_tensor("q", q, 4, "(B, T, H, K)"), _tensor("k", k, 4, "(B, T, H, K)"),
+            _tensor("v", v, 4, f"(B, T, {heads}, V)"))
+
+
 def _heads_major(*xs: torch.Tensor | None) -> list[Any]:
     """(B, T, H, ...) tensors as (B, H, T, ...) views (no copy)."""
     return [None if x is None else x.transpose(1, 2) for x in xs]
@@ -137,7 +143,10 @@ def _simple_gla(function: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                 output_final_state: bool, state_v_first: bool, cu_seqlens: torch.Tensor | None,
                 reverse: bool = False) -> Result:
     """One gate per token (``g`` (B, T, H)), one per head (``g_gamma`` (H,)) or none."""
-    q = _tensor("q", q, 4, "(B, T, H, K)")
+    q, k, v = _qkv(q, k, v)
+    if g is not None:
+        # per-channel gates (B, T, H, K) are chunk_gla's; fla's simple GLA reads g as (B, T, H)
+        g = _tensor("g", g, 3, "(B, T, H): one log-gate per token and head (per-channel gates: chunk_gla)")
     check_flag("output_final_state", output_final_state)
     if check_flag("reverse", reverse):
         # fla's reverse recurrence runs from the last token back: the same as running the
@@ -145,9 +154,10 @@ def _simple_gla(function: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         # follow the sequences' order, reversed with it
         cu = _offsets(cu_seqlens)
         q, k, v, g = _flip(q, k, v, g)
-        if isinstance(cu, torch.Tensor):
+        if isinstance(cu, torch.Tensor) and cu.dim() == 1 and cu.numel():  # (malformed: attnkit's check says so)
             cu_seqlens = cu[-1] - cu.flip(0)
-            initial_state = None if initial_state is None else initial_state.flip(0)
+            if isinstance(initial_state, torch.Tensor):
+                initial_state = initial_state.flip(0)
     options: dict[str, Any] = {"scale": scale, "initial_state": _state(initial_state, state_v_first),
                                "return_state": output_final_state, "cu_seqlens": _offsets(cu_seqlens),
                                "backend": backend}
@@ -155,8 +165,6 @@ def _simple_gla(function: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if g is not None and g_gamma is not None:
         raise ValueError(f"{function}: pass g (a gate per token) or g_gamma (a decay per head), not both")
     if g is not None:
-        # per-channel gates (B, T, H, K) are chunk_gla's; fla's simple GLA reads g as (B, T, H)
-        g = _tensor("g", g, 3, "(B, T, H): one log-gate per token and head (per-channel gates: chunk_gla)")
         out = gated_linear_attention(qh, kh, vh, g.transpose(1, 2), **options)
     else:
         decay = None if g_gamma is None else -_log_decay(g_gamma, q.shape[2], q)
@@ -270,7 +278,7 @@ def chunk_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
         >>> ht.shape
         torch.Size([2, 2, 16, 8])
     """
-    q = _tensor("q", q, 4, "(B, T, H, K)")
+    q, k, v = _qkv(q, k, v)
     g = _tensor("g", g, 4, "(B, T, H, K): one log-gate per key channel (one per token: chunk_simple_gla)")
     check_flag("output_final_state", output_final_state)
     check_flag("state_v_first", state_v_first)
@@ -341,8 +349,10 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
             raise ValueError("allow_neg_eigval=True requires use_beta_sigmoid_in_kernel=True (as in fla)")
         raise NotImplementedError("allow_neg_eigval=True (beta = 2 sigmoid(beta) in (0, 2)): attnkit's delta rule "
                                   "takes beta in (0, 1]")
-    q, k = _tensor("q", q, 4, "(B, T, H, K)"), _tensor("k", k, 4, "(B, T, H, K)")
-    v = _tensor("v", v, 4, "(B, T, HV, V)")
+    q, k, v = _qkv(q, k, v, "HV")
+    beta = _tensor("beta", beta, 3, "(B, T, HV)")
+    if g is not None:
+        g = _tensor("g", g, 3, "(B, T, HV)")
     heads, value_heads = q.shape[2], v.shape[2]
     if k.shape[2] != heads:
         raise ValueError(f"q and k must have the same number of heads, got {heads} and {k.shape[2]}")
@@ -352,13 +362,14 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     if check_flag("use_gate_in_kernel", use_gate):
         if A_log is None:
             raise ValueError("use_gate_in_kernel=True needs A_log, a tensor of shape (HV,)")
-        g = _tensor("g", g, 3, "(B, T, HV)")
+        if g is None:
+            raise ValueError("use_gate_in_kernel=True needs g, the raw gate input of shape (B, T, HV)")
         gate = _wide(g) + (0 if dt_bias is None else _wide(check_head_vector("dt_bias", dt_bias, value_heads, g)))
         g = -_wide(check_head_vector("A_log", A_log, value_heads, g)).exp() * F.softplus(gate)
     elif A_log is not None or dt_bias is not None:
         raise ValueError("A_log and dt_bias go with use_gate_in_kernel=True (g then holds the raw gate input)")
     if check_flag("use_beta_sigmoid_in_kernel", use_beta_sigmoid_in_kernel):
-        beta = torch.sigmoid(_tensor("beta", beta, 3, "(B, T, HV)"))
+        beta = torch.sigmoid(beta)
     qh, kh, vh, gh, bh = _heads_major(q, k, v, g, beta)
     # GVA is GQA with the roles swapped: every value head gets its own copy of its q/k head
     qh, kh = expand_kv_heads(qh, value_heads), expand_kv_heads(kh, value_heads)
@@ -423,7 +434,7 @@ def chunk_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
         >>> ht.shape, z.shape
         (torch.Size([2, 4, 16, 16]), torch.Size([2, 1, 4, 16]))
     """
-    q = _tensor("q", q, 4, "(B, T, H, K)")
+    q, k, v = _qkv(q, k, v)
     check_flag("output_final_state", output_final_state)
     if check_flag("normalize", normalize) and isinstance(initial_state, tuple):
         if len(initial_state) != 2:
