@@ -10,6 +10,7 @@ attnkit cannot honour.
 
 import pytest
 import torch
+from conftest import DEVICE
 from torch.nn.functional import logsigmoid, softplus
 
 import attnkit
@@ -200,6 +201,23 @@ def test_fused_recurrent_simple_gla_forward_and_reverse():
     ref_o, ref_s = recurrence(q[:, :1], k[:, :1], v[:, :1], g=g[:, :1], h0=h0)
     assert_close(o, ref_o)
     assert_close(ht, ref_s.mT, name="state")
+
+
+def test_the_functions_run_the_kernels_when_asked(monkeypatch):
+    """backend "triton" (the module's setting) on lightning's kernel: g_gamma and chunk_linear_attn,
+    float32, against the float64 recurrence (under the interpreter on CPU)."""
+    monkeypatch.setattr(fla, "backend", "triton")
+    q, k, v, h0 = (x.float().to(DEVICE) for x in inputs(B=1, T=20, K=16, V=16))
+    g_gamma = torch.tensor([-0.1, -0.5], device=DEVICE)
+    o, ht = fla.chunk_simple_gla(q, k, v, g_gamma=g_gamma, initial_state=h0, output_final_state=True)
+    ref_o, ref_s = recurrence(*(x.double() for x in (q, k, v)), g=g_gamma.double().expand(1, 20, 2), h0=h0.double())
+    assert_close(o.double(), ref_o, 2e-5)
+    assert_close(ht.double(), ref_s, 2e-5, "state")
+    o, (ht, _) = fla.chunk_linear_attn(q, k.abs(), v, output_final_state=True)
+    ref_o, ref_s = recurrence(*(x.double() for x in (q, k.abs(), v)))
+    denom = (q.double() * k.abs().double().cumsum(1)).sum(-1, keepdim=True) / 4 + 1e-10
+    assert_close(o.double(), ref_o / denom, 2e-5)
+    assert_close(ht.double(), ref_s, 2e-5, "state")
 
 
 # ---------------------------------------------------------------- packed sequences: fla's int64 cu_seqlens
