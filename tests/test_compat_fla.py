@@ -8,6 +8,8 @@ gate/beta/l2norm options, linear attention's normalisation, and the errors for w
 attnkit cannot honour.
 """
 
+import inspect
+
 import pytest
 import torch
 from conftest import DEVICE
@@ -59,6 +61,33 @@ def assert_close(got, want, tol=1e-10, name="out"):
 def inputs(B=2, T=37, H=2, K=8, V=12, seed=0):
     q, k, v = rand(B, T, H, K, seed=seed), rand(B, T, H, K, seed=seed + 1), rand(B, T, H, V, seed=seed + 2)
     return q, k, v, rand(B, H, K, V, seed=seed + 3, scale=0.5)
+
+
+# ---------------------------------------------------------------- fla's signatures (0.5), argument for argument
+
+FLA_SIGNATURES = {
+    "chunk_simple_gla": ["q", "k", "v", "g", "g_gamma", "scale", "initial_state", "output_final_state",
+                         "state_v_first", "cu_seqlens", "cu_seqlens_cpu", "kwargs"],
+    "fused_recurrent_simple_gla": ["q", "k", "v", "g", "g_gamma", "scale", "initial_state", "output_final_state",
+                                   "reverse", "state_v_first", "cu_seqlens", "kwargs"],
+    "chunk_gla": ["q", "k", "v", "g", "scale", "initial_state", "output_final_state", "state_v_first", "cu_seqlens",
+                  "cu_seqlens_cpu"],
+    "chunk_gated_delta_rule": ["q", "k", "v", "g", "beta", "scale", "initial_state", "output_final_state",
+                               "use_qk_l2norm_in_kernel", "use_beta_sigmoid_in_kernel", "allow_neg_eigval",
+                               "state_v_first", "cu_seqlens", "cu_seqlens_cpu", "chunk_indices", "cp_context",
+                               "kwargs"],
+    "chunk_linear_attn": ["q", "k", "v", "scale", "initial_state", "output_final_state", "normalize", "cu_seqlens"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(FLA_SIGNATURES))
+def test_signatures_are_flas(name):
+    params = inspect.signature(getattr(fla, name)).parameters
+    assert list(params) == FLA_SIGNATURES[name]
+    defaults = {p.name: p.default for p in params.values() if p.default is not inspect.Parameter.empty}
+    assert defaults.get("scale", None) is None and defaults.get("output_final_state", False) is False
+    if name == "chunk_linear_attn":
+        assert defaults["normalize"] is True  # fla normalizes by default
 
 
 # ---------------------------------------------------------------- each function == the op == fla's recurrence
