@@ -217,3 +217,42 @@ def test_main_job_prints_its_table():
     rows = [line for line in lines if line.startswith(("flash", "linear"))]
     assert len(rows) == 6 and all(line.rstrip().endswith("ok") for line in rows), result.stdout  # 3 backends each
     assert sum(line.split()[1] == "torch" for line in rows) == 2, result.stdout
+
+
+def test_merge_attention_rows_equals_the_dense_merge():
+    # parts indexed by row (any number per row, -inf ones contribute nothing) equal
+    # merge_attention over a dense (rows x slots) layout, values and gradients, with rows
+    # that no part saw (out 0, lse -inf, zero gradients rather than NaN)
+    from attnkit.merge import merge_attention_rows
+
+    g = torch.Generator().manual_seed(0)
+    R, Dv, slots = 12, 5, 3
+    out = torch.randn(R, Dv, generator=g, dtype=torch.float64, requires_grad=True)
+    lse = torch.randn(R, generator=g, dtype=torch.float64)
+    lse[[2, 7]] = -math.inf                                  # row 7 gets no part either: empty
+    lse.requires_grad_()
+    rows = torch.tensor([0, 0, 1, 2, 2, 2, 5, 9, 11, 3])     # up to 3 parts per row, in any order
+    slot = torch.tensor([0, 1, 0, 0, 1, 2, 0, 0, 0, 0])
+    p_out = torch.randn(rows.shape[0], Dv, generator=g, dtype=torch.float64, requires_grad=True)
+    p_lse = torch.randn(rows.shape[0], generator=g, dtype=torch.float64)
+    p_lse[8] = -math.inf                                     # a padding part: finite output, no weight
+    p_lse.requires_grad_()
+    half = 5                                                  # the parts in two calls
+    got = merge_attention_rows(out, lse, [(p_out[:half], p_lse[:half], rows[:half]),
+                                          (p_out[half:], p_lse[half:], rows[half:])])
+    dense_out = [out] + [torch.zeros(R, Dv, dtype=torch.float64).index_put((rows[slot == s],), p_out[slot == s])
+                         for s in range(slots)]
+    dense_lse = [lse] + [torch.full((R,), -math.inf, dtype=torch.float64).index_put((rows[slot == s],),
+                                                                                   p_lse[slot == s])
+                         for s in range(slots)]
+    want = attnkit.merge_attention([o[None, None] for o in dense_out], [x[None, None] for x in dense_lse])
+    torch.testing.assert_close(got[0], want[0][0, 0])
+    torch.testing.assert_close(got[1], want[1][0, 0])
+    assert got[1][7] == -math.inf and torch.all(got[0][7] == 0)
+    w = torch.randn(R, Dv, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((got[0] * w).sum() + got[1][got[1].isfinite()].sum(), (out, lse, p_out, p_lse))
+    grads_want = torch.autograd.grad((want[0][0, 0] * w).sum() + want[1][0, 0][want[1][0, 0].isfinite()].sum(),
+                                     (out, lse, p_out, p_lse))
+    for a, b in zip(grads, grads_want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b)

@@ -203,10 +203,10 @@ def test_moba_torch_awkward_sizes(case, dtype):
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 def test_moba_torch_small_groups_and_gate_chunks(monkeypatch, dropout_p):
-    # groups of 4 rows and a gate of a few rows per step: many groups per block, padded ones
+    # sequences padded to 4 rows and a gate of a few rows per step: many calls, padded rows
     import attnkit.block_sparse.torch_backend as tb
 
-    monkeypatch.setattr(tb, "MOBA_GROUP_ROWS", 4)
+    monkeypatch.setattr(tb, "MOBA_ROW_PAD", 4)
     monkeypatch.setattr(tb, "GATE_BUDGET", 64)
     monkeypatch.setattr(tb, "SCORE_BUDGET", 256)
     case = Case((1, 2, 70, 16), (1, 2, 80, 16), (1, 2, 80, 16),

@@ -76,16 +76,69 @@ def merge_attention(outputs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor
         if any(bad):
             raise ValueError(f"lses[{bad.index(True)}] holds +inf; an LSE must be finite, or -inf where a part "
                              "saw no key (+inf is an overflowed sum, whose merge is undefined)")
-    # A softmax over the parts; the max is a constant shift (detached, exact), guarded
-    # so that rows no part saw give weights 0 rather than NaN.
-    shift = lse_stack.amax(dim=0).detach()
-    shift = torch.where(torch.isinf(shift), torch.zeros_like(shift), shift)
+    # A softmax over the parts; the max is a constant shift (detached, exact)
+    shift = _finite(lse_stack.amax(dim=0).detach())
     e = torch.exp(lse_stack - shift)
-    denom = e.sum(dim=0)
-    empty = denom == 0
-    weights = e / torch.where(empty, torch.ones_like(denom), denom)
+    denom, safe = _denominator(e.sum(dim=0))
+    weights = e / safe
     out = sum(w.unsqueeze(-1) * o.to(work) for w, o in zip(weights, outputs))
-    # log(0) = -inf in rows no part saw, but its derivative 1/0 would turn their (zero)
-    # incoming gradient into NaN: take the log of 1 there and put -inf back as a constant
-    lse = torch.log(torch.where(empty, torch.ones_like(denom), denom)) + shift
-    return out.to(outputs[0].dtype), torch.where(empty, torch.full_like(lse, float("-inf")), lse)
+    return out.to(outputs[0].dtype), _merged_lse(denom, safe, shift)
+
+
+def _finite(shift: torch.Tensor) -> torch.Tensor:
+    """The softmax shift, 0 in rows no part saw (their max is -inf: exp(-inf - -inf) is NaN)."""
+    return torch.where(torch.isinf(shift), torch.zeros_like(shift), shift)
+
+
+def _denominator(denom: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The softmax denominator and a copy with 1 in the rows no part saw (weights 0 there, not NaN)."""
+    return denom, torch.where(denom == 0, torch.ones_like(denom), denom)
+
+
+def _merged_lse(denom: torch.Tensor, safe: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """log(denom) + shift, -inf in rows no part saw. log(0) = -inf there, but its derivative
+    1/0 would turn their (zero) incoming gradient into NaN: the log of 1 is taken there and
+    -inf put back as a constant."""
+    lse = torch.log(safe) + shift
+    return torch.where(denom == 0, torch.full_like(lse, float("-inf")), lse)
+
+
+def merge_attention_rows(out: torch.Tensor, lse: torch.Tensor,
+                         parts: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`merge_attention` when the other parts cover only some rows, each its own number.
+
+    For sparse variants whose rows see different numbers of extra key sets (MoBA's selected
+    blocks), without a dense (rows x parts) layout: the parts are indexed by row.
+
+    Args:
+        out: (R, Dv), each row's attention over a first key set; lse: (R,) floating, its
+            log-sum-exp (-inf where the row saw no key).
+        parts: (part_out (P, Dv) in out's dtype, part_lse (P,) in lse's dtype, rows (P,)
+            int64) triples: part p is row ``rows[p]``'s attention over another key set,
+            disjoint from the row's others. A row may appear any number of times; a part
+            with LSE -inf contributes nothing (e.g. padding, with any finite output).
+
+    Returns:
+        out (R, Dv) in out's dtype and lse (R,) float32 (float64 for float64), as
+        :func:`merge_attention` over each row's parts. Differentiable. Internal inputs:
+        no checks.
+    """
+    work = torch.float64 if lse.dtype == torch.float64 else torch.float32
+    first_lse = lse.to(work)
+    part_lses = [p_lse.to(work) for _, p_lse, _ in parts]
+    shift = first_lse.detach().clone()
+    for (_, _, rows), p_lse in zip(parts, part_lses):
+        shift.scatter_reduce_(0, rows, p_lse.detach(), "amax")
+    shift = _finite(shift)
+    e_first = torch.exp(first_lse - shift)
+    e_parts = [torch.exp(p_lse - shift[rows]) for (_, _, rows), p_lse in zip(parts, part_lses)]
+    # accumulated in place (fresh tensors whose backward needs no saved value): one pass per part
+    denom = e_first.clone()
+    for (_, _, rows), e in zip(parts, e_parts):
+        denom.index_add_(0, rows, e)
+    denom, safe = _denominator(denom)
+    merged = out.to(work) * (e_first / safe).unsqueeze(-1)
+    for (p_out, _, rows), e in zip(parts, e_parts):
+        merged.index_add_(0, rows, p_out.to(work) * (e / safe[rows]).unsqueeze(-1))
+    return merged.to(out.dtype), _merged_lse(denom, safe, shift)

@@ -25,7 +25,7 @@ import torch.utils.checkpoint
 from .._reference import expand_kv_heads, lse_dtype
 from ..checks import check_scale
 from ..dropout import Dropout
-from ..merge import merge_attention
+from ..merge import merge_attention_rows
 from ..mods import MaskMod, ScoreMod
 from ..torch_backend import masked_attention, sdpa_with_lse
 from .block_mask import BlockMask
@@ -228,9 +228,10 @@ def block_sparse_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, blo
     return (out, lse) if return_lse else out
 
 
-#: query rows per call of MoBA's selected-block part: the rows that selected one key block
-#: are cut into groups of this many (the last one padded)
-MOBA_GROUP_ROWS = 256
+#: MoBA's selected-block part attends each key block once, with every query row (of every
+#: query head sharing its kv head) that selected it as one query sequence; sequences are
+#: padded to a multiple of this many rows and those of one padded length run in one call
+MOBA_ROW_PAD = 64
 #: gate scores (rows x blocks x heads) computed at once
 GATE_BUDGET = 1 << 23
 
@@ -245,8 +246,10 @@ def moba_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size:
     The gate is the reference's :func:`moba_gate` (same selection). Two parts merged by
     their LSEs: every query's own block, causal, as one flash call over all blocks (block
     c's queries against block c's keys); and the selected blocks: the rows that selected
-    key block c are gathered in groups of :data:`MOBA_GROUP_ROWS` and attend block c in
-    one batched call, so the work is the selected pairs. A packed batch runs its
+    key block c (from every query head of its kv head) are gathered into one query
+    sequence that attends block c, and the sequences of one padded length
+    (:data:`MOBA_ROW_PAD`) run as one batched call, so the work is the selected pairs
+    and each key block is read once. A packed batch runs its
     sequences one by one (each is its own MoBA problem).
     """
     sm_scale = check_scale(scale, q.shape[-1])
@@ -275,14 +278,12 @@ def _moba_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int
     if min(Nq, Nk) == 0:  # no query, or no key to see: out 0, lse -inf
         return q.new_zeros(B, Hq, Nq, Dv), torch.full((B, Hq, Nq), -math.inf, dtype=lse_dtype(q), device=dev)
     own_out, own_lse = _moba_own(q, k, v, block_size, sm_scale, dropout, first_batch)
-    n_blocks = Nk // block_size
-    slots = min(top_k - 1, n_blocks)
+    slots = min(top_k - 1, Nk // block_size)
     if slots <= 0:
         return own_out, own_lse
-    sel_out, sel_lse = _moba_selected(q, k, v, block_size, top_k, slots, sm_scale, dropout, first_batch)
-    outs = [own_out] + [sel_out[:, :, :, s] for s in range(slots)]
-    lses = [own_lse] + [sel_lse[:, :, :, s] for s in range(slots)]
-    return merge_attention(outs, lses)
+    parts = _moba_selected(q, k, v, block_size, top_k, sm_scale, dropout, first_batch)
+    out, lse = merge_attention_rows(own_out.reshape(-1, Dv), own_lse.reshape(-1), parts)
+    return out.view(B, Hq, Nq, Dv), lse.view(B, Hq, Nq)
 
 
 def _moba_own(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, sm_scale: float,
@@ -292,44 +293,46 @@ def _moba_own(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int
     The queries are laid on the key axis (query i at key position p = i + Nk - Nq, rows
     with p < 0 see nothing) and cut into the blocks that hold one, so that block c's
     queries against block c's keys is a square, top-left causal attention; all blocks in
-    one call. Padded keys (past Nk) come after every real query of their block: the causal
-    mask hides them."""
+    one call, with the blocks of a kv head in the batch dim and its query heads as heads:
+    for Nq = Nk, a multiple of the block, without GQA, every reshape is a view. Padded keys
+    (past Nk) come after every real query of their block: the causal mask hides them."""
     B, Hq, Nq = q.shape[:3]
-    Nk, Dv = k.shape[2], v.shape[-1]
-    bs = block_size
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    groups, bs = Hq // Hkv, block_size
     skip = max(0, Nq - Nk)                   # rows before key 0
     p_first = max(0, Nk - Nq)                # key position of the first row that sees a key
     c0, c1 = p_first // bs, -(-Nk // bs)     # the blocks that hold a query
     nblk, lead = c1 - c0, p_first - c0 * bs
-    qp = F.pad(q[:, :, skip:], (0, 0, lead, c1 * bs - Nk))
-    kp = F.pad(k[:, :, c0 * bs:], (0, 0, 0, c1 * bs - Nk))
-    vp = F.pad(v[:, :, c0 * bs:], (0, 0, 0, c1 * bs - Nk))
+    n = B * Hkv * nblk
 
-    def blocks(x: torch.Tensor) -> torch.Tensor:   # (B, H, nblk * bs, E) -> (B * nblk, H, bs, E)
-        return x.reshape(B, x.shape[1], nblk, bs, x.shape[-1]).transpose(1, 2).reshape(B * nblk, x.shape[1], bs, -1)
+    def pad(x: torch.Tensor, before: int) -> torch.Tensor:   # rows onto whole blocks c0 .. c1 - 1
+        return F.pad(x, (0, 0, before, c1 * bs - Nk)) if before or c1 * bs > Nk else x
 
-    qb, kb, vb = blocks(qp), blocks(kp), blocks(vp)
+    qb = pad(q[:, :, skip:], lead).reshape(B, Hkv, groups, nblk, bs, -1).transpose(2, 3).reshape(n, groups, bs, -1)
+    kb = pad(k[:, :, c0 * bs:], 0).reshape(n, 1, bs, -1)
+    vb = pad(v[:, :, c0 * bs:], 0).reshape(n, 1, bs, Dv)
     if dropout is None:
         out, lse = sdpa_with_lse(qb, kb, vb, causal=True, scale=sm_scale)
     else:  # explicit scores keyed by the reference's positions, a few blocks per call
         pos = torch.arange(bs, device=q.device)
-        entry = torch.arange(B * nblk, device=q.device)
-        start = ((c0 + entry % nblk) * bs).view(-1, 1, 1, 1)
-        positions = ((entry // nblk + first_batch).view(-1, 1, 1, 1),
-                     torch.arange(Hq, device=q.device).view(1, Hq, 1, 1),
-                     start + pos.view(1, 1, bs, 1), start + pos.view(1, 1, 1, bs))
+        entry = torch.arange(n, device=q.device).view(-1, 1, 1, 1)
+        start = (c0 + entry % nblk) * bs
+        heads = (entry // nblk % Hkv) * groups + torch.arange(groups, device=q.device).view(1, groups, 1, 1)
+        positions = (entry // (Hkv * nblk) + first_batch, heads, start + pos.view(1, 1, bs, 1),
+                     start + pos.view(1, 1, 1, bs))
         causal = (pos[None, :] <= pos[:, None]).view(1, 1, bs, bs)
-        per_call = max(1, SCORE_BUDGET // (Hq * bs * bs))
-        parts = []
-        for lo in range(0, B * nblk, per_call):
-            sl = slice(lo, lo + per_call)
-            call = (qb[sl], kb[sl], vb[sl], positions[0][sl], positions[2][sl], positions[3][sl])
-            parts.append(_checkpointed(lambda qc, kc, vc, b, qi, ki: masked_attention(
-                qc, kc, vc, causal, scale=sm_scale, dropout=dropout, positions=(b, positions[1], qi, ki)),
-                tracked(q, k, v), *call))
+        per_call = max(1, SCORE_BUDGET // (groups * bs * bs))
+        parts = [_checkpointed(lambda qc, kc, vc, b, h, qi, ki: masked_attention(
+            qc, kc, vc, causal, scale=sm_scale, dropout=dropout, positions=(b, h, qi, ki)), tracked(q, k, v),
+            *(x[lo:lo + per_call] for x in (qb, kb, vb, *positions)))
+            for lo in range(0, n, per_call)]
         out, lse = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    out = out.view(B, nblk, Hq, bs, Dv).transpose(1, 2).reshape(B, Hq, nblk * bs, Dv)[:, :, lead:lead + Nq - skip]
-    lse = lse.view(B, nblk, Hq, bs).transpose(1, 2).reshape(B, Hq, nblk * bs)[:, :, lead:lead + Nq - skip]
+
+    def unblock(x: torch.Tensor) -> torch.Tensor:   # (n, groups, bs, ...) -> (B, Hq, rows with a key, ...)
+        x = x.reshape(B, Hkv, nblk, groups, bs, -1).transpose(2, 3).reshape(B, Hq, nblk * bs, -1)
+        return x[:, :, lead:lead + Nq - skip]
+
+    out, lse = unblock(out), unblock(lse.unsqueeze(-1)).squeeze(-1)
     if skip:
         out = torch.cat([out.new_zeros(B, Hq, skip, Dv), out], dim=2)
         lse = torch.cat([lse.new_full((B, Hq, skip), -math.inf), lse], dim=2)
@@ -343,13 +346,23 @@ def _checkpointed(fn, track: bool, *args):
     return fn(*args)
 
 
-def _moba_selected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, top_k: int, slots: int,
-                   sm_scale: float, dropout: Dropout | None, first_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each query against the past blocks its gate selected: out (B, Hq, Nq, slots, Dv) and
-    lse (B, Hq, Nq, slots), one slot per selected block (-inf where fewer were selected)."""
+def _moba_selected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, top_k: int,
+                   sm_scale: float, dropout: Dropout | None, first_batch: int
+                   ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Each query against the past blocks its gate selected, as parts for
+    :func:`attnkit.merge.merge_attention_rows`: per call, (out (P, Dv), lse (P,), rows (P,))
+    with rows the flat (b, h, i) index of (B, Hq, Nq); padding rows have lse -inf.
+
+    Each key block (b, kv head, c) that some row selected gets one query sequence: the
+    rows that selected it, from every query head of that kv head, padded to a multiple of
+    :data:`MOBA_ROW_PAD` rows (pad rows read query row 0; their outputs are never read).
+    The sequences are laid out by padded length, so that each length is one batched call
+    against its key blocks, gathered once each. Long query sequences also run faster on
+    torch's CPU flash kernel, which tiles queries in larger blocks for longer sequences.
+    """
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    bs, dev, G = block_size, q.device, MOBA_GROUP_ROWS
+    bs, dev = block_size, q.device
     n_blocks = Nk // bs
     groups = Hq // Hkv
     # the gate, in row chunks: (B, Hq, Nq, NB) bool, the reference's selection
@@ -357,53 +370,60 @@ def _moba_selected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size
     rows = max(1, GATE_BUDGET // max(1, B * Hq * n_blocks))
     chosen = torch.cat([moba_gate(q_c, k_heads, block_size=bs, top_k=top_k, first_row=i * rows, seqlen_q=Nq)
                         for i, q_c in enumerate(q.detach().split(rows, dim=2))], dim=2)
-    slot = (chosen.cumsum(-1) - 1).masked_fill(~chosen, 0)                       # the block's rank in its row
-    # the selected (b, h, c, i), ordered by key block then row: rows of one key block are consecutive
-    b_p, h_p, c_p, i_p = chosen.permute(0, 1, 3, 2).nonzero().unbind(1)
-    per_block = chosen.sum(2).flatten()                                           # (B * Hq * NB,) rows per block
-    n_groups = -(-per_block // G)
-    block_key = (b_p * Hq + h_p) * n_blocks + c_p
-    first_pair = torch.cumsum(per_block, 0) - per_block
-    first_group = torch.cumsum(n_groups, 0) - n_groups
-    rank = torch.arange(b_p.shape[0], device=dev) - first_pair[block_key]
-    row_at = first_group[block_key] * G + rank                                    # pair -> row of the padded groups
-    total = int(n_groups.sum()) * G
-    # query rows of the groups (padding rows read row 0; their outputs are never read)
-    q_flat = q.reshape(B * Hq * Nq, D)
-    source = torch.zeros(total, dtype=torch.long, device=dev)
+    # the selected pairs ordered by key block (b, kv head, c), then query head and row
+    by_block = chosen.view(B, Hkv, groups, Nq, n_blocks).permute(0, 1, 4, 2, 3)    # (B, Hkv, NB, groups, Nq)
+    b_p, kvh_p, c_p, g_p, i_p = by_block.nonzero().unbind(1)
+    h_p = kvh_p * groups + g_p
+    per_block = by_block.sum((3, 4)).flatten()                                    # (B * Hkv * NB,) rows per block
+    padded = -(-per_block // MOBA_ROW_PAD) * MOBA_ROW_PAD
+    # the key blocks in layout order: by padded length, those selected by no row left out
+    order = torch.sort(padded, stable=True).indices
+    order = order[padded[order] > 0]
+    lengths = padded[order]
+    seq_start = torch.zeros_like(padded)
+    seq_start[order] = torch.cumsum(lengths, 0) - lengths                        # each block's first row
+    block_key = (b_p * Hkv + kvh_p) * n_blocks + c_p
+    rank = torch.arange(b_p.shape[0], device=dev) - (torch.cumsum(per_block, 0) - per_block)[block_key]
+    row_at = seq_start[block_key] + rank                                          # pair -> row of the layout
+    total = int(lengths.sum())
+    source = torch.zeros(total, dtype=torch.long, device=dev)                  # layout row -> (b, h, i)
     source[row_at] = (b_p * Hq + h_p) * Nq + i_p
-    # each group's key block: (b, kv head, c) of its first row
-    firsts = rank % G == 0                                                        # each group's first pair
-    kv_block = ((b_p * Hkv + h_p // groups) * n_blocks + c_p)[firsts]
+    padding = torch.ones(total, dtype=torch.bool, device=dev)
+    padding[row_at] = False
     kb = k[:, :, :n_blocks * bs].reshape(B * Hkv * n_blocks, bs * D)
     vb = v[:, :, :n_blocks * bs].reshape(B * Hkv * n_blocks, bs * Dv)
     track = tracked(q, k, v)
     gather = _Gathers(track)
-    n_g = kv_block.shape[0]
-    qg = gather("q", q_flat, 0, source).view(n_g, 1, G, D)
-    kg = gather("k", kb, 0, kv_block).view(n_g, 1, bs, D)
-    vg = gather("v", vb, 0, kv_block).view(n_g, 1, bs, Dv)
-    if dropout is None:
-        out_g, lse_g = sdpa_with_lse(qg, kg, vg, scale=sm_scale)
-    else:  # explicit scores keyed by the reference's positions (padding rows are dropped after)
-        query_pos = torch.zeros(total, dtype=torch.long, device=dev)
-        query_pos[row_at] = i_p + (Nk - Nq)
-        positions = ((b_p[firsts] + first_batch).view(-1, 1, 1, 1), h_p[firsts].view(-1, 1, 1, 1),
-                     query_pos.view(n_g, 1, G, 1),
-                     (c_p[firsts] * bs).view(-1, 1, 1, 1) + torch.arange(bs, device=dev).view(1, 1, 1, bs))
+    qg = gather("q", q.reshape(B * Hq * Nq, D), 0, source)                        # (total, D)
+    kg = gather("k", kb, 0, order)                                                # (sequences, bs * D)
+    vg = gather("v", vb, 0, order)
+    if dropout is not None:  # what dropout sees: each row's (b, h, query position), each block's keys
+        row_pos = torch.zeros(3, total, dtype=torch.long, device=dev)
+        row_pos[:, row_at] = torch.stack([b_p + first_batch, h_p, i_p + (Nk - Nq)])
+        key_pos = (order % n_blocks * bs)[:, None] + torch.arange(bs, device=dev)  # (sequences, bs)
         every = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=dev)
-        per_call = max(1, SCORE_BUDGET // (G * bs))
-        parts = []
-        for lo in range(0, n_g, per_call):
-            sl = slice(lo, lo + per_call)
-            parts.append(_checkpointed(lambda qc, kc, vc, b, h, qi, ki: masked_attention(
-                qc, kc, vc, every, scale=sm_scale, dropout=dropout, positions=(b, h, qi, ki)),
-                track, qg[sl], kg[sl], vg[sl], *(p[sl] for p in positions)))
-        out_g, lse_g = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    # back to (row, slot)
-    target = ((b_p * Hq + h_p) * Nq + i_p) * slots + slot[b_p, h_p, i_p, c_p]
-    pair_out = out_g.reshape(total, Dv).index_select(0, row_at)
-    pair_lse = lse_g.reshape(total).index_select(0, row_at).to(lse_dtype(q))
-    out = q.new_zeros(B * Hq * Nq * slots, Dv).index_copy(0, target, pair_out)
-    lse = torch.full((B * Hq * Nq * slots,), -math.inf, dtype=lse_dtype(q), device=dev).index_copy(0, target, pair_lse)
-    return out.view(B, Hq, Nq, slots, Dv), lse.view(B, Hq, Nq, slots)
+    parts = []
+    row0 = seq0 = 0
+    seq_lengths, seq_counts = torch.unique_consecutive(lengths, return_counts=True)
+    for L, n in zip(seq_lengths.tolist(), seq_counts.tolist()):
+        qc = qg[row0:row0 + n * L].view(n, 1, L, D)
+        kc, vc = kg[seq0:seq0 + n].view(n, 1, bs, D), vg[seq0:seq0 + n].view(n, 1, bs, Dv)
+        if dropout is None:
+            o, o_lse = sdpa_with_lse(qc, kc, vc, scale=sm_scale)
+        else:  # explicit scores keyed by the reference's positions, at most SCORE_BUDGET per piece
+            pos = row_pos[:, row0:row0 + n * L].view(3, n, 1, L, 1)
+            kpos = key_pos[seq0:seq0 + n].view(n, 1, 1, bs)
+            step_s = max(1, SCORE_BUDGET // (L * bs))
+            step_r = L if step_s > 1 else max(1, SCORE_BUDGET // bs)
+            pieces = [[_checkpointed(lambda qx, kx, vx, b, h, qi, ki: masked_attention(
+                qx, kx, vx, every, scale=sm_scale, dropout=dropout, positions=(b, h, qi, ki)),
+                track, qc[s:s + step_s, :, r:r + step_r], kc[s:s + step_s], vc[s:s + step_s],
+                *(p[s:s + step_s, :, r:r + step_r] for p in pos), kpos[s:s + step_s])
+                for r in range(0, L, step_r)] for s in range(0, n, step_s)]
+            o = torch.cat([torch.cat([p[0] for p in row], dim=2) for row in pieces])
+            o_lse = torch.cat([torch.cat([p[1] for p in row], dim=2) for row in pieces])
+        rows_c = slice(row0, row0 + n * L)
+        parts.append((o.reshape(n * L, Dv), o_lse.reshape(n * L).masked_fill(padding[rows_c], -math.inf),
+                      source[rows_c]))
+        row0, seq0 = row0 + n * L, seq0 + n
+    return parts
