@@ -81,8 +81,9 @@ def chunked_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
         return v.new_zeros(B, H, 0, Dv), S
     T = -(-N // chunk)
     extra = T * chunk - N
-    # padded rows: zero keys and values (they add nothing), gate 0 (no decay): b_last is the last real row's
-    qc, kc, vc, gc = ((pad(x, (0, 0, 0, extra)) if extra else x).view(B * H, T, chunk, x.shape[-1])
+    # padded rows: zero keys and values (they add nothing), gate 0 (no decay): b_last is the last real row's.
+    # reshape, not view: unpadded inputs may be strided views (a block's split projection, a bshd layout)
+    qc, kc, vc, gc = ((pad(x, (0, 0, 0, extra)) if extra else x).reshape(B * H, T, chunk, x.shape[-1])
                       for x in (q, k, v, g))
     b = gc.cumsum(2)                                                          # (BH, T, C, E)
     b_last = b[:, :, -1:]                                                     # (BH, T, 1, E)
