@@ -33,6 +33,7 @@ Passes (one launch each):
   from dA (sub-chunked like A) and from the states h_c and dh_{c+1}.
 * ``gla_dg_kernel``: dg_t = sum_{u >= t} dG_u + sum_v (S_N * dS_N) (the gate of row t
   scales every later cumulative gate and the final state).
+* ``gla_recurrent_kernel``: the decoding step (one token per sequence), token by token.
 
 Packed sequences (VARLEN, B = 1): chunks start at each sequence's first row, so none
 crosses a boundary; CHUNK_INDICES (chunks, 2) gives each chunk's (sequence, chunk in the
@@ -53,6 +54,8 @@ from .common import block_dim, new_output
 CHUNK = 64
 SUB = 16
 MAX_BLOCK = 64
+#: the largest Dk the recurrent (decoding) kernel holds in one block; above it decoding runs chunked
+RECURRENT_MAX_DIM = 256
 #: Dk columns of the sub-chunk kernels, whose exact diagonal block is a (SUB, SUB, BK) product
 SUB_BLOCK_K = 32
 
@@ -424,6 +427,49 @@ def gla_dg_kernel(DG, SDS, OUT, CU_SEQLENS, num_heads, seqlen,
         carry += total
 
 
+@triton.jit
+def gla_recurrent_kernel(Q, K, V, G, O, S0, SN, CU_SEQLENS, num_heads, group, seqlen, scale,
+                         DIM_K: tl.constexpr, DIM_V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                         HAS_S0: tl.constexpr, VARLEN: tl.constexpr):
+    """Token-by-token S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t, o_t = scale q_t S_t: the decoding
+    step (N = 1, or packed sequences of at most one token), with no padding to a chunk. One
+    program per (Dv block, sequence x head) holds the whole Dk (BK >= DIM_K)."""
+    pid_v, pid_bh = tl.program_id(0), tl.program_id(1)
+    off_h = pid_bh % num_heads
+    row = (pid_bh // num_heads).to(tl.int64)
+    if VARLEN:
+        bos = tl.load(CU_SEQLENS + row).to(tl.int64)
+        n = (tl.load(CU_SEQLENS + row + 1) - tl.load(CU_SEQLENS + row)).to(tl.int32)
+        off_b = row * 0
+    else:
+        bos = row * 0
+        n = seqlen
+        off_b = row
+    q_base = Q + ((off_b * num_heads + off_h) * seqlen + bos) * DIM_K
+    g_base = G + ((off_b * num_heads + off_h) * seqlen + bos) * DIM_K
+    k_base = K + ((off_b * (num_heads // group) + off_h // group) * seqlen + bos) * DIM_K
+    v_base = V + ((off_b * (num_heads // group) + off_h // group) * seqlen + bos) * DIM_V
+    o_base = O + ((off_b * num_heads + off_h) * seqlen + bos) * DIM_V
+    offs_k = tl.arange(0, BK)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    mask_k, mask_v = offs_k < DIM_K, offs_v < DIM_V
+    s_offs = (row * num_heads + off_h) * DIM_K * DIM_V + offs_k[:, None] * DIM_V + offs_v[None, :]
+    s_mask = mask_k[:, None] & mask_v[None, :]
+    if HAS_S0:
+        state = tl.load(S0 + s_offs, mask=s_mask, other=0.0)
+    else:
+        state = tl.zeros([BK, BV], dtype=tl.float32)
+    for t in range(n):
+        q = tl.load(q_base + t * DIM_K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        k = tl.load(k_base + t * DIM_K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        g = tl.load(g_base + t * DIM_K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        v = tl.load(v_base + t * DIM_V + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+        state = state * tl.exp(g)[:, None] + k[:, None] * v[None, :]
+        o = tl.sum(q[:, None] * state, axis=0) * scale
+        tl.store(o_base + t * DIM_V + offs_v, o.to(O.dtype.element_ty), mask=mask_v)
+    tl.store(SN + s_offs, state, mask=s_mask)
+
+
 # --------------------------------------------------------------------------- launchers
 
 _forced_chunk: int | None = None
@@ -511,7 +557,7 @@ def _intra(q, k, gc, lay: Layout, chunk: int, bk: int) -> torch.Tensor:
     dot_precision, _ = _precisions(q.dtype)
     gla_intra_kernel[(lay.grid_t, lay.grid_b * H, chunk // SUB)](
         q, k, gc, a, lay.indices, lay.cu, lay.offsets, H, H // k.shape[1], N, lay.nt,
-        DIM_K=Dk, BT=chunk, BC=SUB, BK=bk, VARLEN=lay.varlen, PRECISION=dot_precision, num_warps=2)
+        DIM_K=Dk, BT=chunk, BC=SUB, BK=bk, VARLEN=lay.varlen, PRECISION=dot_precision, num_warps=4)
     return a
 
 
@@ -526,6 +572,16 @@ def _output(x, a, y, gc, hs, out, lay: Layout, chunk: int, bk: int, bv: int, *, 
         DOT_PRECISION=dot_precision, STATE_PRECISION=state_precision, num_warps=4)
 
 
+def recurrent_fits(q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> bool:
+    """True for a decoding step the token-by-token kernel runs: at most one token per
+    sequence (N <= 1, or packed sequences of length <= 1) and Dk <= RECURRENT_MAX_DIM."""
+    if q.shape[-1] > RECURRENT_MAX_DIM:
+        return False
+    if cu_seqlens is None:
+        return q.shape[2] <= 1
+    return q.shape[2] <= cu_seqlens.shape[0] - 1 and int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) <= 1
+
+
 def gla_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float,
                 initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -533,10 +589,21 @@ def gla_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
     (B, Hq, N, Dk) contiguous log-gates (any float dtype); initial_state fp32 contiguous
     (B, Hq, Dk, Dv) or None; ``cu_seqlens`` (S + 1,) int32 for S sequences packed along
     N (B = 1; states (S, Hq, Dk, Dv)). Returns out (B, Hq, N, Dv) in q's dtype and the
-    final state fp32 (B or S, Hq, Dk, Dv)."""
-    B, H, N, _ = q.shape
+    final state fp32 (B or S, Hq, Dk, Dv). A decoding step (:func:`recurrent_fits`) runs
+    the token-by-token kernel, anything longer the chunked passes."""
+    B, H, N, Dk = q.shape
     Dv = v.shape[-1]
     group = H // k.shape[1]
+    if recurrent_fits(q, cu_seqlens):
+        rows = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        out = new_output((B, H, N, Dv), q.dtype, q.device)
+        state = new_output((rows, H, Dk, Dv), torch.float32, q.device)
+        bv = min(MAX_BLOCK, block_dim(Dv))
+        gla_recurrent_kernel[(triton.cdiv(Dv, bv), rows * H)](
+            q, k, v, g, out, initial_state, state, cu_seqlens, H, group, N, scale,
+            DIM_K=Dk, DIM_V=Dv, BK=block_dim(Dk), BV=bv, HAS_S0=initial_state is not None,
+            VARLEN=cu_seqlens is not None, num_warps=4)
+        return out, state
     chunk, lay, bk, bv = _setup(q, v, cu_seqlens)
     gc = _cumsum(g, lay, chunk, bk)
     hs, state = _states(k, v, gc, initial_state, lay, chunk, bk, bv, groups=(group, group), scale=1.0,
@@ -572,7 +639,8 @@ def gla_backward(do: torch.Tensor, d_state: torch.Tensor | None, q: torch.Tensor
     da = torch.zeros(B, H, N, chunk, dtype=torch.float32, device=q.device)
     gla_dA_kernel[(lay.grid_t, lay.grid_b * H)](
         do, v, da, lay.indices, lay.cu, lay.offsets, H, group, N, lay.nt, scale,
-        DIM_V=Dv, BT=chunk, BV=bv, VARLEN=lay.varlen, PRECISION=dot_precision, num_warps=4)
+        DIM_V=Dv, BT=chunk, BV=bv, VARLEN=lay.varlen, PRECISION=dot_precision,
+        num_warps=8 if q.dtype == torch.float32 else 4)   # IEEE fp32 dots spill at 4 warps (Triton 3.6)
     dq = new_output((B, H, N, Dk), torch.float32, q.device)
     dk = new_output((B, H, N, Dk), torch.float32, q.device)
     dG = new_output((B, H, N, Dk), torch.float32, q.device)

@@ -66,17 +66,21 @@ def chunk():
 
 @pytest.mark.parametrize("shape", [
     {"N": 113, "Dk": 16, "Dv": 8, "H": 2, "Hkv": 1},  # two chunks, the last ragged; Dk != Dv; GQA
-    {"N": 1, "Dk": 8, "Dv": 16},                      # one token (a padded chunk of one row)
+    {"N": 1, "Dk": 8, "Dv": 16},                      # one token: the recurrent forward, the chunked backward
     {"N": 20, "Dk": 40, "Dv": 72, "H": 1},            # two Dk blocks in the sub-chunk kernels, two Dv blocks
 ], ids=["n113_gqa", "n1", "dk40_dv72"])
 def test_matches_the_recurrence_float32(shape):
     check(problem(**shape), scale=0.7 if shape["N"] == 1 else None)
 
 
-def test_packed_sequences_with_empty_ones():
-    # lengths 1, 16, 0, 36: each sequence from its own state row, its chunks from its first row
-    cu = torch.tensor([0, 1, 17, 17, 53], dtype=torch.int32)
-    check(problem(N=53, Dk=16, Dv=24, states=4), cu_seqlens=cu)
+@pytest.mark.parametrize("lengths", [(1, 16, 0, 36), (1, 0, 1, 1)], ids=["chunked", "decode_step"])
+def test_packed_sequences_with_empty_ones(lengths):
+    # each sequence from its own state row, its chunks from its first row; sequences of at most
+    # one token are a decoding step, which the token-by-token kernel runs
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    tensors = problem(N=sum(lengths), Dk=16, Dv=24, states=len(lengths))
+    assert gla_kernels.recurrent_fits(tensors[0], cu) == (max(lengths) <= 1)
+    check(tensors, cu_seqlens=cu)
 
 
 def test_strong_gates_stay_exact_at_two_chunk_sizes(chunk):
@@ -101,3 +105,13 @@ def test_scalar_gates_and_bad_chunks_are_refused():
     for bad in (8, 48):
         with pytest.raises(ValueError, match="chunk must be a power of two >= 16"):
             gla_kernels.set_chunk(bad)
+
+
+def test_empty_sequence_passes_the_state_through():
+    q, k, v, g, s0 = (x.float() for x in problem(N=0, Dk=16, Dv=8))
+    s0.requires_grad_(True)
+    out, state = gla_vector_kernel(q, k, v, g, initial_state=s0, return_state=True)
+    assert out.shape == (1, 2, 0, 8)
+    assert torch.equal(state, s0)
+    state.sum().backward()
+    assert torch.equal(s0.grad, torch.ones_like(s0))
