@@ -9,7 +9,7 @@ a key, and a cache serves one batch of sequences from its first call to its last
 
 * :class:`KVCache` (flash, and sliding_window with an unbounded head): every past token.
 * :class:`WindowCache` (sliding_window): ``attnkit.SlidingWindowCache``, sinks + the last W keys.
-* :class:`RecurrentStateCache` (linear, lightning): the (B, H, D, Dv) float32 state.
+* :class:`RecurrentStateCache` (linear, lightning, gla, delta_rule): the (B, H, D, Dv) float32 state.
 * :class:`StandaloneCache`: ``attnkit.StreamingHeadsCache`` or ``attnkit.HeavyHitterCache``.
 * :class:`PagedCache`: some sequences of an ``attnkit.PagedKVCache`` (serving).
 """
@@ -67,7 +67,9 @@ class KVCache(GrowingKV, _Sequential):
 
 
 class RecurrentStateCache(_Sequential):
-    """The recurrent state of linear / lightning attention: constant memory per token."""
+    """The recurrent state of linear, lightning, gla and delta_rule attention, (B, Hq, Dk, Dv)
+    float32: constant memory per token. The gated variants' ``g``/``beta`` of the new tokens come
+    in ``options`` (``attnkit.nn.Attention`` computes them from its input)."""
 
     def __init__(self, variant: str) -> None:
         self.variant = variant
