@@ -142,3 +142,12 @@ def test_gla_torch_backend_takes_strided_inputs_of_whole_chunks(per_channel):
     want = attnkit.gated_linear_attention(q, k, v, g, backend="reference", return_state=True)
     got = attnkit.gated_linear_attention(q, k, v, g, backend="torch", return_state=True)
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("variant", ["gla", "delta_rule"])
+def test_a_block_builds_on_the_meta_device(variant):
+    # the build-time check's one-token stand-in gates sit on the CPU beside its q, not on the default device
+    with torch.device("meta"):
+        block = attnkit.nn.Attention(32, 4, variant=variant)
+    gate_params = list(block.gates.parameters())
+    assert gate_params and all(p.is_meta for p in block.parameters())

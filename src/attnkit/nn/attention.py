@@ -56,9 +56,9 @@ def check_module_options(spec: Variant, options: dict[str, Any], heads_q: int, h
              for name, value in options.items()}
     probe.update({name: spec.options[name] for name in _INPUT_OPTIONS if name in probe})
     if spec.name in GATE_FORMS:  # the gates the block computes from its input: one-token stand-ins
-        probe["g"] = torch.zeros(1, heads_q, 1) if spec.name == "gla" else None
+        probe["g"] = torch.zeros(1, heads_q, 1, device="cpu") if spec.name == "gla" else None
         if spec.name == "delta_rule":
-            probe["beta"] = torch.ones(1, heads_q, 1)
+            probe["beta"] = torch.ones(1, heads_q, 1, device="cpu")
     k = torch.zeros(1, heads_kv, 1, head_dim, device="cpu")
     spec.validate(torch.zeros(1, heads_q, 1, head_dim, device="cpu"), k, k, probe)
 
