@@ -63,7 +63,6 @@ def check_module_options(spec: Variant, options: dict[str, Any], heads_q: int, h
     spec.validate(torch.zeros(1, heads_q, 1, head_dim, device="cpu"), k, k, probe)
 
 
-
 def check_gate_options(variant: str, gate: str | None, low_rank_dim: int | None, logit_normalizer: float | None,
                        variant_options: dict[str, Any]) -> str | None:
     """Check a block's gate options; return its gate form (None for a variant without gates)."""
