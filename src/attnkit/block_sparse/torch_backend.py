@@ -404,10 +404,13 @@ def _moba_selected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size
         every = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=dev)
     parts = []
     row0 = seq0 = 0
-    seq_lengths, seq_counts = torch.unique_consecutive(lengths, return_counts=True)
-    for L, n in zip(seq_lengths.tolist(), seq_counts.tolist()):
-        qc = qg[row0:row0 + n * L].view(n, 1, L, D)
-        kc, vc = kg[seq0:seq0 + n].view(n, 1, bs, D), vg[seq0:seq0 + n].view(n, 1, bs, Dv)
+    seq_lengths, seq_counts = (x.tolist() for x in torch.unique_consecutive(lengths, return_counts=True))
+    # one split per tensor, not a slice per call: under autograd each slice's backward would
+    # write a zero tensor of the whole gather, a split's backward is one concatenation
+    calls = zip(seq_lengths, seq_counts, qg.split([n * L for L, n in zip(seq_lengths, seq_counts)]),
+                kg.split(seq_counts), vg.split(seq_counts))
+    for L, n, qc, kc, vc in calls:
+        qc, kc, vc = qc.view(n, 1, L, D), kc.view(n, 1, bs, D), vc.view(n, 1, bs, Dv)
         if dropout is None:
             o, o_lse = sdpa_with_lse(qc, kc, vc, scale=sm_scale)
         else:  # explicit scores keyed by the reference's positions, at most SCORE_BUDGET per piece
