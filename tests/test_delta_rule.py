@@ -1,7 +1,7 @@
 """The delta_rule variant (issue 15, item 2): the reference and the chunked WY/UT torch
 backend against a literal float64 recurrence (forward, final state, every gradient),
 pieces with states, packed sequences, awkward lengths, the harness in float32/bfloat16,
-the beta -> 0 limit, bad input and the missing kernel."""
+the beta -> 0 limit and bad input (the Triton kernel: tests/test_delta_rule_kernel.py)."""
 
 import pytest
 import torch
@@ -75,16 +75,6 @@ def test_scale_defaults_to_dk_rsqrt_and_auto_on_cpu_runs_torch():
     torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
     e = attnkit.explain(x["q"], x["k"], x["v"], "delta_rule", beta=x["beta"])
     assert e.backend == "torch", str(e)
-
-
-def test_triton_backend_refuses_with_the_reason():
-    x = inputs(1, 2, 20, 16, 16)
-    e = attnkit.explain(x["q"].float(), x["k"].float(), x["v"].float(), "delta_rule", "triton",
-                        beta=x["beta"].float())
-    assert e.backend == "error" and any("has no Triton kernel" in r for r in e.reasons), str(e)
-    with pytest.raises(ValueError, match="has no Triton kernel"):
-        attnkit.delta_rule_attention(x["q"].float(), x["k"].float(), x["v"].float(), x["beta"].float(),
-                                     backend="triton")
 
 
 def test_pieces_with_states_equal_one_call():

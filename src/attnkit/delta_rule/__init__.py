@@ -2,8 +2,8 @@
 
 S_t = exp(g_t) (I - beta_t k_t^T k_t) S_{t-1} + beta_t k_t^T v_t, o_t = scale q_t S_t, as
 flash-linear-attention's ``chunk_gated_delta_rule``. A reference (the recurrence, one
-token at a time) and a torch backend (the chunked WY/UT form); no Triton kernel yet, so
-``backend="triton"`` refuses it and ``auto`` runs the torch backend. See docs/linear.md.
+token at a time), a torch backend (the chunked WY/UT form) and a Triton kernel (the same
+chunked form, forward and backward: kernel.py). See docs/linear.md.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from ..checks import (
 from ..dispatch import attention
 from ..linear import check_packing, check_state
 from ..registry import Case, Variant, packed_offsets, register_variant
+from .kernel import delta_rule_kernel, kernel_support_delta_rule
 from .reference import (
     L2NORM_EPS,
     delta_rule_reference,
@@ -104,8 +105,7 @@ def delta_rule_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta
         return_state: also return the final state (B, Hq, Dk, Dv), float32 ((S, ...) packed).
         cu_seqlens: (S + 1,) int32 offsets of S sequences packed along N (B = 1), as
             flash-linear-attention's: each sequence runs alone, with its own state row.
-        backend: "auto", "torch" or "reference" ("triton" raises: there is no kernel yet;
-            ``attnkit.explain`` says so).
+        backend: "auto", "triton", "torch" or "reference" (see ``attnkit.explain``).
 
     Returns:
         out (B, Hq, N, Dv) in q's dtype, or (out, state) with ``return_state``.
@@ -173,13 +173,14 @@ def delta_rule_demo(batch: int, heads: int, seqlen: int, head_dim: int) -> Case:
 register_variant(Variant(
     name="delta_rule",
     reference=delta_rule_reference,
-    kernel=None,
+    kernel=delta_rule_kernel,
+    kernel_support=kernel_support_delta_rule,
     torch_impl=delta_rule_torch,
     options=DELTA_RULE_OPTIONS,
     validate=validate_delta_rule,
     extra_outputs={"return_state": "state"},
     examples=delta_rule_examples,
-    status={"reference": True, "forward": False, "backward": False},
+    status={"reference": True, "forward": True, "backward": True},
     doc="(gated) delta rule (DeltaNet, GatedDeltaNet): beta-weighted state replacement, log-gates, states",
     demo=delta_rule_demo,
 ))
