@@ -598,7 +598,7 @@ def gla_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
         rows = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
         out = new_output((B, H, N, Dv), q.dtype, q.device)
         state = new_output((rows, H, Dk, Dv), torch.float32, q.device)
-        bv = min(MAX_BLOCK, block_dim(Dv))
+        bv = min(MAX_BLOCK if Dk <= 128 else 32, block_dim(Dv))   # the (Dk, BV) fp32 state lives in registers
         gla_recurrent_kernel[(triton.cdiv(Dv, bv), rows * H)](
             q, k, v, g, out, initial_state, state, cu_seqlens, H, group, N, scale,
             DIM_K=Dk, DIM_V=Dv, BK=block_dim(Dk), BV=bv, HAS_S0=initial_state is not None,
