@@ -10,7 +10,7 @@ import torch
 from ..checks import check_scale
 from ..mods import ScoreMod
 from ..sliding_window.window import head_windows
-from .reference import decode_score_mod, decode_selection
+from .reference import cache_lengths, decode_score_mod, decode_selection
 
 #: (largest head dim, keys per block, most packed query rows per program, warps), checked with ptxas
 #: for sm_90 to compile without register spills; a paged cache's page is read in page_size // keys blocks
@@ -60,10 +60,9 @@ def decode_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         block_n = fixed["BLOCK_N"]
     if paged:
         block_n = min(block_n, k_cache.shape[2])
-    capacity = block_table.shape[1] * k_cache.shape[2] if paged else k_cache.shape[2]
     device = q.device
-    seqlens = (cache_seqlens if cache_seqlens is not None
-               else torch.full((B,), capacity, dtype=torch.int32, device=device)).to(torch.int32).contiguous()
+    capacity, seqlens = cache_lengths(q, k_cache, block_table, cache_seqlens)
+    seqlens = seqlens.contiguous()
     q, k_cache, v_cache = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k_cache, v_cache))
     mod = decode_score_mod(q, capacity, alibi_slopes, score_mod)
     mod_view = mod.kernel_view() if mod is not None else None

@@ -42,6 +42,17 @@ def kept_positions(length: int, selected: Optional[torch.Tensor], count: int, pa
     return pos[pos < length]
 
 
+def cache_lengths(q: torch.Tensor, k_cache: torch.Tensor, block_table: Optional[torch.Tensor],
+                  cache_seqlens: Optional[torch.Tensor]) -> Tuple[int, torch.Tensor]:
+    """(capacity, seqlens): the tokens a sequence's cache can hold (max_pages x page_size for a
+    paged cache, Nmax for a contiguous one) and each sequence's length (B,) int32 (the capacity
+    for every sequence when ``cache_seqlens`` is None)."""
+    capacity = block_table.shape[1] * k_cache.shape[2] if block_table is not None else k_cache.shape[2]
+    if cache_seqlens is not None:
+        return capacity, cache_seqlens.to(torch.int32)
+    return capacity, torch.full((q.shape[0],), capacity, dtype=torch.int32, device=q.device)
+
+
 def decode_score_mod(q: torch.Tensor, capacity: int, alibi_slopes: Optional[torch.Tensor],
                      score_mod: Optional[ScoreMod]) -> Optional[ScoreMod]:
     """ALiBi then ``score_mod`` for a decode call (positions count over the cache's capacity)."""
@@ -77,10 +88,7 @@ def decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     ``num_splits`` is the kernel's and is ignored here.
     """
     B, Hq, Nq, D = q.shape
-    paged = block_table is not None
-    capacity = block_table.shape[1] * k_cache.shape[2] if paged else k_cache.shape[2]
-    seqlens = (cache_seqlens if cache_seqlens is not None
-               else torch.full((B,), capacity, dtype=torch.int32, device=q.device))
+    capacity, seqlens = cache_lengths(q, k_cache, block_table, cache_seqlens)
     sm_scale = check_scale(scale, D)
     mod = decode_score_mod(q, capacity, alibi_slopes, score_mod)
     windows = head_windows(window, Hq) if window is not None else None

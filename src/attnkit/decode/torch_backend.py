@@ -27,7 +27,7 @@ from ..torch_backend import (
     grouped_values,
     softmax_with_lse,
 )
-from .reference import decode_score_mod, decode_selection
+from .reference import cache_lengths, decode_score_mod, decode_selection
 
 
 def _keys(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor | None, seqlens: torch.Tensor,
@@ -78,10 +78,7 @@ def decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     """
     B, Hq, Nq, D = q.shape
     Hkv = k_cache.shape[1]
-    paged = block_table is not None
-    capacity = block_table.shape[1] * k_cache.shape[2] if paged else k_cache.shape[2]
-    seqlens = (cache_seqlens if cache_seqlens is not None
-               else torch.full((B,), capacity, dtype=torch.int32, device=q.device))
+    capacity, seqlens = cache_lengths(q, k_cache, block_table, cache_seqlens)
     sm_scale = check_scale(scale, D)
     mod = decode_score_mod(q, capacity, alibi_slopes, score_mod)
     selected, counts = decode_selection(q, k_cache, block_table, seqlens, page_top_k, page_bounds)
