@@ -1,8 +1,15 @@
-"""The chunked linear-attention engine (the library's second engine), shared by the
-``linear`` and ``lightning`` variants: one Triton kernel for the forward pass and the
-three backward passes (Lightning Attention-2's intra-chunk / inter-chunk split), and a
-recurrent kernel for decoding (docs/architecture.md, The chunked linear engine)."""
+"""The chunk-parallel linear-attention engine (the library's second engine), shared by the
+``linear``, ``lightning`` and ``gla`` (scalar gates) variants: a states pass and an output
+pass (flash-linear-attention's two stages) for the forward pass and the backward passes,
+and a recurrent kernel for decoding (docs/architecture.md, The chunked linear engine)."""
 
-from .launch import chunk_pass, force_chunk, linear_backward, linear_forward
+from .launch import (
+    force_chunk,
+    linear_backward,
+    linear_forward,
+    output_pass,
+    plan_chunks,
+    states_pass,
+)
 
-__all__ = ["chunk_pass", "force_chunk", "linear_backward", "linear_forward"]
+__all__ = ["force_chunk", "linear_backward", "linear_forward", "output_pass", "plan_chunks", "states_pass"]

@@ -24,7 +24,7 @@ if not torch.cuda.is_available():  # must happen before triton is imported
 
 import attnkit  # noqa: E402
 from attnkit.dispatch import attention, interpreter_enabled, triton_import_error  # noqa: E402
-from attnkit.testing import check_case, make_inputs  # noqa: E402
+from attnkit.testing import check_case, kernel_blockers, make_inputs  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -116,6 +116,9 @@ def check_one(spec: Any, case: Any, backend: str, dtype: torch.dtype, device: to
         if device.type == "cpu":
             label = "triton (interpreter)"
     try:
+        refused = kernel_blockers(spec.name, case, dtype=dtype, device=device) if backend == "triton" else []
+        if refused:  # a limit the kernel declares (e.g. gla's per-channel gates): say which
+            return [name, label, "-", "-", "-", "-", f"kernel refuses: {refused[-1]}"[:80]]
         report = check_case(spec, case, dtype=dtype, device=device, backend=backend)
         q, k, v, tensors = make_inputs(case, device)
         q, k, v = (x.to(dtype).requires_grad_(True) for x in (q, k, v))

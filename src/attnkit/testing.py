@@ -158,6 +158,20 @@ def _run(fn, q, k, v, tensors, options, make_grad, need_grad, case, seed):
     return [o.detach() for o in outputs], grads
 
 
+def kernel_blockers(variant: Any, case: Any, *, dtype: torch.dtype = torch.float16,
+                    device: str | torch.device = "cpu", seed: int = 0) -> list[str]:
+    """Every reason the Triton kernel cannot run this Case in ``dtype`` (dispatch's blockers and
+    the variant's declared ``kernel_support``); empty when it can. A kernel refuses such a case
+    with these reasons (``check_case(..., backend="triton")`` raises them) rather than computing it."""
+    from .dispatch import explain
+    from .registry import get_variant
+
+    spec = get_variant(variant)
+    q, k, v, tensors = make_inputs(case, device, seed)
+    options = dict(case.options, **case.tensor_options({n: _cast(t, dtype) for n, t in tensors.items()}))
+    return explain(q.to(dtype), k.to(dtype), v.to(dtype), spec.name, "triton", **options).kernel_blockers
+
+
 def check_case(variant: Any, case: Any, *, dtype: torch.dtype = torch.float16,
                device: Union[str, torch.device] = "cpu", backend: str = "triton", seed: int = 0,
                forward_multiplier: float = 2.0, backward_multiplier: float = 3.0) -> Report:

@@ -14,7 +14,7 @@ from torch.nn.functional import logsigmoid
 
 from ..checks import Shapes, check_flag, check_log_gates, check_qkv, check_scale
 from ..dispatch import attention
-from ..linear import check_packing, check_state
+from ..linear import check_packing, check_state, gla_kernel, kernel_support_gla
 from ..registry import Case, Variant, packed_offsets, register_variant
 from .reference import gla_reference
 from .torch_backend import gla_torch
@@ -129,10 +129,11 @@ def gla_demo(batch: int, heads: int, seqlen: int, head_dim: int) -> Case:
 register_variant(Variant(
     name="gla",
     reference=gla_reference,
-    kernel=None,
+    kernel=gla_kernel,
     torch_impl=gla_torch,
     options=GLA_OPTIONS,
     validate=validate_gla,
+    kernel_support=kernel_support_gla,
     extra_outputs={"return_state": "state"},
     examples=gla_examples,
     status={"reference": True, "forward": False, "backward": False},

@@ -1,10 +1,11 @@
 """The ``linear`` and ``lightning`` variants: attention without softmax, with a per-head
 decay, recurrent states for chunked prefill and decoding, and feature maps.
 
-Both run on the library's second engine (``attnkit.kernels.linear``): Lightning
-Attention-2's chunked computation, an intra-chunk masked decayed QK^T V on tensor
-cores plus an inter-chunk state in fp32, forward and backward; and a recurrent kernel
-for one-token decoding steps. See docs/linear.md.
+Both run on the library's second engine (``attnkit.kernels.linear``, shared with ``gla``'s
+scalar gates): flash-linear-attention's two stages, a pass that writes the state at every
+chunk boundary and an output pass over all chunks at once (the masked, decayed QK^T V
+inside a chunk plus the query times the state entering it), forward and backward; and a
+recurrent kernel for one-token decoding steps. See docs/linear.md.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ..checks import (
 from ..dispatch import attention
 from ..registry import Case, Variant, packed_offsets, register_variant
 from . import feature_maps
-from .function import chunked_linear, lightning_kernel, linear_kernel
+from .function import chunked_linear, gla_kernel, lightning_kernel, linear_kernel
 from .reference import (
     NORMALIZE_EPS,
     lightning_reference,
@@ -41,8 +42,10 @@ LINEAR_OPTIONS: dict[str, Any] = {"causal": True, "decay": None, "scale": None, 
                                   "cu_seqlens": None, "cu_seqlens_q": None, "cu_seqlens_k": None}
 LIGHTNING_OPTIONS: dict[str, Any] = {"slopes": None, "initial_state": None, "return_state": False,
                                      "cu_seqlens": None, "cu_seqlens_q": None, "cu_seqlens_k": None}
-#: largest feature dim (after the feature map) and value dim (+1 with normalize) the kernel takes
-MAX_KERNEL_DIM = 256
+#: largest feature dim (after the feature map) and value dim (+1 with normalize) the kernels take: the
+#: chunked passes tile both dims, the recurrent (decoding) kernel holds a (feature dim, value block)
+#: fp32 state slice in registers
+MAX_KERNEL_DIM = 1024
 
 
 def _check_rates(name: str, x: Any, heads: int, q: torch.Tensor) -> torch.Tensor:
@@ -158,6 +161,16 @@ def kernel_support_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opt
 
 def kernel_support_lightning(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict[str, Any]) -> list[str]:
     return kernel_support_linear(q, k, v, {"feature_map": None, "normalize": False})
+
+
+def kernel_support_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict[str, Any]) -> list[str]:
+    """What the chunked engine cannot take of a ``gla`` call: per-channel gates (not yet)."""
+    reasons = kernel_support_linear(q, k, v, {"feature_map": None, "normalize": False})
+    g = options["g"]
+    if isinstance(g, torch.Tensor) and g.dim() == 4:
+        reasons.append("per-channel gates g (B, Hq, N, Dk) are not supported by the kernel yet (scalar gates "
+                       "(B, Hq, N) are)")
+    return reasons
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
@@ -384,5 +397,6 @@ register_variant(Variant(
     demo=lightning_demo,
 ))
 
-__all__ = ["NORMALIZE_EPS", "chunked_linear", "feature_maps", "lightning_attention", "lightning_reference",
+__all__ = ["NORMALIZE_EPS", "chunked_linear", "feature_maps", "gla_kernel", "kernel_support_gla",
+           "lightning_attention", "lightning_reference",
            "lightning_slopes", "linear_attention", "linear_reference"]
