@@ -30,6 +30,7 @@ from .common import (
     LOG2E,
     block_index,
     head_rows,
+    load_resident,
     load_rows,
     mod_positions,
     scores,
@@ -162,10 +163,10 @@ def attn_bwd_dkdv_kernel(
         q_row = q_start.to(tl.int64)
         k_base = head_rows(K, tb, off_hk, k_row, stride_kb, stride_kh, stride_kn)
         v_base = head_rows(V, tb, off_hk, k_row, stride_vb, stride_vh, stride_vn)
-        k = load_rows(tile_source(k_base, seqlen_k, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D, TMA), start_n, stride_kn,
-                      offs_n, seqlen_k, offs_d, HEAD_DIM, CHECK_N, PAD_D, TMA)
-        v = load_rows(tile_source(v_base, seqlen_k, stride_vn, HEAD_DIM_V, BLOCK_N, BLOCK_DV, TMA), start_n,
-                      stride_vn, offs_n, seqlen_k, offs_dv, HEAD_DIM_V, CHECK_N, PAD_DV, TMA)
+        k = load_resident(k_base, start_n, stride_kn, offs_n, seqlen_k, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D,
+                          CHECK_N, PAD_D, TMA)
+        v = load_resident(v_base, start_n, stride_vn, offs_n, seqlen_k, offs_dv, HEAD_DIM_V, BLOCK_N, BLOCK_DV,
+                          CHECK_N, PAD_DV, TMA)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
         for g in range(groups):
@@ -290,10 +291,10 @@ def attn_bwd_dq_kernel(
         offs_dv = tl.arange(0, BLOCK_DV)
         q_base = head_rows(Q, tb, off_h, q_row, stride_qb, stride_qh, stride_qm)
         do_base = head_rows(DO, tb, off_h, q_row, stride_dob, stride_doh, stride_dom)
-        q = load_rows(tile_source(q_base, seqlen_q, stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D, TMA), start_m, stride_qm,
-                      offs_m, seqlen_q, offs_d, HEAD_DIM, CHECK_M, PAD_D, TMA)
-        do = load_rows(tile_source(do_base, seqlen_q, stride_dom, HEAD_DIM_V, BLOCK_M, BLOCK_DV, TMA), start_m,
-                       stride_dom, offs_m, seqlen_q, offs_dv, HEAD_DIM_V, CHECK_M, PAD_DV, TMA)
+        q = load_resident(q_base, start_m, stride_qm, offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_M, BLOCK_D,
+                          CHECK_M, PAD_D, TMA)
+        do = load_resident(do_base, start_m, stride_dom, offs_m, seqlen_q, offs_dv, HEAD_DIM_V, BLOCK_M, BLOCK_DV,
+                           CHECK_M, PAD_DV, TMA)
         lse = tl.load(head_rows(LSE, tb, off_h, q_row, stride_lb, stride_lh, 1) + offs_m, mask=offs_m < seqlen_q,
                       other=0.0)
         delta = tl.load(head_rows(DELTA, tb, off_h, q_row, stride_lb, stride_lh, 1) + offs_m, mask=offs_m < seqlen_q,

@@ -66,6 +66,16 @@ def load_rows(src, first_row, stride_row, rows, n_rows, cols, n_cols, CHECK_ROWS
 
 
 @triton.jit
+def load_resident(base, first_row, stride_row, rows, n_rows, cols, N_COLS: tl.constexpr, BLOCK_R: tl.constexpr,
+                  BLOCK_C: tl.constexpr, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr, TMA: tl.constexpr):
+    """A tile a program reads once and keeps (the backward's K and V, or Q and dO): the rows
+    ``rows`` (= first_row + arange(BLOCK_R)) of the (n_rows, N_COLS) matrix at ``base``,
+    through its own :func:`tile_source`."""
+    return load_rows(tile_source(base, n_rows, stride_row, N_COLS, BLOCK_R, BLOCK_C, TMA), first_row, stride_row,
+                     rows, n_rows, cols, N_COLS, CHECK_ROWS, CHECK_COLS, TMA)
+
+
+@triton.jit
 def sequence_bounds(off_b, seqlen_q_arg, seqlen_k_arg, CU_Q, CU_K, VARLEN: tl.constexpr):
     """(tensor batch index, first query row, Nq, first key row, Nk) of sequence ``off_b``:
     a batch entry, or one sequence of a packed (B = 1) batch given by cu_seqlens."""
