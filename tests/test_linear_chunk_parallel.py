@@ -105,6 +105,16 @@ def test_gla_decoding_step_takes_the_recurrent_kernel(monkeypatch):
     want = attnkit.gated_linear_attention(q.double(), q.double(), q.double(), g.double(), initial_state=s0.double(),
                                           backend="reference")
     assert relative_error(out, want) < 1e-6
+    # packed: one token among empty sequences, each from its own state row
+    cu = torch.tensor([0, 0, 1, 1], dtype=torch.int32, device=DEVICE)
+    s3 = rand(3, 2, 16, 16, seed=4).float()
+    out, state = attnkit.gated_linear_attention(q[:1], q[:1], q[:1], g[:1], initial_state=s3, cu_seqlens=cu,
+                                                return_state=True, backend="triton")
+    assert len(calls) == 2
+    want = attnkit.gated_linear_attention(*(x.double() for x in (q[:1], q[:1], q[:1], g[:1])),
+                                          initial_state=s3.double(), cu_seqlens=cu, return_state=True,
+                                          backend="reference")
+    assert relative_error(out, want[0]) < 1e-6 and relative_error(state, want[1]) < 1e-6
 
 
 def test_gla_kernel_refuses_per_channel_gates_with_a_reason():
