@@ -151,3 +151,22 @@ def test_a_block_builds_on_the_meta_device(variant):
         block = attnkit.nn.Attention(32, 4, variant=variant)
     gate_params = list(block.gates.parameters())
     assert gate_params and all(p.is_meta for p in block.parameters())
+
+
+@pytest.mark.parametrize("variant,gate", [form for form in FORMS if form != ("gla", "channel")])
+def test_decoding_through_the_kernels(variant, gate):
+    # the Triton kernels (the interpreter on CPU): prefill, then the recurrent decode steps, equal the
+    # whole sequence, and the reference. Per-channel gla gates are covered by tests/test_gla_kernel.py.
+    torch.manual_seed(0)
+    block = attnkit.nn.Attention(32, 2, num_kv_heads=1, variant=variant, gate=gate, rope=True,
+                                 backend="triton").to(DEVICE)
+    reference = attnkit.nn.Attention(32, 2, num_kv_heads=1, variant=variant, gate=gate, rope=True,
+                                     backend="reference").to(DEVICE)
+    reference.load_state_dict(block.state_dict())
+    x = torch.randn(1, 9, 32, device=DEVICE)
+    with torch.no_grad():
+        full = block(x)
+        cache = block.new_cache()
+        parts = [block(x[:, :5], cache=cache)] + [block(x[:, t:t + 1], cache=cache) for t in range(5, 9)]
+        torch.testing.assert_close(full, reference(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-4)
