@@ -116,6 +116,32 @@ def _left_extents(head, left, WINDOWS, PER_HEAD_WINDOW: tl.constexpr, BLOCK_M: t
 
 
 @triton.jit
+def _split_program(Q, SEQLENS, KEY_LO, SEL_COUNT, WINDOWS, stride_qb, stride_qh, stride_qm, num_heads_kv, groups,
+                   seqlen_q, num_splits, sinks, left, SELECTED: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                   PER_HEAD_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr):
+    """What a program of the split-KV grid (split, batch x kv head, row block) works on: its
+    split, sequence b, kv head hk and the sequence's length; its query rows (valid, head, i,
+    qpos), their queries q and window extents; and its key blocks t_lo <= t < t_hi of the
+    sequence's (for :func:`_block_index`: blk_lo, sink_hi)."""
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    rb = tl.program_id(2)
+    b = bh // num_heads_kv
+    hk = bh % num_heads_kv
+    length = tl.load(SEQLENS + b)
+    valid, head, i, qpos = _rows(rb, hk, groups, seqlen_q, length, BLOCK_M)
+    q = _load_queries(Q, b, head, i, valid, stride_qb, stride_qh, stride_qm, tl.arange(0, BLOCK_D), HEAD_DIM)
+    lefts = _left_extents(head, left, WINDOWS, PER_HEAD_WINDOW, BLOCK_M)
+    n_blocks, blk_lo, sink_hi = _block_count(b, bh, length, KEY_LO, SEL_COUNT, sinks, SELECTED, HAS_WINDOW, BLOCK_N,
+                                             SUB)
+    per_split = (n_blocks + num_splits - 1) // num_splits
+    t_lo = split * per_split
+    t_hi = tl.minimum(n_blocks, t_lo + per_split)
+    return split, bh, rb, b, hk, length, valid, head, i, qpos, q, lefts, blk_lo, sink_hi, t_lo, t_hi
+
+
+@triton.jit
 def decode_split_kernel(
     Q, K, V, O_PART, LSE_PART, SEQLENS, BLOCK_TABLE, KEY_LO, SEL, SEL_COUNT, WINDOWS,
     stride_qb, stride_qh, stride_qm,
@@ -131,23 +157,11 @@ def decode_split_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr,
 ):
-    split = tl.program_id(0)
-    bh = tl.program_id(1)
-    rb = tl.program_id(2)
-    b = bh // num_heads_kv
-    hk = bh % num_heads_kv
-    length = tl.load(SEQLENS + b)
-    valid, head, i, qpos = _rows(rb, hk, groups, seqlen_q, length, BLOCK_M)
+    split, bh, rb, b, hk, length, valid, head, i, qpos, q, lefts, blk_lo, sink_hi, t_lo, t_hi = _split_program(
+        Q, SEQLENS, KEY_LO, SEL_COUNT, WINDOWS, stride_qb, stride_qh, stride_qm, num_heads_kv, groups, seqlen_q,
+        num_splits, sinks, left, SELECTED, HAS_WINDOW, PER_HEAD_WINDOW, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, SUB)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_queries(Q, b, head, i, valid, stride_qb, stride_qh, stride_qm, offs_d, HEAD_DIM)
-    lefts = _left_extents(head, left, WINDOWS, PER_HEAD_WINDOW, BLOCK_M)
-
-    n_blocks, blk_lo, sink_hi = _block_count(b, bh, length, KEY_LO, SEL_COUNT, sinks, SELECTED, HAS_WINDOW, BLOCK_N,
-                                             SUB)
-    per_split = (n_blocks + num_splits - 1) // num_splits
-    t_lo = split * per_split
-    t_hi = tl.minimum(n_blocks, t_lo + per_split)
 
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + float("-inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -244,24 +258,13 @@ def decode_key_scores_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr,
 ):
     """SCORES[b, h, j] += sum over the queries of head h of exp(s - lse) (zero-filled before)."""
-    split = tl.program_id(0)
-    bh = tl.program_id(1)
-    rb = tl.program_id(2)
-    b = bh // num_heads_kv
-    hk = bh % num_heads_kv
-    length = tl.load(SEQLENS + b)
-    valid, head, i, qpos = _rows(rb, hk, groups, seqlen_q, length, BLOCK_M)
+    split, bh, rb, b, hk, length, valid, head, i, qpos, q, lefts, blk_lo, sink_hi, t_lo, t_hi = _split_program(
+        Q, SEQLENS, KEY_LO, SEL_COUNT, WINDOWS, stride_qb, stride_qh, stride_qm, num_heads_kv, groups, seqlen_q,
+        num_splits, sinks, left, SELECTED, HAS_WINDOW, PER_HEAD_WINDOW, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, SUB)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_queries(Q, b, head, i, valid, stride_qb, stride_qh, stride_qm, offs_d, HEAD_DIM)
-    lefts = _left_extents(head, left, WINDOWS, PER_HEAD_WINDOW, BLOCK_M)
     lse = tl.load(LSE + b.to(tl.int64) * stride_lseb + head.to(tl.int64) * stride_lseh + i, mask=valid,
                   other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E  # rows that saw nothing add nothing
-    n_blocks, blk_lo, sink_hi = _block_count(b, bh, length, KEY_LO, SEL_COUNT, sinks, SELECTED, HAS_WINDOW, BLOCK_N,
-                                             SUB)
-    per_split = (n_blocks + num_splits - 1) // num_splits
-    t_lo = split * per_split
-    t_hi = tl.minimum(n_blocks, t_lo + per_split)
     for t in range(t_lo, t_hi):
         blk = _block_index(t, bh, blk_lo, sink_hi, SEL, stride_sel, SELECTED, SUB)
         k, pos = _load_block(K, b, hk, blk, length, BLOCK_TABLE, stride_tb, stride_kp, stride_kh, stride_kn,
