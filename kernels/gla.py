@@ -29,8 +29,10 @@ Passes (one launch each):
   o = scale (q * exp(G)) h_c + scale A V, or, REVERSE, dv = scale A^T dO +
   (k * exp(Gl - G)) dh_{c+1}.
 * ``gla_dA_kernel``: dA = scale tril(dO V^T) per chunk.
-* ``gla_dqk_kernel``: dq, dk and dG = q * dq - k * dk for one sub-chunk of rows,
-  from dA (sub-chunked like A) and from the states h_c and dh_{c+1}.
+* ``gla_dqk_intra_kernel``: the intra-chunk parts of dq and dk for one sub-chunk of rows,
+  from dA (sub-chunked like A).
+* ``gla_dqk_inter_kernel``: adds the states' parts (from h_c and dh_{c+1}) for a whole
+  chunk, and stores dG = q * dq - k * dk.
 * ``gla_dg_kernel``: dg_t = sum_{u >= t} dG_u + sum_v (S_N * dS_N) (the gate of row t
   scales every later cumulative gate and the final state).
 * ``gla_recurrent_kernel``: the decoding step (one token per sequence), token by token.
@@ -287,20 +289,18 @@ def gla_dA_kernel(DO, V, DA, CHUNK_INDICES, CU_SEQLENS, CHUNK_OFFSETS, num_heads
 
 
 @triton.jit
-def gla_dqk_kernel(Q, K, V, DO, GC, DA, HS, DHS, DQ, DK, DG, CHUNK_INDICES, CU_SEQLENS, CHUNK_OFFSETS,
-                   num_heads, group_k, seqlen, NT, scale,
-                   DIM_K: tl.constexpr, DIM_V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                   BK: tl.constexpr, BV: tl.constexpr, VARLEN: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr):
-    """dq, dk (per query head) and dG = q * dq - k * dk for the rows of sub-chunk i of a chunk:
+def gla_dqk_intra_kernel(Q, K, GC, DA, DQ, DK, CHUNK_INDICES, CU_SEQLENS, CHUNK_OFFSETS,
+                         num_heads, group_k, seqlen, NT,
+                         DIM_K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                         VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The parts of dq, dk (per query head) from inside the chunk, for the rows of sub-chunk i:
 
-        dq_t = sum_{s <= t} dA_ts k_s exp(G_t - G_s) + scale (dO_t h_c^T) exp(G_t)
-        dk_s = sum_{t >= s} dA_ts q_t exp(G_t - G_s) + (v_s dh_{c+1}^T) exp(Gl - G_s)
+        dq_t = sum_{s <= t} dA_ts k_s exp(G_t - G_s),   dk_s = sum_{t >= s} dA_ts q_t exp(G_t - G_s)
 
     The sums over earlier (later) sub-chunks are GEMMs split at the first (last) row of
-    sub-chunk i; the diagonal block is exact, one row at a time."""
+    sub-chunk i; the diagonal block is exact."""
     NC: tl.constexpr = BT // BC
-    off_b, off_h, bos, n, c, hidx = _locate(tl.program_id(0) // NC, tl.program_id(1), num_heads, seqlen, NT,
+    off_b, off_h, bos, n, c, _ = _locate(tl.program_id(0) // NC, tl.program_id(1), num_heads, seqlen, NT,
                                             CHUNK_INDICES, CU_SEQLENS, CHUNK_OFFSETS, VARLEN)
     i = tl.program_id(0) % NC
     start = c * BT + i * BC
@@ -308,8 +308,6 @@ def gla_dqk_kernel(Q, K, V, DO, GC, DA, HS, DHS, DQ, DK, DG, CHUNK_INDICES, CU_S
         return
     q_base = Q + ((off_b * num_heads + off_h) * seqlen + bos) * DIM_K
     k_base = K + ((off_b * (num_heads // group_k) + off_h // group_k) * seqlen + bos) * DIM_K
-    v_base = V + ((off_b * (num_heads // group_k) + off_h // group_k) * seqlen + bos) * DIM_V
-    do_base = DO + ((off_b * num_heads + off_h) * seqlen + bos) * DIM_V
     g_base = GC + ((off_b * num_heads + off_h) * seqlen + bos) * DIM_K
     da_base = DA + ((off_b * num_heads + off_h) * seqlen + bos + c * BT) * BT   # rows from the chunk's first
     offs_c = tl.arange(0, BC)
@@ -363,31 +361,56 @@ def gla_dqk_kernel(Q, K, V, DO, GC, DA, HS, DHS, DQ, DK, DG, CHUNK_INDICES, CU_S
     w = da[:, :, None] * tl.exp(tl.minimum(gc[:, None, :] - gc[None, :, :], 0.0))
     dq += tl.sum(w * k.to(tl.float32)[None, :, :], axis=1)
     dk += tl.sum(w * q.to(tl.float32)[:, None, :], axis=0)
-    # the states: dO h_c^T and v dh_{c+1}^T over the value dim
-    gl = tl.load(g_base + (chunk_end - 1).to(tl.int64) * DIM_K + offs_k, mask=mask_k, other=0.0)
+    tl.store(DQ + ((off_b * num_heads + off_h) * seqlen + bos) * DIM_K + p_rows, dq, mask=m_rows)
+    tl.store(DK + ((off_b * num_heads + off_h) * seqlen + bos) * DIM_K + p_rows, dk, mask=m_rows)
+
+
+@triton.jit
+def gla_dqk_inter_kernel(Q, K, V, DO, GC, HS, DHS, DQ, DK, DG, CHUNK_INDICES, CU_SEQLENS, CHUNK_OFFSETS,
+                         num_heads, group_k, seqlen, NT, scale,
+                         DIM_K: tl.constexpr, DIM_V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                         BV: tl.constexpr, VARLEN: tl.constexpr, STATE_PRECISION: tl.constexpr):
+    """Adds the states' parts to dq, dk (the intra-chunk parts already in DQ, DK) for a whole
+    chunk, and stores dG = q * dq - k * dk:
+
+        dq_t += scale (dO_t h_c^T) exp(G_t),   dk_s += (v_s dh_{c+1}^T) exp(Gl - G_s)"""
+    off_b, off_h, bos, n, c, hidx = _locate(tl.program_id(0), tl.program_id(1), num_heads, seqlen, NT,
+                                            CHUNK_INDICES, CU_SEQLENS, CHUNK_OFFSETS, VARLEN)
+    rows = c * BT + tl.arange(0, BT)
+    valid = rows < n
+    rows64 = rows.to(tl.int64)
+    offs_k = tl.program_id(2) * BK + tl.arange(0, BK)
+    mask_k = offs_k < DIM_K
+    m_rows = valid[:, None] & mask_k[None, :]
+    p_rows = rows64[:, None] * DIM_K + offs_k[None, :]
+    row_q = ((off_b * num_heads + off_h) * seqlen + bos)
+    row_k = ((off_b * (num_heads // group_k) + off_h // group_k) * seqlen + bos)
     s_base = (hidx * num_heads + off_h) * DIM_K * DIM_V
-    dq_s = tl.zeros([BC, BK], dtype=tl.float32)
-    dk_s = tl.zeros([BC, BK], dtype=tl.float32)
+    dq_s = tl.zeros([BT, BK], dtype=tl.float32)
+    dk_s = tl.zeros([BT, BK], dtype=tl.float32)
     for vb in range(tl.cdiv(DIM_V, BV)):
         offs_v = vb * BV + tl.arange(0, BV)
         mask_v = offs_v < DIM_V
         m_v = valid[:, None] & mask_v[None, :]
         p_v = rows64[:, None] * DIM_V + offs_v[None, :]
-        do = tl.load(do_base + p_v, mask=m_v, other=0.0).to(tl.float32)
-        v = tl.load(v_base + p_v, mask=m_v, other=0.0).to(tl.float32)
+        do = tl.load(DO + row_q * DIM_V + p_v, mask=m_v, other=0.0).to(tl.float32)
+        v = tl.load(V + row_k * DIM_V + p_v, mask=m_v, other=0.0).to(tl.float32)
         p_s = offs_k[None, :] * DIM_V + offs_v[:, None]            # (BV, BK): the state transposed
         m_s = mask_k[None, :] & mask_v[:, None]
         h = tl.load(HS + s_base + p_s, mask=m_s, other=0.0)
         dh = tl.load(DHS + s_base + p_s, mask=m_s, other=0.0)
         dq_s += tl.dot(do, h, input_precision=STATE_PRECISION)
         dk_s += tl.dot(v, dh, input_precision=STATE_PRECISION)
-    dq += tl.where(m_rows, dq_s * scale * tl.exp(gc), 0.0)
-    dk += tl.where(m_rows, dk_s * tl.exp(tl.minimum(gl[None, :] - gc, 0.0)), 0.0)
-    out = DQ + ((off_b * num_heads + off_h) * seqlen + bos) * DIM_K + p_rows
-    tl.store(out, dq, mask=m_rows)
-    tl.store(DK + ((off_b * num_heads + off_h) * seqlen + bos) * DIM_K + p_rows, dk, mask=m_rows)
-    dg = q.to(tl.float32) * dq - k.to(tl.float32) * dk
-    tl.store(DG + ((off_b * num_heads + off_h) * seqlen + bos) * DIM_K + p_rows, dg, mask=m_rows)
+    gc = tl.load(GC + row_q * DIM_K + p_rows, mask=m_rows, other=0.0)
+    last = tl.minimum(c * BT + BT, n) - 1
+    gl = tl.load(GC + row_q * DIM_K + last.to(tl.int64) * DIM_K + offs_k, mask=mask_k, other=0.0)
+    dq = tl.load(DQ + row_q * DIM_K + p_rows, mask=m_rows, other=0.0) + dq_s * scale * tl.exp(gc)
+    dk = tl.load(DK + row_q * DIM_K + p_rows, mask=m_rows, other=0.0) + dk_s * tl.exp(gl[None, :] - gc)
+    tl.store(DQ + row_q * DIM_K + p_rows, dq, mask=m_rows)
+    tl.store(DK + row_q * DIM_K + p_rows, dk, mask=m_rows)
+    q = tl.load(Q + row_q * DIM_K + p_rows, mask=m_rows, other=0.0).to(tl.float32)
+    k = tl.load(K + row_k * DIM_K + p_rows, mask=m_rows, other=0.0).to(tl.float32)
+    tl.store(DG + row_q * DIM_K + p_rows, q * dq - k * dk, mask=m_rows)
 
 
 @triton.jit
@@ -645,10 +668,13 @@ def gla_backward(do: torch.Tensor, d_state: torch.Tensor | None, q: torch.Tensor
     dk = new_output((B, H, N, Dk), torch.float32, q.device)
     dG = new_output((B, H, N, Dk), torch.float32, q.device)
     bks = min(bk, SUB_BLOCK_K)
-    gla_dqk_kernel[(lay.grid_t * (chunk // SUB), lay.grid_b * H, triton.cdiv(Dk, bks))](
-        q, k, v, do, gc, da, hs, dhs, dq, dk, dG, lay.indices, lay.cu, lay.offsets, H, group, N, lay.nt, scale,
-        DIM_K=Dk, DIM_V=Dv, BT=chunk, BC=SUB, BK=bks, BV=bv, VARLEN=lay.varlen,
-        DOT_PRECISION=dot_precision, STATE_PRECISION=state_precision, num_warps=4)
+    gla_dqk_intra_kernel[(lay.grid_t * (chunk // SUB), lay.grid_b * H, triton.cdiv(Dk, bks))](
+        q, k, gc, da, dq, dk, lay.indices, lay.cu, lay.offsets, H, group, N, lay.nt,
+        DIM_K=Dk, BT=chunk, BC=SUB, BK=bks, VARLEN=lay.varlen, DOT_PRECISION=dot_precision, num_warps=4)
+    gla_dqk_inter_kernel[(lay.grid_t, lay.grid_b * H, triton.cdiv(Dk, bk))](
+        q, k, v, do, gc, hs, dhs, dq, dk, dG, lay.indices, lay.cu, lay.offsets, H, group, N, lay.nt, scale,
+        DIM_K=Dk, DIM_V=Dv, BT=chunk, BK=bk, BV=bv, VARLEN=lay.varlen, STATE_PRECISION=state_precision,
+        num_warps=8)   # two (BT, BK) fp32 accumulators: 4 warps spill
     dg = None
     if need_dg:
         sds = None if d_state is None else (final_state * d_state).sum(-1).contiguous()   # (rows, Hq, Dk)
