@@ -8,6 +8,7 @@ bfloat16 dots wrongly). Shapes are tiny: the interpreter is slow."""
 import pytest
 import torch
 from attnkit.kernels import gla as gla_kernels
+from conftest import DEVICE
 from torch.nn.functional import logsigmoid
 
 from attnkit.gla.kernel import gla_vector_kernel
@@ -22,7 +23,7 @@ TOLERANCE = {torch.float32: 2e-5, torch.float16: 5e-3}
 
 
 def rand(*shape, seed, scale=1.0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64) * scale
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64) * scale).to(DEVICE)
 
 
 def problem(B=1, H=2, Hkv=None, N=17, Dk=16, Dv=16, shift=2.0, states=None, seed=0):
@@ -77,7 +78,7 @@ def test_matches_the_recurrence_float32(shape):
 def test_packed_sequences_with_empty_ones(lengths):
     # each sequence from its own state row, its chunks from its first row; sequences of at most
     # one token are a decoding step, which the token-by-token kernel runs
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
     tensors = problem(N=sum(lengths), Dk=16, Dv=24, states=len(lengths))
     assert gla_kernels.recurrent_fits(tensors[0], cu) == (max(lengths) <= 1)
     check(tensors, cu_seqlens=cu)
