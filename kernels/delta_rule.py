@@ -351,8 +351,9 @@ def delta_rule_bwd_chunk_kernel(
     """Every gradient of one chunk, all chunks at once, from the stored states S (HS), their
     gradients dS (DHS), V_new and dV_new. DQ and DK fp32 (B, H, N, Dk), DV fp32 (B, H, N, Dv),
     DBETA and DG fp32 with BETA's strides. Three sweeps: over value slices (dV, dT from U, dbeta),
-    over key slices (dQ; dK but for the K K^T term; dT from W; dG), then dK's K K^T term once dT,
-    and so dA = -T^T dT T^T, is complete. dg is the reverse cumulative sum of dG in the chunk."""
+    over key slices (dQ; dK but for the K K^T term; dT from W; dG), then over key slices again
+    for dK's K K^T term once dT, and so dA = -T^T dT T^T, is complete (K K^T and Q K^T are formed
+    there, not kept live through sweep 2). dg is the reverse cumulative sum of dG in the chunk."""
     pid_c = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // num_heads).to(tl.int64)
@@ -382,8 +383,8 @@ def delta_rule_bwd_chunk_kernel(
     g_last = tl.sum(tl.where(offs_c == BLOCK_C - 1, gates, 0.0), 0)
     k_decay = tl.exp(g_last - gates)
     t_rows = (off_b * num_heads + off_h) * (tl.num_programs(0) * BLOCK_C) + buf
-    t = tl.load(TT + t_rows[:, None] * BLOCK_C + offs_c[None, :])
-    t_op = t.to(dtype)
+    t_ptrs = TT + t_rows[:, None] * BLOCK_C + offs_c[None, :]
+    t_op = tl.load(t_ptrs).to(dtype)
     causal = offs_c[:, None] >= offs_c[None, :]
     strict = offs_c[:, None] > offs_c[None, :]
     m = tl.exp(tl.where(causal, gates[:, None] - gates[None, :], float("-inf")))
@@ -392,7 +393,7 @@ def delta_rule_bwd_chunk_kernel(
     dov = tl.zeros([BLOCK_C, BLOCK_C], dtype=tl.float32)
     d_t = tl.zeros([BLOCK_C, BLOCK_C], dtype=tl.float32)
     d_beta = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for e0 in tl.static_range(0, DIM_V, BLOCK_D):
+    for e0 in range(0, DIM_V, BLOCK_D):
         cols = e0 + offs_d
         mask_e = cols < DIM_V
         v_new = tl.load(n_base + cols[None, :], mask=mask_e[None, :], other=0.0)
@@ -404,21 +405,19 @@ def delta_rule_bwd_chunk_kernel(
         tv = tl.dot(tl.trans(t_op), dv_new, input_precision=DOT_PRECISION)
         tl.store(dv_base + cols[None, :], tv * beta[:, None], mask=valid[:, None] & mask_e[None, :])
         d_beta += tl.sum(v * tv, 1)
-    dov_m = dov * m
+    dov_m = (dov * m).to(dtype)                  # a dot operand below: kept in the input dtype
 
     # sweep 2, key slices: dQ, dK (but the K K^T term), dT from W = T diag(beta gamma) K, dG
-    kk = tl.zeros([BLOCK_C, BLOCK_C], dtype=tl.float32)
-    qk = tl.zeros([BLOCK_C, BLOCK_C], dtype=tl.float32)
     d_gates = tl.zeros([BLOCK_C], dtype=tl.float32)
-    d_last = 0.0                                   # dL/dG_C, the chunk's last cumulative gate
+    d_last = tl.sum(tl.zeros([BLOCK_C], dtype=tl.float32), 0)   # dL/dG_C, the chunk's last cumulative gate
     bg = beta * gamma
-    for d0 in tl.static_range(0, DIM_K, BLOCK_D):
+    for d0 in range(0, DIM_K, BLOCK_D):
         cols = d0 + offs_d
         mask_d = cols < DIM_K
         dq_state = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)     # dO S^T
         dk_state = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)     # V_new dS^T (the gradient of K~)
         d_w = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)          # -dV_new S^T
-        for e0 in tl.static_range(0, DIM_V, BLOCK_D):
+        for e0 in range(0, DIM_V, BLOCK_D):
             cols_e = e0 + offs_d
             mask_e = cols_e < DIM_V
             hd_off = h_off + cols[:, None] * stride_hr + cols_e[None, :]
@@ -434,12 +433,10 @@ def delta_rule_bwd_chunk_kernel(
             d_last += tl.exp(g_last) * tl.sum(tl.sum(h.to(tl.float32) * dh.to(tl.float32), 1), 0)
         q = tl.load(q_base + cols[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0)
         k = tl.load(k_base + cols[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0)
-        dq = scale * (gamma[:, None] * dq_state + tl.dot(dov_m.to(dtype), k, input_precision=DOT_PRECISION))
+        dq = scale * (gamma[:, None] * dq_state + tl.dot(dov_m, k, input_precision=DOT_PRECISION))
         tl.store(dq_base + cols[None, :], dq, mask=valid[:, None] & mask_d[None, :])
         d_gates += scale * gamma * tl.sum(q.to(tl.float32) * dq_state, 1)
-        kk += tl.dot(k, tl.trans(k), input_precision=DOT_PRECISION)
-        qk += tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        dk = scale * tl.dot(tl.trans(dov_m.to(dtype)), q, input_precision=DOT_PRECISION) + k_decay[:, None] * dk_state
+        dk = scale * tl.dot(tl.trans(dov_m), q, input_precision=DOT_PRECISION) + k_decay[:, None] * dk_state
         k32 = k.to(tl.float32)
         e_j = k_decay * tl.sum(k32 * dk_state, 1)
         d_gates -= e_j
@@ -453,29 +450,35 @@ def delta_rule_bwd_chunk_kernel(
         tl.store(dk_base + cols[None, :], dk, mask=valid[:, None] & mask_d[None, :])
 
     # T = (I + A)^-1: dA = -T^T dT T^T on the strictly lower part, A_ij = beta_i exp(G_i - G_j) k_i . k_j
+    t = tl.load(t_ptrs)                                        # fp32 again (not kept live through sweep 2)
     d_a = -tl.dot(tl.dot(tl.trans(t), d_t, input_precision=DOT_PRECISION), tl.trans(t),
                   input_precision=DOT_PRECISION)
     decay = tl.exp(tl.where(strict, gates[:, None] - gates[None, :], float("-inf")))
     d_a = tl.where(strict, d_a, 0.0)
-    d_beta += tl.sum(d_a * decay * kk, 1)
     d_kk = d_a * decay * beta[:, None]
-    x = d_kk * kk                                              # dA o A
-    d_gates += tl.sum(x, 1) - tl.sum(x, 0)
-    x = scale * dov_m * qk                                     # the intra-chunk output's decay
-    d_gates += tl.sum(x, 1) - tl.sum(x, 0)
-    d_gates += tl.where(offs_c == BLOCK_C - 1, d_last, 0.0)
     d_kk_op = d_kk.to(dtype)
 
-    # sweep 3: dK's K K^T term, added to what sweep 2 stored
+    # sweep 3, key slices: dK's K K^T term, added to what sweep 2 stored; K K^T and Q K^T for dbeta, dG
     tl.debug_barrier()
-    for d0 in tl.static_range(0, DIM_K, BLOCK_D):
+    kk = tl.zeros([BLOCK_C, BLOCK_C], dtype=tl.float32)
+    qk = tl.zeros([BLOCK_C, BLOCK_C], dtype=tl.float32)
+    for d0 in range(0, DIM_K, BLOCK_D):
         cols = d0 + offs_d
         mask = valid[:, None] & (cols[None, :] < DIM_K)
+        q = tl.load(q_base + cols[None, :], mask=mask, other=0.0)
         k = tl.load(k_base + cols[None, :], mask=mask, other=0.0)
         dk = tl.load(dk_base + cols[None, :], mask=mask, other=0.0)
         dk += tl.dot(d_kk_op, k, input_precision=DOT_PRECISION) + tl.dot(tl.trans(d_kk_op), k,
                                                                           input_precision=DOT_PRECISION)
         tl.store(dk_base + cols[None, :], dk, mask=mask)
+        kk += tl.dot(k, tl.trans(k), input_precision=DOT_PRECISION)
+        qk += tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    d_beta += tl.sum(d_a * decay * kk, 1)
+    x = d_kk * kk                                              # dA o A
+    d_gates += tl.sum(x, 1) - tl.sum(x, 0)
+    x = scale * dov_m.to(tl.float32) * qk                                     # the intra-chunk output's decay
+    d_gates += tl.sum(x, 1) - tl.sum(x, 0)
+    d_gates += tl.where(offs_c == BLOCK_C - 1, d_last, 0.0)
 
     tl.store(DBETA + g_base + rows, d_beta, mask=valid)
     if HAS_G:
@@ -524,6 +527,8 @@ def _states(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, g: torch.Tenso
     state = new_output((rows, H, Dk, Dv), torch.float32, dev)
     block_d, block_v = _blocks(Dk, Dv)
     block_k = block_dim(Dk)
+    if block_k > 128:  # the widest keys: a narrower state keeps the pass within the registers
+        block_v = min(block_v, 16)
     gate = beta if g is None else g   # a placeholder pointer when HAS_G is off
     common = {"HAS_G": g is not None, "VARLEN": packing is not None, "DOT_PRECISION": _precision(dtype)}
     if nt > 0:
@@ -537,7 +542,9 @@ def _states(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, g: torch.Tenso
         *k.stride()[:3], *w.stride()[:3], *u.stride()[:3], *beta.stride()[:2], *hs.stride()[:4],
         *state.stride()[:3], H, N,
         DIM_K=Dk, DIM_V=Dv, BLOCK_K=block_k, BLOCK_V=block_v, BLOCK_C=CHUNK, HAS_S0=initial_state is not None,
-        **common, num_warps=8 if block_k * block_v >= 8192 else 4, num_stages=2)
+        # one stage for the widest keys: two would not fit the (C, Dk) tiles in shared memory
+        **common, num_warps=8 if block_k * block_v >= 8192 or block_k > 128 else 4,
+        num_stages=1 if block_k > 128 else 2)
     return {"w": w, "u": u, "t": t, "v_new": v_new, "hs": hs, "state": state, "nt": nt, "rows": rows,
             "gate": gate, "common": common}
 
@@ -583,14 +590,17 @@ def delta_rule_backward(d_out: torch.Tensor, d_state: torch.Tensor | None, q: to
     dhs = torch.empty_like(p["hs"])
     dv_new = torch.empty_like(p["u"])
     d_s0 = new_output((rows, H, Dk, Dv), torch.float32, dev)
-    block_d, block_v = _blocks(Dk, Dv)
     block_k = block_dim(Dk)
+    # narrower tiles than the forward's: the backward passes keep more of them live (at
+    # Dk = Dv = 128 these are the widest that compile without register spills for sm_90)
+    block_v = min(16 if block_k > 128 else 32, block_dim(Dv))
+    block_d = 16
     delta_rule_dstate_kernel[(triton.cdiv(Dv, block_v), rows * H)](
         q, k, p["w"], d_out, dv_new, dhs, p["gate"], d_state, d_s0, first, cu,
         *q.stride()[:3], *k.stride()[:3], *p["w"].stride()[:3], *d_out.stride()[:3], *dv_new.stride()[:3],
         *beta.stride()[:2], *dhs.stride()[:4], *d_s0.stride()[:3], H, N, scale,
         DIM_K=Dk, DIM_V=Dv, BLOCK_K=block_k, BLOCK_V=block_v, BLOCK_C=CHUNK, HAS_DSN=d_state is not None,
-        **common, num_warps=8 if block_k * block_v >= 8192 else 4, num_stages=2)
+        **common, num_warps=8 if block_k > 128 else 4, num_stages=1 if block_k > 128 else 2)
     dq = new_output((B, H, N, Dk), torch.float32, dev)
     dk = new_output((B, H, N, Dk), torch.float32, dev)
     dv = new_output((B, H, N, Dv), torch.float32, dev)

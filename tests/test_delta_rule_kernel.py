@@ -144,6 +144,14 @@ def test_triton_backend_runs_the_kernel_and_refuses_wide_heads_with_the_reason()
     assert attnkit.explain(wide, wide, x, "delta_rule", "auto", beta=beta).backend == "torch"
     with pytest.raises(ValueError, match="key head dim"):
         attnkit.delta_rule_attention(wide, wide, x, beta, backend="triton")
+    # keys wider than 128: the forward runs on the kernel, a call that needs gradients does not
+    k160 = torch.randn(1, 2, 20, 160, device=DEVICE)
+    assert attnkit.explain(k160, k160, x, "delta_rule", "triton", beta=beta).backend == "triton"
+    k160.requires_grad_(True)
+    e = attnkit.explain(k160, k160, x, "delta_rule", "triton", beta=beta)
+    assert e.backend == "error" and any("backward kernel takes key head dims up to 128" in r for r in e.reasons), str(e)
+    with torch.no_grad():
+        assert attnkit.explain(k160, k160, x, "delta_rule", "triton", beta=beta).backend == "triton"
 
 
 def test_pieces_with_states_equal_one_call_on_the_kernel():

@@ -19,6 +19,9 @@ from .reference import run_delta_rule
 #: largest key and value head dim the kernel takes: the state passes hold a (Dk, BLOCK_V) fp32
 #: state in registers
 MAX_KERNEL_DIM = 256
+#: largest key head dim of the backward kernels: their reverse state pass keeps Q, K and W chunks
+#: (C, Dk) as dot operands in shared memory, which at Dk = 256 needs more than an sm_90 SM has
+MAX_BACKWARD_KEY_DIM = 128
 
 
 def _kernels():
@@ -107,4 +110,10 @@ def kernel_support_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         reasons.append(f"key head dim {q.shape[-1]} > {MAX_KERNEL_DIM} is not supported by the delta rule kernel")
     if v.shape[-1] > MAX_KERNEL_DIM:
         reasons.append(f"value head dim {v.shape[-1]} > {MAX_KERNEL_DIM} is not supported by the delta rule kernel")
+    differentiable = [q, k, v, options["beta"], options["g"], options["initial_state"]]
+    if q.shape[-1] > MAX_BACKWARD_KEY_DIM and torch.is_grad_enabled() and any(
+            isinstance(x, torch.Tensor) and x.requires_grad for x in differentiable):
+        reasons.append(f"key head dim {q.shape[-1]} > {MAX_BACKWARD_KEY_DIM} with inputs that require grad: the delta "
+                       f"rule's backward kernel takes key head dims up to {MAX_BACKWARD_KEY_DIM} (the forward up to "
+                       f"{MAX_KERNEL_DIM})")
     return reasons
