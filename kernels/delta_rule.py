@@ -385,9 +385,6 @@ def delta_rule_bwd_chunk_kernel(
     t_rows = (off_b * num_heads + off_h) * (tl.num_programs(0) * BLOCK_C) + buf
     t_ptrs = TT + t_rows[:, None] * BLOCK_C + offs_c[None, :]
     t_op = tl.load(t_ptrs).to(dtype)
-    causal = offs_c[:, None] >= offs_c[None, :]
-    strict = offs_c[:, None] > offs_c[None, :]
-    m = tl.exp(tl.where(causal, gates[:, None] - gates[None, :], float("-inf")))
 
     # sweep 1, value slices: dO V_new^T, dT from U = T diag(beta) V, dV = beta T^T dV_new, dbeta
     dov = tl.zeros([BLOCK_C, BLOCK_C], dtype=tl.float32)
@@ -405,9 +402,11 @@ def delta_rule_bwd_chunk_kernel(
         tv = tl.dot(tl.trans(t_op), dv_new, input_precision=DOT_PRECISION)
         tl.store(dv_base + cols[None, :], tv * beta[:, None], mask=valid[:, None] & mask_e[None, :])
         d_beta += tl.sum(v * tv, 1)
+    # masks and decays are formed where they are used: none stays live through sweep 2
+    m = tl.exp(tl.where(offs_c[:, None] >= offs_c[None, :], gates[:, None] - gates[None, :], float("-inf")))
     dov_m = (dov * m).to(dtype)                  # a dot operand below: kept in the input dtype
 
-    # sweep 2, key slices: dQ, dK (but the K K^T term), dT from W = T diag(beta gamma) K, dG
+    # sweep 2, key slices: dQ, dK (the state terms), dT from W = T diag(beta gamma) K, dG
     d_gates = tl.zeros([BLOCK_C], dtype=tl.float32)
     d_last = tl.sum(tl.zeros([BLOCK_C], dtype=tl.float32), 0)   # dL/dG_C, the chunk's last cumulative gate
     bg = beta * gamma
@@ -436,7 +435,7 @@ def delta_rule_bwd_chunk_kernel(
         dq = scale * (gamma[:, None] * dq_state + tl.dot(dov_m, k, input_precision=DOT_PRECISION))
         tl.store(dq_base + cols[None, :], dq, mask=valid[:, None] & mask_d[None, :])
         d_gates += scale * gamma * tl.sum(q.to(tl.float32) * dq_state, 1)
-        dk = scale * tl.dot(tl.trans(dov_m), q, input_precision=DOT_PRECISION) + k_decay[:, None] * dk_state
+        dk = k_decay[:, None] * dk_state
         k32 = k.to(tl.float32)
         e_j = k_decay * tl.sum(k32 * dk_state, 1)
         d_gates -= e_j
@@ -451,6 +450,7 @@ def delta_rule_bwd_chunk_kernel(
 
     # T = (I + A)^-1: dA = -T^T dT T^T on the strictly lower part, A_ij = beta_i exp(G_i - G_j) k_i . k_j
     t = tl.load(t_ptrs)                                        # fp32 again (not kept live through sweep 2)
+    strict = offs_c[:, None] > offs_c[None, :]
     d_a = -tl.dot(tl.dot(tl.trans(t), d_t, input_precision=DOT_PRECISION), tl.trans(t),
                   input_precision=DOT_PRECISION)
     decay = tl.exp(tl.where(strict, gates[:, None] - gates[None, :], float("-inf")))
@@ -458,7 +458,8 @@ def delta_rule_bwd_chunk_kernel(
     d_kk = d_a * decay * beta[:, None]
     d_kk_op = d_kk.to(dtype)
 
-    # sweep 3, key slices: dK's K K^T term, added to what sweep 2 stored; K K^T and Q K^T for dbeta, dG
+    # sweep 3, key slices: dK's K K^T term and its intra-chunk output term (moved here so that sweep 2
+    # holds one layout of dO V_new^T, not two), added to what sweep 2 stored; K K^T and Q K^T for dbeta, dG
     tl.debug_barrier()
     kk = tl.zeros([BLOCK_C, BLOCK_C], dtype=tl.float32)
     qk = tl.zeros([BLOCK_C, BLOCK_C], dtype=tl.float32)
@@ -468,8 +469,9 @@ def delta_rule_bwd_chunk_kernel(
         q = tl.load(q_base + cols[None, :], mask=mask, other=0.0)
         k = tl.load(k_base + cols[None, :], mask=mask, other=0.0)
         dk = tl.load(dk_base + cols[None, :], mask=mask, other=0.0)
-        dk += tl.dot(d_kk_op, k, input_precision=DOT_PRECISION) + tl.dot(tl.trans(d_kk_op), k,
-                                                                          input_precision=DOT_PRECISION)
+        dk += (tl.dot(d_kk_op, k, input_precision=DOT_PRECISION)
+               + tl.dot(tl.trans(d_kk_op), k, input_precision=DOT_PRECISION)
+               + scale * tl.dot(tl.trans(dov_m), q, input_precision=DOT_PRECISION))
         tl.store(dk_base + cols[None, :], dk, mask=mask)
         kk += tl.dot(k, tl.trans(k), input_precision=DOT_PRECISION)
         qk += tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
@@ -536,7 +538,7 @@ def _states(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, g: torch.Tenso
             k, v, beta, gate, w, u, t, chunks, cu,
             *k.stride()[:3], *v.stride()[:3], *beta.stride()[:2], *w.stride()[:3], *u.stride()[:3],
             H, N, DIM_K=Dk, DIM_V=Dv, BLOCK_C=CHUNK, BLOCK_D=block_d, STORE_T=store_t, **common,
-            num_warps=4, num_stages=1)
+            num_warps=8 if dtype == torch.float32 else 4, num_stages=1)   # IEEE fp32 dots need more registers
     delta_rule_state_kernel[(triton.cdiv(Dv, block_v), rows * H)](
         k, w, u, v_new, hs, gate, initial_state, state, first, cu,
         *k.stride()[:3], *w.stride()[:3], *u.stride()[:3], *beta.stride()[:2], *hs.stride()[:4],
