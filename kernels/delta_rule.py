@@ -319,14 +319,14 @@ def delta_rule_dstate_kernel(
         # (K Q^T)_ji exp(G_i - G_j) for i >= j: the transposed intra-chunk scores
         kq = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         kq = kq * tl.exp(tl.where(visible, gates[None, :] - gates[:, None], float("-inf"))) * scale
-        k_dec = (k.to(tl.float32) * tl.exp(g_last - gates)[:, None]).to(k.dtype)
+        # the decays scale rows of the (C, BLOCK_V) products, not the (C, Dk) operands: fewer registers
         dv_new = (tl.dot(kq.to(k.dtype), do, input_precision=DOT_PRECISION)
-                  + tl.dot(k_dec, d_state.to(k.dtype), input_precision=DOT_PRECISION))
+                  + tl.dot(k, d_state.to(k.dtype), input_precision=DOT_PRECISION) * tl.exp(g_last - gates)[:, None])
         tl.store(n_base + buf[:, None] * stride_un + offs_v[None, :], dv_new.to(DVNEW.dtype.element_ty),
                  mask=mask_v[None, :])
         w = tl.load(w_base + buf[:, None] * stride_wn + offs_k[None, :], mask=mask_k[None, :], other=0.0)
-        q_dec = (q.to(tl.float32) * (tl.exp(gates) * scale)[:, None]).to(k.dtype)
-        d_state = (d_state * tl.exp(g_last) + tl.dot(tl.trans(q_dec), do, input_precision=DOT_PRECISION)
+        do_dec = (do.to(tl.float32) * (tl.exp(gates) * scale)[:, None]).to(k.dtype)
+        d_state = (d_state * tl.exp(g_last) + tl.dot(tl.trans(q), do_dec, input_precision=DOT_PRECISION)
                    - tl.dot(tl.trans(w), dv_new.to(w.dtype), input_precision=DOT_PRECISION))
 
     tl.store(DS0 + s_off, d_state, mask=s_mask)
@@ -602,7 +602,7 @@ def delta_rule_backward(d_out: torch.Tensor, d_state: torch.Tensor | None, q: to
         *q.stride()[:3], *k.stride()[:3], *p["w"].stride()[:3], *d_out.stride()[:3], *dv_new.stride()[:3],
         *beta.stride()[:2], *dhs.stride()[:4], *d_s0.stride()[:3], H, N, scale,
         DIM_K=Dk, DIM_V=Dv, BLOCK_K=block_k, BLOCK_V=block_v, BLOCK_C=CHUNK, HAS_DSN=d_state is not None,
-        **common, num_warps=8 if block_k > 128 else 4, num_stages=1 if block_k > 128 else 2)
+        **common, num_warps=8 if block_k >= 128 else 4, num_stages=1 if block_k > 128 else 2)
     dq = new_output((B, H, N, Dk), torch.float32, dev)
     dk = new_output((B, H, N, Dk), torch.float32, dev)
     dv = new_output((B, H, N, Dv), torch.float32, dev)
