@@ -1,5 +1,5 @@
 """The (gated) delta rule in chunks: flash-linear-attention's ``chunk_gated_delta_rule``
-scheme in three kernels (the math: ``attnkit.delta_rule.torch_backend`` and docs/linear.md).
+scheme in three forward and two backward kernels (the math: ``attnkit.delta_rule.torch_backend`` and docs/linear.md).
 
 Per (sequence, head), chunks of C = BLOCK_C rows; inside a chunk G_i = g_1 + ... + g_i
 (cumulative log-gate, 0 without gates), gamma_i = exp(G_i):
@@ -13,6 +13,15 @@ Per (sequence, head), chunks of C = BLOCK_C rows; inside a chunk G_i = g_1 + ...
    steps S <- gamma_C S + (exp(G_C - G_j) k_j)^T V_new. Only this pass is sequential.
 3. ``delta_rule_out_kernel``, one program per (Dv block, chunk, batch x head), all chunks
    at once: O = scale (gamma Q S_in + (Q K^T o exp(G_i - G_j), j <= i) V_new).
+
+The backward reruns 1 and 2 (1 also storing T), then:
+
+4. ``delta_rule_dstate_kernel``, the reverse of 2: from the last chunk back, with dS (the
+   gradient of the chunk's outgoing state) in fp32 registers, it stores dS and
+   dV_new = scale P^T dO + K~ dS, and steps dS <- gamma_C dS + scale (gamma Q)^T dO - W^T dV_new;
+   the last dS is d initial_state.
+5. ``delta_rule_bwd_chunk_kernel``, one program per chunk, all chunks at once: dq, dk, dv,
+   dbeta and dg from S, dS, V_new and dV_new (through dA = -T^T dT T^T for the inverse).
 
 Every exponent is a difference G_i - G_j <= 0 or a G_i <= 0, so nothing overflows. Rows
 past a sequence's end load as zeros with g = 0, beta = 0: they write nothing and their
