@@ -17,8 +17,8 @@ shapes, types, register and shared-memory limits). This tool closes part of that
    neither vectorize nor pipeline the loads.
 
     python tools/aot_compile.py                 # both steps, every variant, sm_90, every kept config
-    python tools/aot_compile.py --dedupe --configs first-clean --report main --dtypes float16 --jobs 2
-        # what CI runs (tests/test_aot_compile.py)
+    python tools/aot_compile.py --dedupe --configs first-clean --report main --full-head-dims 128 \
+        --dtypes float16 --jobs 2          # what CI runs (tests/test_aot_compile.py)
     python tools/aot_compile.py --variants flash --head-dim 128 --dedupe --dtypes float16,bfloat16 --report
         # a markdown table with a row per kernel and kept config: registers, spills, shared memory, HGMMA, TMA
     python tools/aot_compile.py --external FILE.py:KERNEL --signature 'Q=*fp16,...,HEAD_DIM=128'
@@ -111,6 +111,8 @@ def record(variants: list[str], out_path: str, dtypes: list[str]) -> None:
         desc = {name: _describe(values.get(name)) for name in names}
         entry = {"module": self.fn.__module__, "name": self.fn.__qualname__, "args": desc,
                  "constexpr": sorted(constexpr), "num_warps": kwargs.get("num_warps", 4)}
+        if kwargs.get("num_stages") is not None:  # as launched (Triton's default, 3, otherwise)
+            entry["num_stages"] = kwargs["num_stages"]
         launches.setdefault(json.dumps(entry, sort_keys=True), entry)
         return original(self, *args, grid=grid, warmup=warmup, **kwargs)
 
@@ -579,7 +581,7 @@ def judge(entry: dict, outcome: list[dict], *, is_main: bool, check_clean: bool,
 
 
 def compile_all(in_path: str, arch: int, which: str, dedupe: bool = False, head_dim: int | None = None,
-                report: str | None = None, jobs: int = 1) -> int:
+                report: str | None = None, jobs: int = 1, full_head_dims: tuple[int, ...] | None = None) -> int:
     """Compile the recorded launches; returns 1 when a launch fails to compile, exceeds shared
     memory, or (modes "all" and "first-clean") keeps no spill-free config. ``head_dim``: compile
     the engine launches at this head dim (the recorded examples' are small).
@@ -589,7 +591,9 @@ def compile_all(in_path: str, arch: int, which: str, dedupe: bool = False, head_
     filter keeps for them, and fail
     when one of those spills (the tables must not keep it there) or when the first kept config of
     a main launch has no HGMMA; print a markdown table with a row per compiled config of the main
-    launches ("main") or of every launch, which then compiles every kept config of each ("all")."""
+    launches ("main") or of every launch, which then compiles every kept config of each ("all").
+    ``full_head_dims``: the main head dims compiled at every kept config (default: all of them);
+    at the others the main launches compile their first kept config only (spills and HGMMA)."""
     # a fresh cache: a cached kernel skips ptxas, whose log is where register spills show
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="attnkit-aot-")
     import triton
@@ -617,9 +621,11 @@ def compile_all(in_path: str, arch: int, which: str, dedupe: bool = False, head_
         if which == "none" and not full:
             continue
         if entry["name"] in _ENGINE_KERNELS:
-            cfgs = _engine_configs(entry, "all" if full else which, arch)
+            first_only = (is_main and report != "all" and full_head_dims is not None
+                          and entry["args"]["HEAD_DIM"][1] not in full_head_dims)
+            cfgs = _engine_configs(entry, "first" if first_only else "all" if full else which, arch)
         else:
-            cfgs = [{"num_warps": entry["num_warps"]}]
+            cfgs = [{k: entry[k] for k in ("num_warps", "num_stages") if k in entry}]
         units.append((entry, is_main, cfgs, which == "first-clean" and not full))
     start = time.perf_counter()
     results = _run([(entry, cfgs, stop) for entry, _, cfgs, stop in units], arch, jobs)
@@ -643,7 +649,9 @@ def compile_all(in_path: str, arch: int, which: str, dedupe: bool = False, head_
     if report:
         print(f"\nStatic check, sm_{arch}, Triton {triton.__version__} (registers per thread and spills from ptxas -v; "
               "HGMMA from the SASS or PTX, TMA from the PTX).\n\nMain launches (flash, whole blocks, head dims "
-              f"{' and '.join(map(str, MAIN_HEAD_DIMS))}), every config the static prune filter keeps:\n")
+              f"{' and '.join(map(str, MAIN_HEAD_DIMS))}), every config the static prune filter keeps"
+              + (f" at head dim {', '.join(map(str, full_head_dims))}, the first elsewhere" if full_head_dims else "")
+              + ":\n")
         print(_report_table([r for r in rows if r["main"]]))
         if report == "all":
             print("\nThe other launches, every config the static prune filter keeps:\n")
@@ -675,6 +683,9 @@ def main(argv: list[str] | None = None) -> int:
                              "the main launches are compiled, and a spill in one of their kept configs, or a first "
                              "kept config without HGMMA, fails the run")
     parser.add_argument("--jobs", type=int, default=1, help="record and compile in this many processes")
+    parser.add_argument("--full-head-dims", default=None,
+                        help="with --report main: the main head dims (e.g. '128') compiled at every kept config; "
+                             "at the other main head dims only the first kept config (default: every config at each)")
     parser.add_argument("--external", metavar="PATH:KERNEL", default=None,
                         help="compile this @triton.jit kernel of a Python file instead of attnkit's launches (e.g. the "
                              "Triton tutorial's fused attention, to compare) and print its table; the file is "
@@ -720,7 +731,9 @@ def main(argv: list[str] | None = None) -> int:
         record(variants, path, args.dtypes.split(","))
         return 0
     if args.step == "compile":
-        return compile_all(path, args.arch, args.configs, args.dedupe, args.head_dim, args.report, args.jobs)
+        full_dims = tuple(int(d) for d in args.full_head_dims.split(",")) if args.full_head_dims else None
+        return compile_all(path, args.arch, args.configs, args.dedupe, args.head_dim, args.report, args.jobs,
+                           full_dims)
     env = dict(os.environ, TRITON_INTERPRET="1")
     base = [sys.executable, os.path.abspath(__file__), "--variants", args.variants, "--launches", path,
             "--dtypes", args.dtypes]
@@ -729,6 +742,7 @@ def main(argv: list[str] | None = None) -> int:
     return subprocess.run(base + ["--step", "compile", "--arch", str(args.arch), "--configs", args.configs]
                           + (["--dedupe"] if args.dedupe else []) + (["--report", args.report] if args.report else [])
                           + ["--jobs", str(args.jobs)]
+                          + (["--full-head-dims", args.full_head_dims] if args.full_head_dims else [])
                           + (["--head-dim", str(args.head_dim)] if args.head_dim else []),
                           check=False, env=env).returncode
 
