@@ -1,12 +1,17 @@
-"""Linear / lightning attention: attnkit's chunked Triton engine against the flash kernel
-(causal) and flash-linear-attention's ``chunk_simple_gla`` when installed.
+"""Linear-attention variants: attnkit's chunked Triton engines against the flash kernel
+(causal) and flash-linear-attention's ops when installed.
 
-GPU: a fixed budget of 128k tokens per call (B = 128k / N), N from 1k to 128k, bf16,
-H = 16, D = Dv = 128, forward and forward+backward; ``tokens_per_s`` goes into
-``benchmark.extra_info``. Lightning Attention's claim is constant speed: tokens/s should
-stay within +-15% across N (the flash kernel's falls as N grows). Targets: >= 1.0x fla,
-faster than flash causal from N = 4k. CPU: the reference (chunked form) and the
-interpreter-free parts at small sizes, so ``--benchmark-only`` always runs.
+``test_linear_constant_speed``: every linear variant — linear, lightning, gla with a scalar
+gate per token (Mamba-2/SSD, simple GLA), gla with per-channel gates, the gated delta rule —
+at a fixed budget of 128k tokens per call (B = 128k / N), N from 1k to 128k, bf16, H = 16,
+D = Dv = 128, forward and forward+backward; ``tokens_per_s`` goes into
+``benchmark.extra_info``. Each variant's anchor is flash-linear-attention's op of the same
+math on the same tensors (layout (B, T, H, D), copied outside the timed call):
+``chunk_simple_gla`` (linear: no gate; lightning: ``g_gamma``; gla scalar: ``g``),
+``chunk_gla`` and ``chunk_gated_delta_rule``; and the flash kernel, causal, on the same
+q, k, v. Targets: tokens/s flat within +-15% across N for every variant (the flash kernel's
+falls as N grows), >= 1.0x flash-linear-attention, faster than flash causal from N = 4k.
+CPU: the torch backend at small sizes, so ``--benchmark-only`` always runs.
 Packed varlen (``test_lightning_varlen``): 16 sequences of mixed lengths (64k tokens on a
 GPU) with ``cu_seqlens``, against the padded-free batch of the same tokens (16 equal
 sequences: the cost varlen should match), the batch padded to the longest sequence, and
@@ -17,6 +22,7 @@ Run: ``python -m pytest benchmarks/test_linear.py --benchmark-only``.
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import CUDA, DEVICE, has_module, mixed_lengths, run, with_backward
 
 import attnkit
@@ -24,47 +30,85 @@ import attnkit
 if CUDA:
     TOTAL_TOKENS, HEADS, HEAD_DIM, DTYPE = 128 * 1024, 16, 128, torch.bfloat16
     SEQLENS = [1024, 4096, 16384, 65536, 131072]
-    PROVIDERS = ["attnkit_lightning", "flash_causal"] + (["fla_simple_gla"] if has_module("fla") else [])
+    PROVIDERS = ["attnkit"] + (["fla"] if has_module("fla") else [])
 else:
     TOTAL_TOKENS, HEADS, HEAD_DIM, DTYPE = 2048, 2, 32, torch.float32
     SEQLENS = [256, 1024]
-    PROVIDERS = ["attnkit_reference"]
+    PROVIDERS = ["attnkit"]
+BACKEND = "triton" if CUDA else "torch"
+#: variant -> flash-linear-attention's op of the same math
+FLA_OPS = {"linear": "chunk_simple_gla", "lightning": "chunk_simple_gla", "gla_scalar": "chunk_simple_gla",
+           "gla": "chunk_gla", "delta_rule": "chunk_gated_delta_rule"}
+CASES = [(variant, provider) for variant in FLA_OPS for provider in PROVIDERS] + [("flash", "flash_causal")]
 
 
-def make_call(provider, q, k, v, slopes):
-    if provider == "attnkit_lightning":
-        return lambda: attnkit.lightning_attention(q, k, v, slopes, backend="triton")
-    if provider == "attnkit_reference":
-        return lambda: attnkit.lightning_attention(q, k, v, slopes, backend="reference")
+def linear_inputs(variant: str, batch: int, seqlen: int, requires_grad: bool) -> dict:
+    """The variant's tensors (B, H, N, ...): modest magnitudes so that undecayed sums stay in
+    range at 128k tokens; gates as the layers make them (logsigmoid / 16); the delta rule with
+    L2-normalised q, k and a sigmoid beta."""
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+
+    def rand(*shape, scale=0.1):
+        return scale * torch.randn(*shape, device=DEVICE, dtype=DTYPE, generator=g)
+
+    shape = (batch, HEADS, seqlen, HEAD_DIM)
+    x = {"q": rand(*shape), "k": rand(*shape), "v": rand(*shape)}
+    if variant == "lightning":
+        x["slopes"] = attnkit.lightning_slopes(HEADS).to(DEVICE)
+    elif variant == "gla_scalar":
+        x["g"] = F.logsigmoid(rand(*shape[:3], scale=1.0)) / 16
+    elif variant == "gla":
+        x["g"] = F.logsigmoid(rand(*shape, scale=1.0)) / 16
+    elif variant == "delta_rule":
+        x["q"], x["k"] = (F.normalize(x[n].float(), dim=-1).to(DTYPE) for n in ("q", "k"))
+        x["beta"] = torch.sigmoid(rand(*shape[:3], scale=1.0))
+        x["g"] = F.logsigmoid(rand(*shape[:3], scale=1.0)) / 16
+    for name, t in x.items():
+        if name != "slopes":
+            x[name] = t.detach().requires_grad_(requires_grad and t.is_floating_point())
+    return x
+
+
+def make_call(variant: str, provider: str, x: dict):
+    q, k, v = x["q"], x["k"], x["v"]
     if provider == "flash_causal":
-        return lambda: attnkit.flash_attention(q, k, v, causal=True, backend="triton")
-    if provider == "fla_simple_gla":
-        from fla.ops.simple_gla import chunk_simple_gla
+        return lambda: attnkit.flash_attention(q, k, v, causal=True, backend=BACKEND)
+    if provider == "attnkit":
+        if variant == "linear":
+            return lambda: attnkit.linear_attention(q, k, v, scale=1.0, backend=BACKEND)
+        if variant == "lightning":
+            return lambda: attnkit.lightning_attention(q, k, v, x["slopes"], backend=BACKEND)
+        if variant in ("gla", "gla_scalar"):
+            return lambda: attnkit.gated_linear_attention(q, k, v, x["g"], scale=1.0, backend=BACKEND)
+        return lambda: attnkit.delta_rule_attention(q, k, v, x["beta"], g=x["g"], scale=1.0, backend=BACKEND)
+    if provider == "fla":
+        import importlib
 
-        qt, kt, vt = (x.transpose(1, 2).contiguous().detach().requires_grad_(x.requires_grad) for x in (q, k, v))
-        g_gamma = -slopes.float()
-
-        def call():  # fla layout (B, T, H, D); same math: scale 1, log-decay g_gamma = -slopes
-            out, _ = chunk_simple_gla(qt, kt, vt, g_gamma=g_gamma, scale=1.0)
-            return out
-
-        return call
+        module = {"chunk_simple_gla": "fla.ops.simple_gla", "chunk_gla": "fla.ops.gla",
+                  "chunk_gated_delta_rule": "fla.ops.gated_delta_rule"}[FLA_OPS[variant]]
+        op = getattr(importlib.import_module(module), FLA_OPS[variant])
+        # fla's layout (B, T, H, D), copied once outside the timed call; the same math: scale 1
+        t = {n: (y.transpose(1, 2).contiguous().detach().requires_grad_(y.requires_grad) if y.dim() >= 3 else y)
+             for n, y in x.items()}
+        if variant == "linear":
+            return lambda: op(t["q"], t["k"], t["v"], scale=1.0)[0]
+        if variant == "lightning":
+            return lambda: op(t["q"], t["k"], t["v"], g_gamma=-x["slopes"].float(), scale=1.0)[0]
+        if variant in ("gla", "gla_scalar"):
+            return lambda: op(t["q"], t["k"], t["v"], t["g"], scale=1.0)[0]
+        return lambda: op(t["q"], t["k"], t["v"], t["g"], t["beta"], scale=1.0)[0]
     raise ValueError(provider)
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("seqlen", SEQLENS)
-@pytest.mark.parametrize("provider", PROVIDERS)
-def test_lightning_constant_speed(benchmark, provider, seqlen, mode):
+@pytest.mark.parametrize("variant,provider", CASES, ids=[f"{v}-{p}" for v, p in CASES])
+def test_linear_constant_speed(benchmark, variant, provider, seqlen, mode):
     batch = max(1, TOTAL_TOKENS // seqlen)
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    # modest magnitudes so that undecayed sums stay in range at 128k tokens
-    q, k, v = (0.1 * torch.randn(batch, HEADS, seqlen, HEAD_DIM, device=DEVICE, dtype=DTYPE, generator=g)
-               for _ in range(3))
-    q, k, v = (x.requires_grad_(mode != "fwd") for x in (q, k, v))
-    slopes = attnkit.lightning_slopes(HEADS).to(DEVICE)
-    call = make_call(provider, q, k, v, slopes)
-    info = {"provider": provider, "seqlen": seqlen, "batch": batch, "heads": HEADS, "head_dim": HEAD_DIM, "mode": mode}
+    x = linear_inputs("linear" if variant == "flash" else variant, batch, seqlen, mode != "fwd")
+    call = make_call(variant, provider, x)
+    info = {"variant": variant, "provider": provider, "seqlen": seqlen, "batch": batch, "heads": HEADS,
+            "head_dim": HEAD_DIM, "mode": mode}
     if mode == "fwd":
         with torch.no_grad():
             run(benchmark, call, **info)
