@@ -198,15 +198,6 @@ def test_harness_error_rule_awkward_sizes(dtype):
         assert {"out", "state", "dq", "dk", "dv", "dg"} <= {c.name for c in report.comparisons}
 
 
-def test_per_channel_gates_auto_takes_torch_and_triton_refuses():
-    # the kernel takes scalar gates only so far (tests/test_linear_chunk_parallel.py)
-    q, k, v, g, _ = (x.float() for x in inputs())
-    e = attnkit.explain(q, k, v, "gla", g=g)
-    assert e.backend == "torch" and any("per-channel gates" in r for r in e.kernel_blockers), str(e)
-    with pytest.raises(ValueError, match="per-channel gates"):
-        attnkit.gated_linear_attention(q, k, v, g, backend="triton")
-
-
 def test_bf16_inputs_float32_state():
     q, k, v, g, s0 = (x.to(torch.bfloat16) for x in inputs())
     out, state = attnkit.gated_linear_attention(q, k, v, g, initial_state=s0.float(), return_state=True)

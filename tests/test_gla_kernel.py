@@ -116,3 +116,19 @@ def test_empty_sequence_passes_the_state_through():
     assert torch.equal(state, s0)
     state.sum().backward()
     assert torch.equal(s0.grad, torch.ones_like(s0))
+
+
+def test_dispatch_takes_this_kernel_for_per_channel_gates(monkeypatch):
+    # backend="triton" with gates (B, Hq, N, Dk) runs these kernels, nothing refused; scalar gates
+    # (B, Hq, N) stay on the linear engine
+    import attnkit
+
+    calls, real = [], gla_kernels.gla_forward
+    monkeypatch.setattr(gla_kernels, "gla_forward", lambda *args: calls.append(1) or real(*args))
+    q, k, v, g, _ = (x.float() for x in problem(N=20))
+    assert attnkit.explain(q, k, v, "gla", "triton", g=g).kernel_blockers == []
+    out = attnkit.gated_linear_attention(q, k, v, g, backend="triton")
+    assert len(calls) == 1
+    attnkit.gated_linear_attention(q, k, v, g[..., 0], backend="triton")
+    assert len(calls) == 1
+    assert torch.equal(out, gla_vector_kernel(q, k, v, g))

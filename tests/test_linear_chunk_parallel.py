@@ -117,14 +117,12 @@ def test_gla_decoding_step_takes_the_recurrent_kernel(monkeypatch):
     assert relative_error(out, want[0]) < 1e-6 and relative_error(state, want[1]) < 1e-6
 
 
-def test_gla_kernel_refuses_per_channel_gates_with_a_reason():
+def test_gla_kernel_takes_both_gate_forms():
+    # scalar gates on this engine, per-channel gates on kernels/gla.py (tests/test_gla_kernel.py)
     q = rand(1, 2, 17, 8).float()
     g = log_gates(1, 2, 17, 8).float()
-    e = attnkit.explain(q, q, q, "gla", "triton", g=g)
-    assert any("per-channel gates" in r for r in e.kernel_blockers), str(e)
+    assert attnkit.explain(q, q, q, "gla", "triton", g=g).kernel_blockers == []
     assert attnkit.explain(q, q, q, "gla", "triton", g=g[..., 0]).kernel_blockers == []
-    with pytest.raises(ValueError, match="per-channel gates"):
-        attnkit.gated_linear_attention(q, q, q, g, backend="triton")
 
 
 # --------------------------------------------------------------------------- linear, lightning
@@ -204,9 +202,14 @@ def test_float16_meets_the_error_ratio_rule():
 
 
 def test_status_table_row_names_a_declared_refusal():
-    """python -m attnkit: gla's demo (per-channel gates) is a refusal the kernel declares, said as such."""
+    """python -m attnkit: a refusal the kernel declares (gla with scalar gates and a value dim above
+    the engine's MAX_KERNEL_DIM) is said as such."""
     from attnkit.__main__ import check_one
+    from attnkit.linear import MAX_KERNEL_DIM
 
     spec = attnkit.get_variant("gla")
-    row = check_one(spec, spec.demo_case(1, 2, 16, 16), "triton", torch.float32, torch.device(DEVICE), 1)
-    assert row[-1].startswith("kernel refuses: per-channel gates"), row
+    shape = (1, 2, 16, 16)
+    case = Case(shape, shape, (1, 2, 16, MAX_KERNEL_DIM + 16), {}, {"g": lambda gen: log_gates(1, 2, 16)},
+                name="wide_values")
+    row = check_one(spec, case, "triton", torch.float32, torch.device(DEVICE), 1)
+    assert row[-1].startswith("kernel refuses: value dim"), row

@@ -1,8 +1,9 @@
 """The ``gla`` variant: gated linear attention with data-dependent decays (GLA, Mamba-2/SSD,
 simple GLA, HGRN-2, Lizard), flash-linear-attention's ``chunk_gla`` / ``chunk_simple_gla``.
 
-A readable reference (the recurrence step by step) and a chunked torch backend; no Triton
-kernel yet (``backend="triton"`` refuses with that reason). See docs/linear.md.
+A readable reference (the recurrence step by step), a chunked torch backend and Triton kernels:
+scalar gates on the linear engine (``attnkit.linear``), per-channel gates on their own chunked
+kernels (``kernels/gla.py``, :mod:`attnkit.gla.kernel`). See docs/linear.md.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from ..checks import Shapes, check_flag, check_log_gates, check_qkv, check_scale
 from ..dispatch import attention
 from ..linear import check_packing, check_state, gla_kernel, kernel_support_gla
 from ..registry import Case, Variant, packed_offsets, register_variant
+from .kernel import gla_vector_kernel
 from .reference import gla_reference
 from .torch_backend import gla_torch
 
@@ -67,8 +69,7 @@ def gated_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
         cu_seqlens: (S + 1,) int32 offsets of S sequences packed along N (B = 1), as
             flash-linear-attention's: each sequence runs alone, from its own state row.
             Sequences may be empty.
-        backend: "auto", "torch" or "reference" ("triton": this variant has no kernel yet,
-            ``attnkit.explain`` says so).
+        backend: "auto", "triton", "torch" or "reference" (see ``attnkit.explain``).
 
     Returns:
         out (B, Hq, N, Dv) in q's dtype, or (out, state) with ``return_state``.
@@ -126,14 +127,32 @@ def gla_demo(batch: int, heads: int, seqlen: int, head_dim: int) -> Case:
     return Case(shape, shape, shape, {}, {"g": _gates(*shape)}, name=f"channel_gates_n{seqlen}")
 
 
+def gla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, g: torch.Tensor, **options: Any):
+    """The Triton path of :func:`gated_linear_attention` (same arguments, no dispatch): per-channel
+    gates (B, Hq, N, Dk) on :func:`attnkit.gla.kernel.gla_vector_kernel`, scalar gates (B, Hq, N)
+    on the linear engine (:func:`attnkit.linear.gla_kernel`)."""
+    if g.dim() == 4:
+        return gla_vector_kernel(q, k, v, g, **options)
+    return gla_kernel(q, k, v, g=g, **options)
+
+
+def kernel_support_gla_forms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict[str, Any]) -> list[str]:
+    """Per-channel gates: nothing refused (their kernels tile Dk and Dv); scalar gates: the linear
+    engine's limits."""
+    g = options["g"]
+    if isinstance(g, torch.Tensor) and g.dim() == 4:
+        return []
+    return kernel_support_gla(q, k, v, options)
+
+
 register_variant(Variant(
     name="gla",
     reference=gla_reference,
-    kernel=gla_kernel,
+    kernel=gla_triton,
     torch_impl=gla_torch,
     options=GLA_OPTIONS,
     validate=validate_gla,
-    kernel_support=kernel_support_gla,
+    kernel_support=kernel_support_gla_forms,
     extra_outputs={"return_state": "state"},
     examples=gla_examples,
     status={"reference": True, "forward": False, "backward": False},
