@@ -153,10 +153,10 @@ def test_a_block_builds_on_the_meta_device(variant):
     assert gate_params and all(p.is_meta for p in block.parameters())
 
 
-@pytest.mark.parametrize("variant,gate", [form for form in FORMS if form != ("gla", "channel")])
+@pytest.mark.parametrize("variant,gate", FORMS)
 def test_decoding_through_the_kernels(variant, gate):
     # the Triton kernels (the interpreter on CPU): prefill, then the recurrent decode steps, equal the
-    # whole sequence, and the reference. Per-channel gla gates are covered by tests/test_gla_kernel.py.
+    # whole sequence, and the reference
     torch.manual_seed(0)
     block = attnkit.nn.Attention(32, 2, num_kv_heads=1, variant=variant, gate=gate, rope=True,
                                  backend="triton").to(DEVICE)
