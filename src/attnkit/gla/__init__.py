@@ -155,7 +155,7 @@ register_variant(Variant(
     kernel_support=kernel_support_gla_forms,
     extra_outputs={"return_state": "state"},
     examples=gla_examples,
-    status={"reference": True, "forward": False, "backward": False},
+    status={"reference": True, "forward": True, "backward": True},
     doc="gated linear attention (GLA, Mamba-2/SSD): data-dependent log-gates per token or channel, states",
     demo=gla_demo,
 ))

@@ -164,13 +164,9 @@ def kernel_support_lightning(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 
 def kernel_support_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict[str, Any]) -> list[str]:
-    """What the chunked engine cannot take of a ``gla`` call: per-channel gates (not yet)."""
-    reasons = kernel_support_linear(q, k, v, {"feature_map": None, "normalize": False})
-    g = options["g"]
-    if isinstance(g, torch.Tensor) and g.dim() == 4:
-        reasons.append("per-channel gates g (B, Hq, N, Dk) are not supported by the kernel yet (scalar gates "
-                       "(B, Hq, N) are)")
-    return reasons
+    """What the chunked engine cannot take of a ``gla`` call with scalar gates (B, Hq, N): its
+    head-dim limits. Per-channel gates run on their own kernels (``attnkit.gla.kernel``)."""
+    return kernel_support_linear(q, k, v, {"feature_map": None, "normalize": False})
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,

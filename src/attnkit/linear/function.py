@@ -178,11 +178,11 @@ def gla_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, g: torch.Te
     shared k, v heads in place; a packed batch (``cu_seqlens``) runs each sequence from its
     own state row in one launch per pass.
 
-    Per-channel gates (B, Hq, N, Dk) are not on the kernel yet: ``attnkit.linear.kernel_support_gla``
-    refuses them (dispatch then takes the torch backend) and a direct call raises."""
+    Per-channel gates (B, Hq, N, Dk) have their own kernels (``attnkit.gla.kernel``; the variant's
+    entry routes them there); here they raise."""
     if g.dim() != 3:
-        raise ValueError(f"the gla kernel takes scalar gates g of shape (B, Hq, N) only, got shape "
-                         f"{tuple(g.shape)}; per-channel gates run on backend='torch' or 'reference'")
+        raise ValueError(f"the linear engine's gla kernel takes scalar gates g of shape (B, Hq, N) only, got shape "
+                         f"{tuple(g.shape)}; per-channel gates run on attnkit.gla.kernel.gla_vector_kernel")
     c = check_scale(scale, q.shape[-1])
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out, state = _fwd_op(q, k, v, None, g, initial_state, c, cu_seqlens)
