@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from .common import block_dim, new_output
+from .sequences import sequence_span
 
 #: rows per chunk (flash-linear-attention's chunk size)
 CHUNK = 64
@@ -157,15 +158,11 @@ def delta_rule_state_kernel(
     pid_bh = tl.program_id(1)
     off_s = (pid_bh // num_heads).to(tl.int64)   # batch entry, or packed sequence (its state row)
     off_h = (pid_bh % num_heads).to(tl.int64)
+    off_b, bos, seqlen = sequence_span(off_s, seqlen, CU_SEQLENS, VARLEN)
     if VARLEN:
-        bos = tl.load(CU_SEQLENS + off_s).to(tl.int64)
-        seqlen = (tl.load(CU_SEQLENS + off_s + 1) - tl.load(CU_SEQLENS + off_s)).to(tl.int32)
         first = tl.load(FIRST + off_s).to(tl.int64)
-        off_b = off_s * 0
     else:
-        bos = off_s * 0
         first = off_s * 0
-        off_b = off_s
     offs_c = tl.arange(0, BLOCK_C)
     offs_k = tl.arange(0, BLOCK_K)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -280,15 +277,11 @@ def delta_rule_dstate_kernel(
     pid_bh = tl.program_id(1)
     off_s = (pid_bh // num_heads).to(tl.int64)
     off_h = (pid_bh % num_heads).to(tl.int64)
+    off_b, bos, seqlen = sequence_span(off_s, seqlen, CU_SEQLENS, VARLEN)
     if VARLEN:
-        bos = tl.load(CU_SEQLENS + off_s).to(tl.int64)
-        seqlen = (tl.load(CU_SEQLENS + off_s + 1) - tl.load(CU_SEQLENS + off_s)).to(tl.int32)
         first = tl.load(FIRST + off_s).to(tl.int64)
-        off_b = off_s * 0
     else:
-        bos = off_s * 0
         first = off_s * 0
-        off_b = off_s
     offs_c = tl.arange(0, BLOCK_C)
     offs_k = tl.arange(0, BLOCK_K)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)

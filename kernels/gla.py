@@ -51,6 +51,7 @@ import triton
 import triton.language as tl
 
 from .common import block_dim, new_output
+from .sequences import sequence_span
 
 #: rows per chunk and per sub-chunk; Dk and Dv columns per program (at most)
 CHUNK = 64
@@ -70,16 +71,12 @@ def _locate(pid_t, pid_bh, num_heads, seqlen, NT, CHUNK_INDICES, CU_SEQLENS, CHU
     if VARLEN:
         seq = tl.load(CHUNK_INDICES + pid_t * 2).to(tl.int64)
         c = tl.load(CHUNK_INDICES + pid_t * 2 + 1)
-        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
-        n = (tl.load(CU_SEQLENS + seq + 1) - tl.load(CU_SEQLENS + seq)).to(tl.int32)
         hidx = tl.load(CHUNK_OFFSETS + seq).to(tl.int64) + c
-        off_b = (pid_bh * 0).to(tl.int64)
     else:
-        off_b = (pid_bh // num_heads).to(tl.int64)
+        seq = pid_bh // num_heads
         c = pid_t
-        bos = (pid_bh * 0).to(tl.int64)
-        n = seqlen
-        hidx = off_b * NT + c
+        hidx = seq.to(tl.int64) * NT + c
+    off_b, bos, n = sequence_span(seq, seqlen, CU_SEQLENS, VARLEN)
     return off_b, off_h, bos, n, c, hidx
 
 
@@ -109,16 +106,11 @@ def gla_states_kernel(X, Y, GC, H0, HS, HN, CU_SEQLENS, CHUNK_OFFSETS,
     pid_k, pid_v, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     off_h = pid_bh % num_heads
     row = (pid_bh // num_heads).to(tl.int64)                  # batch entry or packed sequence
+    off_b, bos, n = sequence_span(row, seqlen, CU_SEQLENS, VARLEN)
     if VARLEN:
-        bos = tl.load(CU_SEQLENS + row).to(tl.int64)
-        n = (tl.load(CU_SEQLENS + row + 1) - tl.load(CU_SEQLENS + row)).to(tl.int32)
         first = tl.load(CHUNK_OFFSETS + row).to(tl.int64)
-        off_b = row * 0
     else:
-        bos = row * 0
-        n = seqlen
         first = row * NT
-        off_b = row
     x_base = X + ((off_b * (num_heads // group_x) + off_h // group_x) * seqlen + bos) * DIM_K
     y_base = Y + ((off_b * (num_heads // group_y) + off_h // group_y) * seqlen + bos) * DIM_V
     g_base = GC + ((off_b * num_heads + off_h) * seqlen + bos) * DIM_K
@@ -422,14 +414,7 @@ def gla_dg_kernel(DG, SDS, OUT, CU_SEQLENS, num_heads, seqlen,
     pid_k, pid_bh = tl.program_id(0), tl.program_id(1)
     off_h = pid_bh % num_heads
     row = (pid_bh // num_heads).to(tl.int64)
-    if VARLEN:
-        bos = tl.load(CU_SEQLENS + row).to(tl.int64)
-        n = (tl.load(CU_SEQLENS + row + 1) - tl.load(CU_SEQLENS + row)).to(tl.int32)
-        off_b = row * 0
-    else:
-        bos = row * 0
-        n = seqlen
-        off_b = row
+    off_b, bos, n = sequence_span(row, seqlen, CU_SEQLENS, VARLEN)
     offs_k = pid_k * BK + tl.arange(0, BK)
     mask_k = offs_k < DIM_K
     if HAS_SDS:
@@ -460,14 +445,7 @@ def gla_recurrent_kernel(Q, K, V, G, O, S0, SN, CU_SEQLENS, num_heads, group, se
     pid_v, pid_bh = tl.program_id(0), tl.program_id(1)
     off_h = pid_bh % num_heads
     row = (pid_bh // num_heads).to(tl.int64)
-    if VARLEN:
-        bos = tl.load(CU_SEQLENS + row).to(tl.int64)
-        n = (tl.load(CU_SEQLENS + row + 1) - tl.load(CU_SEQLENS + row)).to(tl.int32)
-        off_b = row * 0
-    else:
-        bos = row * 0
-        n = seqlen
-        off_b = row
+    off_b, bos, n = sequence_span(row, seqlen, CU_SEQLENS, VARLEN)
     q_base = Q + ((off_b * num_heads + off_h) * seqlen + bos) * DIM_K
     g_base = G + ((off_b * num_heads + off_h) * seqlen + bos) * DIM_K
     k_base = K + ((off_b * (num_heads // group) + off_h // group) * seqlen + bos) * DIM_K

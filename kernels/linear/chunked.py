@@ -43,6 +43,8 @@ chunks, CHUNK_TABLE[c] = (sequence, chunk within it).
 import triton
 import triton.language as tl
 
+from ..sequences import sequence_span
+
 
 @triton.jit
 def _chunk_gates(G, SLOPES, row0_g, stride_gh, stride_gn, off_h, rows64, offs_c, valid, length,
@@ -87,15 +89,14 @@ def linear_states_kernel(
     pid_bh = tl.program_id(2)
     off_b = (pid_bh // num_heads).to(tl.int64)   # batch entry, or packed sequence (its state row)
     off_h = pid_bh % num_heads
+    tb, bos, seqlen = sequence_span(off_b, seqlen, CU_SEQLENS, VARLEN)
     if VARLEN:
-        bos = tl.load(CU_SEQLENS + off_b).to(tl.int64)
-        seqlen = (tl.load(CU_SEQLENS + off_b + 1) - tl.load(CU_SEQLENS + off_b)).to(tl.int32)
         n_chunks = tl.cdiv(seqlen, BLOCK_C)
         hs_row0 = tl.load(CHUNK_OFFSETS + off_b).to(tl.int64)
-        row0_k, row0_v, row0_g = bos * stride_kn, bos * stride_vn, bos * stride_gn
     else:
         hs_row0 = off_b * n_chunks
-        row0_k, row0_v, row0_g = off_b * stride_kb, off_b * stride_vb, off_b * stride_gb
+    row0_k, row0_v, row0_g = (tb * stride_kb + bos * stride_kn, tb * stride_vb + bos * stride_vn,
+                              tb * stride_gb + bos * stride_gn)
     k_base = K + row0_k + (off_h // group_k).to(tl.int64) * stride_kh
     v_base = V + row0_v + (off_h // group_v).to(tl.int64) * stride_vh
 
@@ -180,18 +181,15 @@ def linear_output_kernel(
     if VARLEN:
         off_b = tl.load(CHUNK_TABLE + 2 * pid_c).to(tl.int64)          # the packed sequence
         chunk = tl.load(CHUNK_TABLE + 2 * pid_c + 1)                    # its chunk
-        bos = tl.load(CU_SEQLENS + off_b).to(tl.int64)
-        seqlen = (tl.load(CU_SEQLENS + off_b + 1) - tl.load(CU_SEQLENS + off_b)).to(tl.int32)
         hs_row = pid_c.to(tl.int64)
-        row0_q, row0_k, row0_v, row0_o = bos * stride_qn, bos * stride_kn, bos * stride_vn, bos * stride_on
-        row0_g = bos * stride_gn
     else:
         off_b = (pid_bh // num_heads).to(tl.int64)
         chunk = pid_c
         hs_row = off_b * n_chunks + pid_c
-        row0_q, row0_k, row0_v, row0_o = (off_b * stride_qb, off_b * stride_kb, off_b * stride_vb,
-                                          off_b * stride_ob)
-        row0_g = off_b * stride_gb
+    tb, bos, seqlen = sequence_span(off_b, seqlen, CU_SEQLENS, VARLEN)
+    row0_q, row0_k, row0_v, row0_o = (tb * stride_qb + bos * stride_qn, tb * stride_kb + bos * stride_kn,
+                                      tb * stride_vb + bos * stride_vn, tb * stride_ob + bos * stride_on)
+    row0_g = tb * stride_gb + bos * stride_gn
     q_base = Q + row0_q + (off_h // group_q).to(tl.int64) * stride_qh
     k_base = K + row0_k + (off_h // group_k).to(tl.int64) * stride_kh
     v_base = V + row0_v + (off_h // group_v).to(tl.int64) * stride_vh
@@ -273,15 +271,10 @@ def linear_recurrent_kernel(
     off_b = (pid_bh // num_heads).to(tl.int64)
     off_h = pid_bh % num_heads
     off_hk = (off_h // groups).to(tl.int64)
-    if VARLEN:
-        bos = tl.load(CU_SEQLENS + off_b).to(tl.int64)
-        seqlen = (tl.load(CU_SEQLENS + off_b + 1) - tl.load(CU_SEQLENS + off_b)).to(tl.int32)
-        row0_q, row0_k, row0_v, row0_o = bos * stride_qn, bos * stride_kn, bos * stride_vn, bos * stride_on
-        row0_g = bos * stride_gn
-    else:
-        row0_q, row0_k, row0_v, row0_o = (off_b * stride_qb, off_b * stride_kb, off_b * stride_vb,
-                                          off_b * stride_ob)
-        row0_g = off_b * stride_gb
+    tb, bos, seqlen = sequence_span(off_b, seqlen, CU_SEQLENS, VARLEN)
+    row0_q, row0_k, row0_v, row0_o = (tb * stride_qb + bos * stride_qn, tb * stride_kb + bos * stride_kn,
+                                      tb * stride_vb + bos * stride_vn, tb * stride_ob + bos * stride_on)
+    row0_g = tb * stride_gb + bos * stride_gn
     q_base = Q + row0_q + off_h.to(tl.int64) * stride_qh
     k_base = K + row0_k + off_hk * stride_kh
     v_base = V + row0_v + off_hk * stride_vh
