@@ -51,6 +51,7 @@ import triton
 import triton.language as tl
 
 from .common import block_dim, new_output
+from .linear.launch import precision
 from .sequences import sequence_span
 
 #: rows per chunk and per sub-chunk; Dk and Dv columns per program (at most)
@@ -99,8 +100,10 @@ def gla_states_kernel(X, Y, GC, H0, HS, HN, CU_SEQLENS, CHUNK_OFFSETS,
                       num_heads, group_x, group_y, seqlen, NT, scale,
                       DIM_K: tl.constexpr, DIM_V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_HN: tl.constexpr, REVERSE: tl.constexpr,
-                      VARLEN: tl.constexpr, PRECISION: tl.constexpr):
+                      VARLEN: tl.constexpr, PRECISION: tl.constexpr, HALF_UPDATE: tl.constexpr):
     """Forward (X, Y) = (k, v): HS[c] = h_c, the state entering chunk c; HN the final state.
+    HALF_UPDATE: each chunk's update (X * decay)^T Y on X's dtype's tensor cores (fp32
+    accumulation), else on fp32 operands at PRECISION.
     REVERSE (X, Y) = (q, dO), H0 = dS_N: HS[c] = dh_{c+1}, the gradient of the state
     leaving chunk c; HN the gradient of the initial state."""
     pid_k, pid_v, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -145,7 +148,11 @@ def gla_states_kernel(X, Y, GC, H0, HS, HN, CU_SEQLENS, CHUNK_OFFSETS,
             xd = x * tl.exp(gc) * scale
         else:
             xd = x * tl.exp(gl[None, :] - gc)
-        state = state * tl.exp(gl)[:, None] + tl.dot(tl.trans(xd), y, input_precision=PRECISION)
+        if HALF_UPDATE:  # a bounded sum of BT products per chunk: the input dtype's range suffices
+            update = tl.dot(tl.trans(xd.to(X.dtype.element_ty)), y.to(X.dtype.element_ty))
+        else:
+            update = tl.dot(tl.trans(xd), y, input_precision=PRECISION)
+        state = state * tl.exp(gl)[:, None] + update
     if STORE_HN:
         tl.store(HN + (row * num_heads + off_h) * DIM_K * DIM_V + s_offs, state, mask=s_mask)
 
@@ -211,8 +218,10 @@ def gla_output_kernel(X, A, Y, GC, HS, O, CHUNK_INDICES, CU_SEQLENS, CHUNK_OFFSE
                       num_heads, group_x, group_y, seqlen, NT, inter_scale, intra_scale,
                       DIM_K: tl.constexpr, DIM_V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr):
+                      DOT_PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr, HALF_STATE: tl.constexpr):
     """Forward (X, Y, HS) = (q, v, h): o = inter_scale (q * exp(G)) h_c + intra_scale A V.
+    HALF_STATE: the state product on X's dtype's tensor cores, the state cast to it (fp32
+    accumulation), else on fp32 operands at STATE_PRECISION.
     REVERSE (X, Y, HS) = (k, dO, dh): dv = intra_scale A^T dO + (k * exp(Gl - G)) dh_{c+1}."""
     off_b, off_h, bos, n, c, hidx = _locate(tl.program_id(0), tl.program_id(1), num_heads, seqlen, NT,
                                             CHUNK_INDICES, CU_SEQLENS, CHUNK_OFFSETS, VARLEN)
@@ -249,7 +258,10 @@ def gla_output_kernel(X, A, Y, GC, HS, O, CHUNK_INDICES, CU_SEQLENS, CHUNK_OFFSE
             xd = x * tl.exp(gc)
         s = tl.load(s_base + offs_k[:, None] * DIM_V + offs_v[None, :], mask=mask_k[:, None] & mask_v[None, :],
                     other=0.0)
-        out += tl.dot(xd * inter_scale, s, input_precision=STATE_PRECISION)
+        if HALF_STATE:
+            out += tl.dot((xd * inter_scale).to(X.dtype.element_ty), s.to(X.dtype.element_ty))
+        else:
+            out += tl.dot(xd * inter_scale, s, input_precision=STATE_PRECISION)
     o_base = O + ((off_b * num_heads + off_h) * seqlen + bos) * DIM_V
     tl.store(o_base + rows64[:, None] * DIM_V + offs_v[None, :], out.to(O.dtype.element_ty),
              mask=valid[:, None] & mask_v[None, :])
@@ -486,9 +498,11 @@ def set_chunk(chunk: int | None) -> None:
 
 
 def _precisions(dtype: torch.dtype) -> tuple[str, str]:
-    # fp32 inputs: IEEE products everywhere; half inputs: intra-chunk dots in the input dtype,
-    # the fp32 state products as TF32 (as the linear engine)
-    return ("ieee", "ieee") if dtype == torch.float32 else ("tf32", "tf32")
+    # the linear engine's policy (kernels.linear.launch.precision): fp32 inputs IEEE products
+    # everywhere; half inputs the intra-chunk dots in the input dtype, the state updates too
+    # (half_update), q . S too for bfloat16 only (half_state), other fp32 state products TF32
+    prec = precision(dtype)
+    return prec.dot, prec.state
 
 
 class Layout:
@@ -544,10 +558,11 @@ def _states(x, y, gc, h0, lay: Layout, chunk: int, bk: int, bv: int, *, groups: 
     hn = new_output((lay.rows, H, Dk, Dv), torch.float32, gc.device) if store_final else None
     _, state_precision = _precisions(x.dtype)
     grid = (triton.cdiv(Dk, bk), triton.cdiv(Dv, bv), lay.rows * H)
+    y = y if y.dtype == x.dtype else y.to(x.dtype)  # one operand dtype for the half update
     gla_states_kernel[grid](x, y, gc, h0, hs, hn, lay.cu, lay.offsets, H, groups[0], groups[1], N, lay.nt, scale,
                             DIM_K=Dk, DIM_V=Dv, BT=chunk, BK=bk, BV=bv, HAS_H0=h0 is not None,
                             STORE_HN=store_final, REVERSE=reverse, VARLEN=lay.varlen, PRECISION=state_precision,
-                            num_warps=4)
+                            HALF_UPDATE=precision(x.dtype).half_update, num_warps=4)
     return hs, hn
 
 
@@ -570,7 +585,8 @@ def _output(x, a, y, gc, hs, out, lay: Layout, chunk: int, bk: int, bv: int, *, 
     gla_output_kernel[(lay.grid_t, lay.grid_b * H, triton.cdiv(Dv, bv))](
         x, a, y, gc, hs, out, lay.indices, lay.cu, lay.offsets, H, groups[0], groups[1], N, lay.nt,
         inter_scale, intra_scale, DIM_K=Dk, DIM_V=Dv, BT=chunk, BK=bk, BV=bv, REVERSE=reverse, VARLEN=lay.varlen,
-        DOT_PRECISION=dot_precision, STATE_PRECISION=state_precision, num_warps=4)
+        DOT_PRECISION=dot_precision, STATE_PRECISION=state_precision, HALF_STATE=precision(x.dtype).half_state,
+        num_warps=4)
 
 
 def recurrent_fits(q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> bool:
