@@ -140,6 +140,35 @@ def delta_rule_prep_kernel(
 
 
 @triton.jit
+def _walk_start(S_IN, FIRST, CU_SEQLENS, stride_sb, stride_sh, stride_sr, num_heads, seqlen, DIM_K: tl.constexpr,
+                DIM_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, HAS_S_IN: tl.constexpr,
+                VARLEN: tl.constexpr):
+    """Where a program of a sequential walk over chunks (the forward state pass, the backward's
+    reverse pass; grid (Dv block, sequence x head)) starts: its state row and head, the
+    sequence's span (sequence_span) and first chunk, its (Dk, BLOCK_V) state slice (columns,
+    masks, offsets into S_IN-shaped tensors) and that slice's starting value, read from S_IN
+    (fp32) or zero."""
+    off_s = (tl.program_id(1) // num_heads).to(tl.int64)   # batch entry, or packed sequence (its state row)
+    off_h = (tl.program_id(1) % num_heads).to(tl.int64)
+    off_b, bos, seqlen = sequence_span(off_s, seqlen, CU_SEQLENS, VARLEN)
+    if VARLEN:
+        first = tl.load(FIRST + off_s).to(tl.int64)
+    else:
+        first = off_s * 0
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_v = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_k = offs_k < DIM_K
+    mask_v = offs_v < DIM_V
+    s_mask = mask_k[:, None] & mask_v[None, :]
+    s_off = off_s * stride_sb + off_h * stride_sh + offs_k[:, None] * stride_sr + offs_v[None, :]
+    if HAS_S_IN:
+        state = tl.load(S_IN + s_off, mask=s_mask, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
+    return off_s, off_h, off_b, bos, seqlen, first, offs_k, offs_v, mask_k, mask_v, s_mask, s_off, state
+
+
+@triton.jit
 def delta_rule_state_kernel(
     K, W, U, VNEW, HS, G, S0, SN, FIRST, CU_SEQLENS,
     stride_kb, stride_kh, stride_kn,
@@ -154,26 +183,11 @@ def delta_rule_state_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     """S0 and SN: fp32 (B or S, H, Dk, Dv), last stride 1. HS: (B, H, NT, Dk, Dv), last stride 1."""
-    pid_v = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_s = (pid_bh // num_heads).to(tl.int64)   # batch entry, or packed sequence (its state row)
-    off_h = (pid_bh % num_heads).to(tl.int64)
-    off_b, bos, seqlen = sequence_span(off_s, seqlen, CU_SEQLENS, VARLEN)
-    if VARLEN:
-        first = tl.load(FIRST + off_s).to(tl.int64)
-    else:
-        first = off_s * 0
+    off_s, off_h, off_b, bos, seqlen, first, offs_k, offs_v, mask_k, mask_v, s_mask, s_off, state = (
+        _walk_start(
+            S0, FIRST, CU_SEQLENS, stride_sb, stride_sh, stride_sr, num_heads, seqlen, DIM_K, DIM_V, BLOCK_K,
+            BLOCK_V, HAS_S0, VARLEN))
     offs_c = tl.arange(0, BLOCK_C)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask_k = offs_k < DIM_K
-    mask_v = offs_v < DIM_V
-    s_mask = mask_k[:, None] & mask_v[None, :]
-    s_off = off_s * stride_sb + off_h * stride_sh + offs_k[:, None] * stride_sr + offs_v[None, :]
-    if HAS_S0:
-        state = tl.load(S0 + s_off, mask=s_mask, other=0.0).to(tl.float32)
-    else:
-        state = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
     k_base = K + off_b * stride_kb + off_h * stride_kh
     w_base = W + off_b * stride_wb + off_h * stride_wh
     u_base = U + off_b * stride_ub + off_h * stride_uh
@@ -273,26 +287,11 @@ def delta_rule_dstate_kernel(
     dV_new = scale (Q K^T o decay, j <= i)^T dO + K~ dS (DVNEW), and steps
     dS <- gamma_C dS + scale (gamma Q)^T dO - W^T dV_new. The last dS is d initial_state (DS0).
     DSN and DS0: fp32 (B or S, H, Dk, Dv), last stride 1."""
-    pid_v = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_s = (pid_bh // num_heads).to(tl.int64)
-    off_h = (pid_bh % num_heads).to(tl.int64)
-    off_b, bos, seqlen = sequence_span(off_s, seqlen, CU_SEQLENS, VARLEN)
-    if VARLEN:
-        first = tl.load(FIRST + off_s).to(tl.int64)
-    else:
-        first = off_s * 0
+    off_s, off_h, off_b, bos, seqlen, first, offs_k, offs_v, mask_k, mask_v, s_mask, s_off, d_state = (
+        _walk_start(
+            DSN, FIRST, CU_SEQLENS, stride_sb, stride_sh, stride_sr, num_heads, seqlen, DIM_K, DIM_V, BLOCK_K,
+            BLOCK_V, HAS_DSN, VARLEN))
     offs_c = tl.arange(0, BLOCK_C)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask_k = offs_k < DIM_K
-    mask_v = offs_v < DIM_V
-    s_mask = mask_k[:, None] & mask_v[None, :]
-    s_off = off_s * stride_sb + off_h * stride_sh + offs_k[:, None] * stride_sr + offs_v[None, :]
-    if HAS_DSN:
-        d_state = tl.load(DSN + s_off, mask=s_mask, other=0.0).to(tl.float32)
-    else:
-        d_state = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
     q_base = Q + off_b * stride_qb + off_h * stride_qh
     k_base = K + off_b * stride_kb + off_h * stride_kh
     w_base = W + off_b * stride_wb + off_h * stride_wh
