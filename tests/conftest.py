@@ -23,6 +23,23 @@ def device() -> str:
     return DEVICE
 
 
+@pytest.fixture
+def recurrent_launches(monkeypatch) -> list:
+    """The grids of every launch of the linear engine's token-by-token (decoding) kernel."""
+    from attnkit.kernels.linear import launch
+
+    calls = []
+    real = launch.linear_recurrent_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            calls.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(launch, "linear_recurrent_kernel", Spy())
+    return calls
+
+
 def pytest_collection_modifyitems(config, items):
     if NATIVE:
         return

@@ -181,18 +181,8 @@ def test_token_by_token_decoding_equals_prefill(device):
     assert_close(state, final, 1e-5, "state")
 
 
-def test_decoding_step_takes_recurrent_path(monkeypatch):
-    from attnkit.kernels.linear import launch
-
-    calls = []
-    real = launch.linear_recurrent_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            calls.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(launch, "linear_recurrent_kernel", Spy())
+def test_decoding_step_takes_recurrent_path(recurrent_launches):
+    calls = recurrent_launches
     q = randn(1, 2, 1, 16)
     attnkit.linear_attention(q, q, q, initial_state=randn(1, 2, 16, 16), backend="triton")
     assert len(calls) == 1

@@ -89,16 +89,8 @@ def test_gla_float16():
             dtype=torch.float16, tol=1e-2)
 
 
-def test_gla_decoding_step_takes_the_recurrent_kernel(monkeypatch):
-    calls = []
-    real = launch.linear_recurrent_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            calls.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(launch, "linear_recurrent_kernel", Spy())
+def test_gla_decoding_step_takes_the_recurrent_kernel(recurrent_launches):
+    calls = recurrent_launches
     q, g, s0 = rand(2, 2, 1, 16).float(), log_gates(2, 2, 1).float(), rand(2, 2, 16, 16, seed=3).float()
     out = attnkit.gated_linear_attention(q, q, q, g, initial_state=s0, backend="triton")
     assert len(calls) == 1
